@@ -1,0 +1,3 @@
+"""fabric-align: KTO and SPIN alignment of Hugging Face causal LMs with Lightning Fabric."""
+
+__version__ = "0.1.0"

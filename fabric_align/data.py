@@ -1,0 +1,291 @@
+"""Data plumbing shared by the trainers: reading rows, validating them, chat rendering, tokenization, batching.
+
+Every problem with a row raises ``DataError`` naming the file, the line (or dataset row) and the field, before
+any model is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ASSETS = Path(__file__).parent / "assets"
+EMBEDDED_DATA = {
+    "fabric-align/kto-demo": ASSETS / "kto_demo_train.jsonl",
+    "fabric-align/kto-demo-val": ASSETS / "kto_demo_val.jsonl",
+    "fabric-align/sft-demo": ASSETS / "sft_demo_train.jsonl",
+    "fabric-align/sft-demo-val": ASSETS / "sft_demo_val.jsonl",
+}
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+ROLES = ("system", "user", "assistant")
+IGNORE_INDEX = -100
+
+
+class DataError(ValueError):
+    """Bad input data. The message names the file, the line or row, and the field."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One raw record and where it came from, for error messages."""
+
+    source: str
+    """File path or ``dataset-id[split]``."""
+    where: str
+    """``line 12`` for JSON lines, ``row 11`` for arrays, parquet and datasets."""
+    value: Any
+
+    def error(self, field: str, problem: str) -> DataError:
+        return DataError(f"{self.source}, {self.where}, field '{field}': {problem}")
+
+
+# ----------------------------------------------------------------------------------------------------- reading
+def resolve_path(path: str) -> str:
+    """Map the embedded demo names to their files; everything else is returned as given."""
+    return str(EMBEDDED_DATA[path]) if path in EMBEDDED_DATA else path
+
+
+def read_rows(path: str, split: str = "train") -> list[Row]:
+    """Rows of a local .jsonl/.json/.parquet file, a ``save_to_disk`` directory, or a Hugging Face dataset id."""
+    path = resolve_path(path)
+    local = Path(path)
+    if local.suffix in LOCAL_SUFFIXES:
+        if not local.is_file():
+            raise DataError(f"{path}: file not found")
+        if local.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            try:
+                records = pq.read_table(local).to_pylist()
+            except Exception as err:  # pyarrow raises several types for corrupt files
+                raise DataError(f"{path}: not a readable parquet file ({err})") from err
+            return [Row(path, f"row {i}", r) for i, r in enumerate(records)]
+        text = local.read_text(encoding="utf-8")
+        if local.suffix == ".json" and text.lstrip().startswith("["):
+            try:
+                records = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}, line {err.lineno}, field '<json>': malformed JSON ({err.msg})") from err
+            return [Row(path, f"row {i}", r) for i, r in enumerate(records)]
+        return _read_json_lines(path, text)
+    if local.is_dir():
+        import datasets
+
+        loaded = datasets.load_from_disk(str(local))
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise DataError(f"{path}: no split '{split}' (has {sorted(loaded)})")
+            loaded = loaded[split]
+        return [Row(f"{path}[{split}]", f"row {i}", r) for i, r in enumerate(loaded)]
+    if local.exists():
+        raise DataError(f"{path}: unsupported file type (expected {', '.join(LOCAL_SUFFIXES)})")
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(path, split=split)
+    except Exception as err:  # hub errors come in many types; the message says what went wrong
+        raise DataError(f"{path}: not a local file and could not be loaded as a dataset ({err})") from err
+    return [Row(f"{path}[{split}]", f"row {i}", r) for i, r in enumerate(loaded)]
+
+
+def _read_json_lines(path: str, text: str) -> list[Row]:
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(Row(path, f"line {lineno}", json.loads(line)))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}, line {lineno}, field '<json>': malformed JSON ({err.msg})") from err
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------- validation
+Messages = list[dict[str, str]]
+
+
+def require_dict(row: Row) -> dict[str, Any]:
+    if not isinstance(row.value, dict):
+        raise row.error("<row>", f"expected a JSON object, got {type(row.value).__name__}")
+    return row.value
+
+
+def require_field(row: Row, obj: dict[str, Any], name: str) -> Any:
+    if name not in obj or obj[name] is None:
+        raise row.error(name, f"missing (the row has {sorted(obj)})")
+    return obj[name]
+
+
+def require_text(row: Row, value: Any, field: str, *, allow_empty: bool) -> str:
+    if not isinstance(value, str):
+        raise row.error(field, f"expected a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise row.error(field, "is empty")
+    return value
+
+
+def require_messages(row: Row, value: Any, field: str, *, key_role: str = "role", key_content: str = "content",
+                     role_map: dict[str, str] | None = None) -> Messages:
+    """A list of chat messages with known roles and string contents (``field[i].role`` in errors)."""
+    if not isinstance(value, list):
+        raise row.error(field, f"expected a string or a list of messages, got {type(value).__name__}")
+    messages = []
+    for i, message in enumerate(value):
+        where = f"{field}[{i}]"
+        if not isinstance(message, dict):
+            raise row.error(where, f"expected a message object, got {type(message).__name__}")
+        role = message.get(key_role)
+        role = role_map.get(role, role) if role_map and isinstance(role, str) else role
+        if role not in ROLES:
+            raise row.error(f"{where}.{key_role}", f"unknown role {message.get(key_role)!r} (expected one of {ROLES})")
+        content = require_text(row, message.get(key_content), f"{where}.{key_content}", allow_empty=True)
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+# ------------------------------------------------------------------------------------------------ tokenization
+@dataclass
+class Encoded:
+    """A prompt and a completion as token ids; the prompt is masked out of every log-prob."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+
+
+class ChatRenderer:
+    """Turns prompts/completions (strings or message lists) into token ids with the tokenizer's chat template."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        if tokenizer.eos_token_id is None:
+            raise DataError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token")
+
+    def has_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def check_chat(self, row: Row, field: str) -> None:
+        if not self.has_template():
+            raise row.error(field, f"conversational data needs a chat template, and the tokenizer "
+                                   f"{self.tokenizer.name_or_path!r} has none")
+
+    def encode(self, prompt: str | Messages, completion: str | Messages) -> Encoded:
+        tok = self.tokenizer
+        if isinstance(prompt, str):
+            # Plain text: the tokenizer adds its own specials (BOS) to the prompt, none to the completion.
+            prompt_ids = tok(prompt, add_special_tokens=True)["input_ids"]
+            completion_text = completion if isinstance(completion, str) else "".join(m["content"] for m in completion)
+        else:
+            completion_msgs = completion if isinstance(completion, list) else [
+                {"role": "assistant", "content": completion}]
+            prompt_text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            full_text = tok.apply_chat_template(prompt + completion_msgs, tokenize=False)
+            prompt_ids = tok(prompt_text, add_special_tokens=False)["input_ids"]
+            if full_text.startswith(prompt_text):
+                completion_text = full_text[len(prompt_text):]
+            else:  # templates that rewrite earlier turns: fall back to the raw contents
+                completion_text = "".join(m["content"] for m in completion_msgs)
+        completion_ids = tok(completion_text, add_special_tokens=False)["input_ids"]
+        # Some templates close a turn with EOS plus a newline; the answer ends at EOS.
+        eos = tok.eos_token_id
+        if eos in completion_ids:
+            completion_ids = completion_ids[: completion_ids.index(eos)]
+        return Encoded(list(prompt_ids), [*completion_ids, eos])
+
+
+def fit_length(prompt_ids: list[int], completion_ids: list[int], max_length: int) -> list[int] | None:
+    """Keep the whole prompt and cut the completion; None when the prompt alone leaves no room."""
+    room = max_length - len(prompt_ids)
+    if room < 1:
+        return None
+    return completion_ids[:room]
+
+
+def derangement(n: int, seed: int) -> list[int]:
+    """A seeded permutation with no fixed point: example i is paired with the completion of example pi(i)."""
+    if n < 2:
+        raise DataError(f"the KL reference point needs at least 2 examples, got {n}")
+    generator = torch.Generator().manual_seed(seed)
+    while True:  # a random permutation is a derangement with probability ~1/e
+        perm = torch.randperm(n, generator=generator)
+        if not bool((perm == torch.arange(n)).any()):
+            return perm.tolist()
+
+
+def content_hash(*parts: Any) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------------- batching
+def pad_sequences(sequences: Sequence[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded model inputs and next-token targets for (token ids, prompt length) pairs.
+
+    The model reads ``input_ids`` (all tokens but the last) and ``targets[t]`` is the token at ``t + 1`` where
+    that token is part of the completion, else IGNORE_INDEX.
+    """
+    width = max(len(ids) for ids, _ in sequences) - 1
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, (ids, prompt_len) in enumerate(sequences):
+        n = len(ids) - 1
+        input_ids[i, :n] = torch.tensor(ids[:-1])
+        attention_mask[i, :n] = 1
+        targets[i, prompt_len - 1 : n] = torch.tensor(ids[prompt_len:])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets}
+
+
+@dataclass
+class StepPlan:
+    """Which examples each optimizer step uses: a seeded shuffle per epoch, cut into global batches.
+
+    Step s always reads the same ``global_batch_size`` examples whatever the number of ranks and micro-batches,
+    so runs with different splits see identical data and a resumed run continues exactly where it stopped.
+    """
+
+    num_examples: int
+    global_batch_size: int
+    seed: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_examples // self.global_batch_size
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def global_indices(self, step: int) -> list[int]:
+        epoch, position = divmod(step, self.steps_per_epoch)
+        order = torch.randperm(self.num_examples, generator=torch.Generator().manual_seed(self.seed + epoch))
+        start = position * self.global_batch_size
+        return order[start : start + self.global_batch_size].tolist()
+
+    def micro_batches(self, step: int, rank: int, world_size: int, micro_batch_size: int) -> list[list[int]]:
+        indices = self.global_indices(step)
+        per_rank = len(indices) // world_size
+        mine = indices[rank * per_rank : (rank + 1) * per_rank]
+        return [mine[i : i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+
+
+def shard_evenly(num_items: int, rank: int, world_size: int, micro_batch_size: int) -> list[list[int]]:
+    """This rank's share of ``range(num_items)`` in micro-batches, padded with -1 so every rank runs the same
+    number of forwards (FSDP needs every rank in every collective); -1 entries are dropped from results."""
+    per_rank = math.ceil(num_items / world_size)
+    per_rank = math.ceil(per_rank / micro_batch_size) * micro_batch_size
+    mine = [i if i < num_items else -1 for i in range(rank * per_rank, (rank + 1) * per_rank)]
+    return [mine[i : i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+
+
+def map_real(indices: list[int], fn: Callable[[list[int]], Any]) -> Iterator[Any]:
+    """Helper for padded index lists: call ``fn`` with -1 replaced by a real index (its result is masked later)."""
+    real = [i if i >= 0 else 0 for i in indices]
+    yield fn(real)

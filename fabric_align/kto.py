@@ -1,0 +1,382 @@
+"""KTO: Kahneman-Tversky Optimization (Ethayarajh et al., 2024) from unpaired desirable/undesirable feedback.
+
+    fabric run fabric_align/kto.py [--config recipes/kto-tiny.yaml] [--group.field=value ...]
+    python fabric_align/kto.py           # trains the embedded tiny model on the demo data
+
+Per optimizer step: z0 = max(0, mean r(x_i, y_pi(i)) over the step's KL pairs, all ranks), no gradient; then
+desirable L = lambda_D (1 - sigmoid(beta (r - z0))), undesirable L = lambda_U (1 - sigmoid(beta (z0 - r))), with
+r = log pi(y|x) - log pi_ref(y|x) summed over completion tokens. Reference log-probs are computed once, cached.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from fabric_align.args import DataArgs, KTOArgs, LoggerArgs, ModelArgs, TrainArgs
+from fabric_align.checkpoints import find_resume_path, load_checkpoint, save_checkpoint
+from fabric_align.data import (
+    ChatRenderer,
+    DataError,
+    Row,
+    content_hash,
+    derangement,
+    fit_length,
+    pad_sequences,
+    read_rows,
+    require_dict,
+    require_field,
+    require_messages,
+    require_text,
+    shard_evenly,
+)
+from fabric_align.kernels import kto_loss
+from fabric_align.loggers import MetricLogger
+from fabric_align.modeling import PolicyLogprobs, load_model, load_tokenizer, model_fingerprint, parameter_counts
+from fabric_align.trainer import (
+    ConfigError,
+    MetricSpec,
+    Run,
+    StepPlan,
+    check_batch_sizes,
+    check_out_dir,
+    configure_logging,
+    fit,
+    hparams,
+    log_validation,
+    make_fabric,
+    param_dtype,
+    resolve_launch,
+    score_sequences,
+    setup_policy,
+)
+
+log = logging.getLogger("fabric_align")
+
+Sequence = tuple[list[int], int]  # (prompt + completion token ids, prompt length)
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+def parse_row(row: Row) -> tuple[str | list, str | list, bool]:
+    """(prompt, completion, desirable) from TRL's unpaired form (plain or conversational) or NeMo-Aligner's."""
+    obj = require_dict(row)
+    if "response" in obj or "preference" in obj:  # NeMo-Aligner: prompt, response, preference
+        prompt = require_text(row, require_field(row, obj, "prompt"), "prompt", allow_empty=True)
+        completion = require_text(row, require_field(row, obj, "response"), "response", allow_empty=False)
+        preference = require_field(row, obj, "preference")
+        if preference not in ("chosen", "rejected"):
+            raise row.error("preference", f"expected \"chosen\" or \"rejected\", got {preference!r}")
+        return prompt, completion, preference == "chosen"
+    prompt = require_field(row, obj, "prompt")
+    completion = require_field(row, obj, "completion")
+    label = require_field(row, obj, "label")
+    if isinstance(prompt, str):
+        completion = require_text(row, completion, "completion", allow_empty=False)
+    else:
+        prompt = require_messages(row, prompt, "prompt")
+        if isinstance(completion, str):
+            completion = require_text(row, completion, "completion", allow_empty=False)
+        else:
+            completion = require_messages(row, completion, "completion")
+            if not any(m["content"].strip() for m in completion):
+                raise row.error("completion", "is empty")
+    if isinstance(label, bool):
+        return prompt, completion, label
+    if label in ("chosen", "rejected"):
+        return prompt, completion, label == "chosen"
+    raise row.error("label", f"expected true/false (or \"chosen\"/\"rejected\"), got {label!r}")
+
+
+@dataclass
+class KTOData:
+    """Tokenized examples, their KL pairs (x_i, y_pi(i)) and, once computed, reference log-probs."""
+
+    source: str
+    sequences: list[Sequence]
+    kl_sequences: list[Sequence]
+    labels: torch.Tensor  # [n] bool
+    ref_logps: torch.Tensor | None = None
+    ref_kl_logps: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+
+def load_split(path: str, split: str, renderer: ChatRenderer, max_length: int, seed: int, *, train: bool) -> KTOData:
+    rows = read_rows(path, split)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    parsed = [parse_row(row) for row in rows]
+    labels = [label for _, _, label in parsed]
+    if train and (all(labels) or not any(labels)):
+        kind = "desirable" if all(labels) else "undesirable"
+        raise DataError(f"{rows[0].source}, all {len(rows)} rows, field 'label': every example is {kind}; KTO needs "
+                        "both desirable and undesirable examples")
+    encoded, kept = [], []
+    for row, (prompt, completion, label) in zip(rows, parsed, strict=True):
+        if not isinstance(prompt, str):
+            renderer.check_chat(row, "prompt")
+        enc = renderer.encode(prompt, completion)
+        completion_ids = fit_length(enc.prompt_ids, enc.completion_ids, max_length)
+        if completion_ids is not None:
+            encoded.append((enc.prompt_ids, enc.completion_ids))
+            kept.append(label)
+    dropped = len(rows) - len(encoded)
+    if dropped:
+        log.warning("%s: dropped %d of %d rows whose prompt alone does not fit data.max_length=%d",
+                    rows[0].source, dropped, len(rows), max_length)
+    if len(encoded) < 2:
+        raise DataError(f"{rows[0].source}: {len(encoded)} usable rows after dropping over-long prompts; need 2")
+    pairing = derangement(len(encoded), seed)
+    sequences, kl_sequences = [], []
+    for i, (prompt_ids, completion_ids) in enumerate(encoded):
+        sequences.append((prompt_ids + fit_length(prompt_ids, completion_ids, max_length), len(prompt_ids)))
+        other = fit_length(prompt_ids, encoded[pairing[i]][1], max_length)
+        kl_sequences.append((prompt_ids + other, len(prompt_ids)))
+    return KTOData(rows[0].source, sequences, kl_sequences, torch.tensor(kept, dtype=torch.bool))
+
+
+def warn_weight_ratio(data: KTOData, args: KTOArgs) -> None:
+    """KTO's paper recommends lambda_D n_D / (lambda_U n_U) in [1, 4/3]."""
+    n_d = int(data.labels.sum())
+    n_u = int((~data.labels).sum())
+    ratio = args.desirable_weight * n_d / (args.undesirable_weight * n_u)
+    if not 1.0 <= ratio <= 4 / 3:
+        low = args.undesirable_weight * n_u / n_d
+        log.warning("kto: desirable_weight * n_desirable / (undesirable_weight * n_undesirable) = %.3f * %d / "
+                    "(%.3f * %d) = %.3f is outside [1, 4/3]; e.g. --kto.desirable_weight=%.3g (any value in "
+                    "[%.3g, %.3g] with undesirable_weight=%.3g)", args.desirable_weight, n_d,
+                    args.undesirable_weight, n_u, ratio, low * 7 / 6, low, low * 4 / 3, args.undesirable_weight)
+
+
+# ---------------------------------------------------------------------------------------------------- algorithm
+class KTO:
+    """The KTO step for the shared loop: z0 per optimizer step, then the loss per micro-batch."""
+
+    metric_spec = MetricSpec({
+        "loss": "_examples", "kl": "_one",
+        "rewards/chosen": "count/chosen", "logps/chosen": "count/chosen",
+        "rewards/rejected": "count/rejected", "logps/rejected": "count/rejected",
+    })
+
+    def __init__(self, fabric: Any, policy: PolicyLogprobs, args: KTOArgs, train: KTOData, val: KTOData | None,
+                 pad_id: int, micro_batch_size: int) -> None:
+        self.fabric, self.policy, self.args = fabric, policy, args
+        self.train, self.val = train, val
+        self.pad_id, self.micro_batch_size = pad_id, micro_batch_size
+
+    def _logps(self, sequences: list[Sequence], indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.fabric.to_device(pad_sequences([sequences[i] for i in indices], self.pad_id))
+        token_logps = self.policy(batch["input_ids"], batch["attention_mask"], batch["targets"])
+        return token_logps, batch["attention_mask"].sum()
+
+    def kl_sum(self, data: KTOData, micro_batches: list[list[int]]) -> torch.Tensor:
+        """[sum of r over this rank's KL pairs, their count]; -1 indices (padding) are left out."""
+        totals = torch.zeros(2, dtype=torch.float64, device=self.fabric.device)
+        with torch.no_grad():
+            for indices in micro_batches:
+                real = [i for i in indices if i >= 0]
+                if not real:  # still run the forward: every rank must join FSDP's collectives
+                    real, keep = [0], False
+                else:
+                    keep = True
+                token_logps, _ = self._logps(data.kl_sequences, [i if i >= 0 else real[0] for i in indices])
+                rows = torch.tensor([i >= 0 for i in indices], device=token_logps.device)
+                r = token_logps.sum(-1) - data.ref_kl_logps[[max(i, 0) for i in indices]].to(token_logps.device)
+                if keep:
+                    totals += torch.stack([r[rows].double().sum(), rows.sum().double()])
+        return totals
+
+    def z0(self, data: KTOData, micro_batches: list[list[int]]) -> torch.Tensor:
+        if self.args.loss_type != "kto":
+            return torch.zeros((), device=self.fabric.device)
+        totals = self.fabric.all_reduce(self.kl_sum(data, micro_batches), reduce_op="sum")
+        return (totals[0] / totals[1].clamp(min=1)).clamp(min=0).float()
+
+    def prepare_step(self, micro_batches: list[list[int]]) -> torch.Tensor:
+        return self.z0(self.train, micro_batches)
+
+    def loss(self, data: KTOData, indices: list[int], z0: torch.Tensor, normalizer: float) -> tuple[torch.Tensor, dict]:
+        token_logps, tokens = self._logps(data.sequences, indices)
+        device = token_logps.device
+        loss, metrics = kto_loss(token_logps, data.ref_logps[indices].to(device), data.labels[indices].to(device),
+                                 z0, beta=self.args.beta, desirable_weight=self.args.desirable_weight,
+                                 undesirable_weight=self.args.undesirable_weight, loss_type=self.args.loss_type,
+                                 normalizer=normalizer)
+        metrics = dict(metrics)
+        metrics["loss"] = loss.detach() * normalizer / len(indices)  # per-example mean, weighted by _examples
+        metrics["_examples"] = torch.tensor(float(len(indices)))
+        metrics["tokens"] = tokens.float()
+        return loss, metrics
+
+    def micro_step(self, indices: list[int], z0: torch.Tensor, normalizer: float) -> tuple[torch.Tensor, dict]:
+        return self.loss(self.train, indices, z0, normalizer)
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        if self.val is None:
+            return {}
+        from fabric_align.trainer import reduce_metrics
+
+        self.policy.eval()
+        shares = shard_evenly(len(self.val), self.fabric.global_rank, self.fabric.world_size, self.micro_batch_size)
+        z0 = self.z0(self.val, shares)
+        parts = []
+        for indices in shares:
+            real = [i for i in indices if i >= 0]
+            _, metrics = self.loss(self.val, [i if i >= 0 else 0 for i in indices] if not real else real, z0,
+                                   float(max(len(real), 1)))
+            if not real:  # padding-only share: ran the forwards, contributes nothing
+                metrics = {k: torch.zeros(()) for k in metrics}
+            parts.append(metrics)
+        self.policy.train()
+        metrics = reduce_metrics(self.fabric, parts, self.metric_spec)
+        metrics.pop("tokens", None)
+        return self.finalize(metrics)
+
+    def finalize(self, metrics: dict[str, float]) -> dict[str, float]:
+        metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+        return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------- entry
+def setup(
+    model: ModelArgs = ModelArgs(),
+    data: DataArgs = DataArgs(),
+    train: TrainArgs = TrainArgs(global_batch_size=16, micro_batch_size=8, lr=3e-3, warmup_steps=5, epochs=4,
+                                 eval_interval=10, save_interval=25),
+    kto: KTOArgs = KTOArgs(),
+    logger: LoggerArgs = LoggerArgs(),
+    out_dir: Path = Path("out/kto"),
+    seed: int = 42,
+    devices: int | str = 1,
+    num_nodes: int = 1,
+    precision: str | None = None,
+    strategy: Literal["auto", "fsdp", "ddp"] = "auto",
+    resume: Literal["auto"] | Path | None = None,
+) -> None:
+    """Align a causal LM with KTO. The defaults train the embedded tiny model on the demo data; recipes in
+    ``recipes/`` hold settings for real models.
+
+    Args:
+        model: Which model, LoRA/QLoRA, activation checkpointing.
+        data: Training and validation data.
+        train: Batch sizes, optimizer, schedule, intervals.
+        kto: The KTO loss.
+        logger: Metric logging (W&B, CSV).
+        out_dir: Checkpoints (``step-NNNNNN/``), the export (``final/``), logs and the reference cache.
+        seed: Seed for initialization, data order and KL pairing.
+        devices: Devices (processes) per node.
+        num_nodes: Number of nodes.
+        precision: ``32-true``, ``bf16-true``, ``bf16-mixed`` or ``16-mixed`` (default: bf16-true on GPUs with
+            bf16, else 32-true).
+        strategy: ``fsdp`` (FSDP2, one unit per decoder layer), ``ddp`` or ``auto``.
+        resume: ``auto`` continues from the newest complete checkpoint in out_dir; or a checkpoint directory.
+    """
+    configure_logging()
+    # Everything that can be wrong with the input is checked before any process is launched or model loaded.
+    if kto.beta <= 0:
+        raise ConfigError(f"kto.beta={kto.beta}: must be positive")
+    if kto.desirable_weight <= 0 or kto.undesirable_weight <= 0:
+        raise ConfigError(f"kto.desirable_weight={kto.desirable_weight}, kto.undesirable_weight="
+                          f"{kto.undesirable_weight}: must be positive")
+    if data.max_length < 2:
+        raise ConfigError(f"data.max_length={data.max_length}: must be at least 2")
+    launch = resolve_launch(devices, num_nodes, precision, strategy)
+    check_batch_sizes(train, launch["world_size"])
+    tokenizer = load_tokenizer(model)
+    renderer = ChatRenderer(tokenizer)
+    train_data = load_split(data.train_path, data.train_split, renderer, data.max_length, seed, train=True)
+    val_data = (load_split(data.val_path, data.val_split, renderer, data.max_length, seed + 1, train=False)
+                if data.val_path else None)
+    if len(train_data) < train.global_batch_size:
+        raise ConfigError(f"{train_data.source}: {len(train_data)} examples, fewer than train.global_batch_size="
+                          f"{train.global_batch_size}")
+    resume_path = find_resume_path(out_dir, resume)
+    if resume_path is None:
+        check_out_dir(out_dir, resume)
+    warn_weight_ratio(train_data, kto)
+    config = hparams(model=model, data=data, train=train, kto=kto, logger=logger, out_dir=out_dir, seed=seed,
+                     devices=devices, num_nodes=num_nodes, precision=launch["precision"], strategy=strategy)
+    fabric = make_fabric(launch)
+    main(fabric, model, train, kto, logger, out_dir, seed, launch["precision"], tokenizer, train_data, val_data,
+         resume_path, config)
+
+
+def main(fabric: Any, model_args: ModelArgs, train: TrainArgs, kto: KTOArgs, logger_args: LoggerArgs, out_dir: Path,
+         seed: int, precision: str, tokenizer: Any, train_data: KTOData, val_data: KTOData | None,
+         resume_path: Path | None, config: dict[str, Any]) -> None:
+    fabric.seed_everything(seed)
+    if fabric.is_global_zero:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    fabric.barrier()
+    hf_model = load_model(model_args, dtype=param_dtype(precision), seed=seed)
+    policy, optimizer = setup_policy(fabric, hf_model, train, train.optimizer, PolicyLogprobs)
+    total, trainable = parameter_counts(hf_model)
+    fabric.print(f"model: {total:,} parameters, {trainable:,} trainable; {len(train_data)} training examples")
+
+    # Reference log-probs before any update (and before loading a checkpoint): no reference model is kept.
+    reference_logps(fabric, policy, model_args, precision, seed, train_data, val_data, tokenizer.pad_token_id,
+                    train.micro_batch_size, out_dir)
+
+    plan = StepPlan(len(train_data), train.global_batch_size, seed)
+    total_steps = train.max_steps or train.epochs * plan.steps_per_epoch
+    state: dict[str, Any] = {"model": policy, "optimizer": optimizer, "step": 0}
+    if resume_path is not None:
+        load_checkpoint(fabric, resume_path, state)
+        fabric.print(f"resumed from {resume_path} at step {state['step']}")
+    logger = MetricLogger(logger_args, out_dir, is_global_zero=fabric.is_global_zero, config=config)
+    logger.resumed_at(state["step"])
+    recipe = KTO(fabric, policy, kto, train_data, val_data, tokenizer.pad_token_id, train.micro_batch_size)
+    run = Run(fabric, policy, optimizer, train, out_dir, logger, state, total_steps,
+              meta={"method": "kto", "config": config})
+    fit(run, recipe, plan, end_step=total_steps)
+    log_validation(run, recipe, state["step"])
+    if train.save_interval and not (out_dir / f"step-{state['step']:06d}").exists():
+        save_checkpoint(fabric, out_dir, state, run.meta)
+    from fabric_align.checkpoints import export_hf
+
+    final = export_hf(fabric, policy, tokenizer, out_dir,
+                      merge_lora=bool(model_args.lora and model_args.lora.merge_on_export))
+    fabric.print(f"exported {final}")
+    logger.finish()
+
+
+def reference_logps(fabric: Any, policy: PolicyLogprobs, model_args: ModelArgs, precision: str, seed: int,
+                    train: KTOData, val: KTOData | None, pad_id: int, batch_size: int, out_dir: Path) -> None:
+    """Fill ``ref_logps`` / ``ref_kl_logps`` of both splits from the cache, or compute them in one no-grad pass."""
+    splits = [train] + ([val] if val is not None else [])
+    sequences = [s for d in splits for s in d.sequences + d.kl_sequences]
+    key = content_hash(model_fingerprint(model_args, seed), precision, sequences)
+    cache = out_dir / "cache" / f"kto-reference-{key}.pt"
+    if cache.is_file():
+        logps = torch.load(cache)
+        fabric.print(f"reference log-probs from {cache}")
+    else:
+        logps = score_sequences(fabric, policy, sequences, pad_id=pad_id, batch_size=batch_size,
+                                desc="reference log-probs", reference=True)
+        if fabric.is_global_zero:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp")
+            torch.save(logps, tmp)
+            tmp.replace(cache)
+        fabric.barrier()
+    offset = 0
+    for d in splits:
+        n = len(d)
+        d.ref_logps, d.ref_kl_logps = logps[offset : offset + n], logps[offset + n : offset + 2 * n]
+        offset += 2 * n
+
+
+def cli() -> None:
+    from jsonargparse import auto_cli
+
+    auto_cli(setup, as_positional=False)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,194 @@
+"""Model setup shared by the trainers: loading, LoRA/QLoRA, FSDP2 sharding, and per-token log-probs.
+
+Log-probs never go through the model's ``logits``: ``PolicyLogprobs`` runs the decoder to its final hidden
+states and hands them with the lm_head weight to ``fused_linear_logprob``, which never builds N x V logits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fabric_align.args import EMBEDDED_MODEL, LoRAArgs, ModelArgs
+from fabric_align.kernels import fused_linear_logprob
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODEL_DIR = Path(__file__).parent / "assets" / "tiny-llama"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    return str(EMBEDDED_MODEL_DIR) if name_or_path == EMBEDDED_MODEL else name_or_path
+
+
+def has_weights(path: str) -> bool:
+    return any((Path(path) / name).is_file() for name in WEIGHT_FILES)
+
+
+def is_random_init(args: ModelArgs) -> bool:
+    """A local directory with a config and no weights (the embedded tiny model, benchmark configs)."""
+    path = Path(resolve_model_path(args.name_or_path))
+    return path.is_dir() and (path / "config.json").is_file() and not has_weights(str(path))
+
+
+def load_tokenizer(args: ModelArgs) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(args.name_or_path), revision=args.revision,
+                                              trust_remote_code=args.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        # Padding positions are masked everywhere, so any id works; EOS is the usual choice.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def model_fingerprint(args: ModelArgs, seed: int) -> dict[str, Any]:
+    """What identifies the reference weights, for cache keys: the path and its weight files' sizes and times,
+    the revision, the quantization, and the seed when the weights are a random init."""
+    path = Path(resolve_model_path(args.name_or_path))
+    files = {}
+    if path.is_dir():
+        for file in sorted(path.iterdir()):
+            if file.suffix in (".safetensors", ".bin", ".json") and file.is_file():
+                stat = file.stat()
+                files[file.name] = [stat.st_size, int(stat.st_mtime)]
+    return {"model": str(path), "revision": args.revision, "quantize": args.quantize, "files": files,
+            "seed": seed if is_random_init(args) else None}
+
+
+def load_model(args: ModelArgs, *, dtype: torch.dtype, seed: int) -> nn.Module:
+    """The Hugging Face causal LM, with LoRA adapters when ``args.lora`` is set (base frozen)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = resolve_model_path(args.name_or_path)
+    kwargs: dict[str, Any] = {"trust_remote_code": args.trust_remote_code}
+    if args.attn_implementation:
+        kwargs["attn_implementation"] = args.attn_implementation
+    if is_random_init(args):
+        config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+        if args.quantize:
+            raise ValueError(f"model.quantize needs pretrained weights; {path} holds only a config")
+        log.info("no weights in %s: initializing randomly with seed %d", path, seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+    else:
+        if args.quantize == "4bit":
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.float32,
+                bnb_4bit_quant_storage=dtype,
+            )
+        model = AutoModelForCausalLM.from_pretrained(path, revision=args.revision, dtype=dtype, **kwargs)
+    check_supported(model)
+    model.config.use_cache = False
+    if args.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.lora is not None:
+        model = add_lora(model, args.lora, quantized=args.quantize is not None)
+    elif args.quantize:
+        raise ValueError("model.quantize=4bit trains only adapters: set model.lora too (QLoRA)")
+    return model
+
+
+def check_supported(model: nn.Module) -> None:
+    config = model.config
+    for name in ("final_logit_softcapping", "logit_scale"):
+        if getattr(config, name, None) not in (None, 1.0):
+            # The fused log-prob computes log_softmax(h @ W.T / temperature) only.
+            raise ValueError(f"{type(model).__name__} post-processes its logits ({name}={getattr(config, name)}), "
+                             "which the fused log-prob kernel does not support")
+
+
+def add_lora(model: nn.Module, args: LoRAArgs, *, quantized: bool) -> nn.Module:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    targets = args.target_modules
+    if targets != "all-linear" and any("lm_head" in t for t in targets):
+        raise ValueError("model.lora.target_modules must not include the lm_head: log-probs read its weight directly")
+    config = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=targets,
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def hf_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (LoRA layers already injected into it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class PolicyLogprobs(nn.Module):
+    """Wraps a causal LM so that its forward returns per-token log-probs of given targets.
+
+    This module is the FSDP root: its forward runs inside the root's all-gather of the embedding, final norm and
+    lm_head, so ``lm_head.weight`` is the unsharded tensor when the kernel reads it.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor,
+                temperature: float = 1.0) -> torch.Tensor:
+        lm = hf_model(self.model)
+        decoder = lm.get_decoder()
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        head = lm.get_output_embeddings()
+        logps = fused_linear_logprob(hidden.reshape(-1, hidden.shape[-1]), head.weight, targets.reshape(-1),
+                                     bias=head.bias, temperature=temperature)
+        return logps.view_as(targets)
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """The reference policy: with LoRA, the base model with adapters disabled; else the weights as they are
+        (the trainers only ask for reference log-probs before the first update)."""
+        if hasattr(self.model, "disable_adapter"):
+            with self.model.disable_adapter():
+                yield
+        else:
+            yield
+
+
+def decoder_layer_classes(model: nn.Module) -> tuple[type, ...]:
+    """The decoder layer classes named by the transformers model's ``_no_split_modules`` (found at any depth, so
+    wrappers like peft and PolicyLogprobs do not hide it)."""
+    names = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or ())}
+    classes = {type(m) for m in model.modules() if type(m).__name__ in names}
+    if not classes:
+        raise ValueError(f"{type(model).__name__}: no decoder layer class found (_no_split_modules={sorted(names)}); "
+                         "cannot shard per layer")
+    return tuple(classes)
+
+
+def fsdp2_parallelize(module: nn.Module, device_mesh: Any) -> nn.Module:
+    """FSDP2: one ``fully_shard`` unit per decoder layer, then the root (embeddings, final norm, lm_head)."""
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = device_mesh["data_parallel"] if "data_parallel" in (device_mesh.mesh_dim_names or ()) else device_mesh
+    layer_classes = decoder_layer_classes(module)
+    for submodule in list(module.modules()):
+        if isinstance(submodule, layer_classes):
+            fully_shard(submodule, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    return module
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable

@@ -1,0 +1,324 @@
+"""The training machinery KTO and SPIN share: Fabric and strategy setup, optimizer and schedule, the fit loop,
+validation cadence, checkpoints and metric reduction. An algorithm plugs in through ``Recipe``."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, is_dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from lightning.fabric import Fabric
+from lightning.fabric.connector import _is_using_cli
+from torch import nn
+from tqdm import tqdm
+
+from fabric_align.args import TrainArgs
+from fabric_align.checkpoints import save_checkpoint
+from fabric_align.data import StepPlan, pad_sequences, shard_evenly
+from fabric_align.loggers import MetricLogger
+from fabric_align.modeling import fsdp2_parallelize, trainable_parameters
+
+log = logging.getLogger("fabric_align")
+
+STRATEGIES = ("auto", "fsdp", "ddp")
+PRECISIONS = ("32-true", "bf16-true", "bf16-mixed", "16-mixed")
+
+
+class ConfigError(ValueError):
+    """An out-of-range or inconsistent flag, reported before anything is loaded."""
+
+
+# ------------------------------------------------------------------------------------------------------- setup
+def default_precision() -> str:
+    return "bf16-true" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def resolve_launch(devices: int | str, num_nodes: int, precision: str | None, strategy: str) -> dict[str, Any]:
+    """Settings for Fabric. Under ``fabric run`` the ``LT_*`` variables decide devices, nodes, precision and
+    strategy; we then pass Fabric's defaults so nothing conflicts, and map ``--strategy fsdp`` to FSDP2."""
+    under_cli = _is_using_cli()
+    if under_cli:
+        if os.environ.get("LT_STRATEGY"):
+            # `fabric run --strategy fsdp` would select Fabric's FSDP1 strategy, which refuses CPUs.
+            strategy = os.environ.pop("LT_STRATEGY")
+        devices = os.environ.get("LT_DEVICES", devices)
+        num_nodes = int(os.environ.get("LT_NUM_NODES", num_nodes))
+        precision = os.environ.get("LT_PRECISION") or precision
+    precision = precision or default_precision()
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision={precision!r}: expected one of {PRECISIONS}")
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"strategy={strategy!r}: expected one of {STRATEGIES}")
+    accelerator = os.environ.get("LT_ACCELERATOR", "auto") if under_cli else "auto"
+    if accelerator == "auto":
+        accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    num_devices = _count_devices(devices, accelerator)
+    world_size = num_devices * num_nodes
+    if strategy == "fsdp":
+        from lightning.fabric.strategies import ModelParallelStrategy
+
+        strategy_obj: Any = ModelParallelStrategy(parallelize_fn=fsdp2_parallelize, data_parallel_size=world_size,
+                                                  tensor_parallel_size=1)
+    elif strategy == "ddp":
+        strategy_obj = "ddp"
+    else:
+        strategy_obj = "auto"
+    settings = {"accelerator": accelerator, "devices": num_devices, "num_nodes": num_nodes,
+                "precision": precision, "strategy": strategy_obj}
+    if under_cli:  # Fabric reads these from LT_*; passing its defaults avoids the conflict check
+        settings.update(accelerator="auto", devices="auto", num_nodes=1, precision=None)
+    return {"fabric": settings, "precision": precision, "world_size": world_size, "strategy": strategy}
+
+
+def _count_devices(devices: int | str, accelerator: str) -> int:
+    if isinstance(devices, str):
+        if devices in ("auto", "-1"):
+            return torch.cuda.device_count() if accelerator == "cuda" else 1
+        if "," in devices:
+            return len([d for d in devices.split(",") if d.strip()])
+        devices = int(devices)
+    if devices < 1:
+        raise ConfigError(f"devices={devices}: expected a positive count")
+    return devices
+
+
+def make_fabric(launch: dict[str, Any], loggers: Sequence[Any] = ()) -> Fabric:
+    fabric = Fabric(**launch["fabric"], loggers=list(loggers))
+    if not _is_using_cli():
+        fabric.launch()
+    return fabric
+
+
+def param_dtype(precision: str) -> torch.dtype:
+    return {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision, torch.float32)
+
+
+def check_batch_sizes(args: TrainArgs, world_size: int) -> int:
+    """Gradient accumulation steps; raises when the batch sizes do not divide."""
+    for name in ("global_batch_size", "micro_batch_size", "eval_interval", "log_interval"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"train.{name}={getattr(args, name)}: must be at least 1")
+    if args.save_interval is not None and args.save_interval < 1:
+        raise ConfigError(f"train.save_interval={args.save_interval}: must be at least 1 (or null)")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ConfigError(f"train.max_steps={args.max_steps}: must be at least 1 (or null)")
+    if args.epochs < 1:
+        raise ConfigError(f"train.epochs={args.epochs}: must be at least 1")
+    if args.lr <= 0 or args.min_lr < 0 or args.min_lr > args.lr:
+        raise ConfigError(f"train.lr={args.lr}, train.min_lr={args.min_lr}: need 0 <= min_lr <= lr and lr > 0")
+    if args.warmup_steps < 0:
+        raise ConfigError(f"train.warmup_steps={args.warmup_steps}: must not be negative")
+    if args.max_norm is not None and args.max_norm <= 0:
+        raise ConfigError(f"train.max_norm={args.max_norm}: must be positive (or null)")
+    per_step = args.micro_batch_size * world_size
+    if args.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={args.global_batch_size} is not divisible by train.micro_batch_size="
+            f"{args.micro_batch_size} x {world_size} rank(s) = {per_step}")
+    return args.global_batch_size // per_step
+
+
+def check_out_dir(out_dir: Path, resume: Any) -> None:
+    """Refuse to start a fresh run over an earlier one's checkpoints or export: nothing written is lost."""
+    if resume is not None:
+        return
+    taken = sorted(p.name for p in out_dir.glob("step-*")) + (["final"] if (out_dir / "final").exists() else [])
+    if taken:
+        raise ConfigError(f"out_dir={out_dir} already holds {', '.join(taken[:3])}: pass resume=auto to continue "
+                          "that run, or choose another out_dir")
+
+
+def make_optimizer(name: str, params: list[nn.Parameter], args: TrainArgs) -> torch.optim.Optimizer:
+    kwargs = {"lr": args.lr, "weight_decay": args.weight_decay, "betas": tuple(args.betas)}
+    if name == "adamw":
+        fused = all(p.is_cuda for p in params) and not any(hasattr(p, "full_tensor") for p in params)
+        return torch.optim.AdamW(params, fused=fused or None, **kwargs)
+    import bitsandbytes as bnb
+
+    classes = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
+               "paged_adamw8bit": bnb.optim.PagedAdamW8bit}
+    return classes[name](params, **kwargs)
+
+
+def lr_at(step: int, args: TrainArgs, total_steps: int) -> float:
+    """Linear warmup to ``lr``, then cosine decay to ``min_lr`` at ``total_steps``. A pure function of the step,
+    so resuming needs no scheduler state."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / (args.warmup_steps + 1)
+    progress = min(1.0, (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps))
+    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def hparams(**groups: Any) -> dict[str, Any]:
+    return {k: asdict(v) if is_dataclass(v) else (str(v) if isinstance(v, Path) else v) for k, v in groups.items()}
+
+
+# ----------------------------------------------------------------------------------------------------- metrics
+class MetricSpec(dict):
+    """How to combine a metric over micro-batches and ranks: ``key -> weight key`` gives a mean weighted by that
+    count (``"_one"`` weighs each micro-batch equally); keys not listed are summed (counts, tokens)."""
+
+
+def reduce_metrics(fabric: Fabric, parts: list[dict[str, torch.Tensor]], spec: MetricSpec) -> dict[str, float]:
+    keys = sorted(parts[0])
+    totals = torch.zeros(2 * len(keys) + 1, dtype=torch.float64)
+    for part in parts:
+        for i, key in enumerate(keys):
+            value = float(part[key])
+            weight = 1.0 if spec.get(key) == "_one" else float(part[spec[key]]) if key in spec else None
+            if weight is None:
+                totals[2 * i] += value
+            else:
+                totals[2 * i] += value * weight
+                totals[2 * i + 1] += weight
+    totals = fabric.all_reduce(totals.to(fabric.device), reduce_op="sum").cpu()
+    out = {}
+    for i, key in enumerate(keys):
+        if key.startswith("_"):
+            continue
+        out[key] = float(totals[2 * i]) if key not in spec else float(totals[2 * i] / totals[2 * i + 1].clamp(min=1e-12))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- scoring passes
+@torch.no_grad()
+def score_sequences(fabric: Fabric, policy: nn.Module, sequences: Sequence[tuple[list[int], int]], *, pad_id: int,
+                    batch_size: int, desc: str, reference: bool = False) -> torch.Tensor:
+    """Sequence log-probs (sum over completion tokens) of every ``(token ids, prompt length)`` pair, each rank
+    scoring its share; the full float32 vector is returned on every rank. Sorted by length to cut padding."""
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))
+    shares = shard_evenly(len(order), fabric.global_rank, fabric.world_size, batch_size)
+    policy.eval()
+    local = []
+    bar = tqdm(shares, desc=desc, disable=not fabric.is_global_zero, leave=False)
+    for share in bar:
+        items = [sequences[order[i if i >= 0 else 0]] for i in share]
+        batch = fabric.to_device(pad_sequences(items, pad_id))
+        with policy.reference() if reference else contextlib.nullcontext():
+            token_logps = policy(batch["input_ids"], batch["attention_mask"], batch["targets"])
+        local.append(token_logps.sum(-1).float())
+    policy.train()
+    flat_local = torch.cat(local) if local else torch.zeros(0, device=fabric.device)
+    gathered = fabric.all_gather(flat_local).reshape(-1).cpu() if fabric.world_size > 1 else flat_local.cpu()
+    result = torch.empty(len(sequences), dtype=torch.float32)
+    result[torch.tensor(order, dtype=torch.long)] = gathered[: len(order)]
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------- loop
+class Recipe(Protocol):
+    """What an algorithm gives the shared loop."""
+
+    metric_spec: MetricSpec
+
+    def prepare_step(self, micro_batches: list[list[int]]) -> Any:
+        """Once per optimizer step, before its micro-batches (KTO: the KL reference point z0)."""
+
+    def micro_step(self, indices: list[int], context: Any, normalizer: float) -> tuple[torch.Tensor, dict]:
+        """Loss (to backpropagate) and metrics of one micro-batch."""
+
+    def validate(self) -> dict[str, float]:
+        """Validation metrics (without prefix), or {} when there is no validation data."""
+
+    def finalize(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Derived metrics after reduction (margins from the reduced means)."""
+
+
+@dataclass
+class Run:
+    """Everything the loop touches, passed around as one object."""
+
+    fabric: Fabric
+    policy: nn.Module
+    optimizer: torch.optim.Optimizer
+    args: TrainArgs
+    out_dir: Path
+    logger: MetricLogger
+    state: dict[str, Any]
+    total_steps: int
+    meta: dict[str, Any]
+
+
+def fit(run: Run, recipe: Recipe, plan: StepPlan, *, end_step: int, plan_offset: int = 0,
+        extra_metrics: Callable[[], dict[str, float]] | None = None) -> None:
+    """Train from ``state["step"]`` to ``end_step``; the plan is read at ``step - plan_offset``."""
+    fabric, args, state = run.fabric, run.args, run.state
+    accum = check_batch_sizes(args, fabric.world_size)
+    run.policy.train()
+    bar = tqdm(total=end_step, initial=state["step"], desc="train", disable=not fabric.is_global_zero,
+               dynamic_ncols=True)
+    while state["step"] < end_step:
+        step = state["step"]
+        if step % args.eval_interval == 0:
+            log_validation(run, recipe, step)
+        t0 = time.perf_counter()
+        lr = lr_at(step, args, run.total_steps)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        micro_batches = plan.micro_batches(step - plan_offset, fabric.global_rank, fabric.world_size,
+                                           args.micro_batch_size)
+        assert len(micro_batches) == accum
+        context = recipe.prepare_step(micro_batches)
+        # Each rank's loss is its sum over examples / (examples per rank in the step); DDP and FSDP average the
+        # gradients over ranks, which makes it the step's global mean.
+        normalizer = args.global_batch_size / fabric.world_size
+        parts = []
+        for i, indices in enumerate(micro_batches):
+            with fabric.no_backward_sync(run.policy, enabled=i < accum - 1):
+                loss, metrics = recipe.micro_step(indices, context, normalizer)
+                fabric.backward(loss)
+            parts.append(metrics)
+        grad_norm = fabric.clip_gradients(run.policy, run.optimizer, max_norm=args.max_norm or float("inf"),
+                                          error_if_nonfinite=False)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        state["step"] = step + 1
+        metrics = reduce_metrics(fabric, parts, recipe.metric_spec)
+        tokens = metrics.pop("tokens", 0.0)
+        metrics = recipe.finalize(metrics)
+        elapsed = time.perf_counter() - t0
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+        if state["step"] % args.log_interval == 0 or state["step"] == end_step:
+            norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            logged = {f"train/{k}": v for k, v in metrics.items()}
+            logged.update({"train/lr": lr, "train/grad_norm": float(norm),
+                           "train/tokens_per_sec": tokens / elapsed,
+                           "train/epoch": plan.epoch_of(step - plan_offset) + 1, "train/step": state["step"]})
+            logged.update(extra_metrics() if extra_metrics else {})
+            run.logger.log(logged, step=state["step"])
+        if args.save_interval and state["step"] % args.save_interval == 0:
+            save_checkpoint(fabric, run.out_dir, state, run.meta)
+    bar.close()
+
+
+def log_validation(run: Run, recipe: Recipe, step: int) -> dict[str, float]:
+    metrics = recipe.validate()
+    if metrics:
+        run.logger.log({f"val/{k}": v for k, v in metrics.items()} | {"val/step": step}, step=step)
+        if run.fabric.is_global_zero:
+            shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k in ("loss", "rewards/margins", "nll",
+                                                                                   "rewards/accuracy"))
+            tqdm.write(f"step {step}: val {shown}")
+    return metrics
+
+
+def setup_policy(fabric: Fabric, model: nn.Module, args: TrainArgs, optimizer_name: str,
+                 wrap: Callable[[nn.Module], nn.Module]) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """Wrap, shard (per the strategy) and move the model; build the optimizer on the sharded parameters."""
+    policy = fabric.setup_module(wrap(model))
+    optimizer = fabric.setup_optimizers(make_optimizer(optimizer_name, trainable_parameters(policy), args))
+    return policy, optimizer
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

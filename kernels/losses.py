@@ -1,0 +1,474 @@
+"""Fused KTO and SPIN losses: masked sequence sum, loss, per-token gradient and metrics in one pass.
+
+Three implementations of each loss live here or beside it:
+
+- ``kto_loss_reference`` / ``spin_loss_reference``: the papers' formulas in plain torch, autograd through
+  ordinary ops. Readable; the yardstick for the others.
+- ``kto_loss`` / ``spin_loss``: custom autograd Functions. On CUDA tensors they run the Triton kernels of
+  ``losses_triton.py`` (one forward launch for a micro-batch of up to 16 rows, one backward launch); elsewhere
+  a torch implementation that keeps to ``[B]`` vectors (the gradient is an expanded ``[B, 1]`` column).
+  ``FABRIC_ALIGN_KERNELS=triton|torch`` forces one (see ``_dispatch.py``).
+
+Every variant accumulates in fp32, returns an fp32 loss, and gives the token log-prob tensors their gradient
+in their own dtype. Only the token log-probs receive gradients: reference log-probs, labels, the KL estimate
+z0 and the normalizer are constants.
+
+Metrics are detached fp32 0-dim tensors: means over rows plus the row counts, so the trainer can combine
+micro-batches and ranks by count-weighting the means. In ``kto_loss`` / ``spin_loss`` they are views of one
+small stats vector (do not modify them in place).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from fabric_align.kernels._dispatch import use_triton
+
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+KTO_METRIC_KEYS = (
+    "loss",
+    "kl",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "count/chosen",
+    "count/rejected",
+)
+SPIN_METRIC_KEYS = (
+    "loss",
+    "rewards/real",
+    "rewards/generated",
+    "rewards/margins",
+    "rewards/accuracy",
+    "logps/real",
+    "logps/generated",
+    "count/pairs",
+)
+
+Normalizer = float | int | torch.Tensor | None
+
+
+# ------------------------------------------------------------------------------------------- validation
+
+
+def _uses_kl(loss_type: str) -> bool:
+    if loss_type not in KTO_LOSS_TYPES:
+        raise ValueError(f"unknown KTO loss_type {loss_type!r}: expected one of {KTO_LOSS_TYPES}")
+    return loss_type == "kto"
+
+
+def _check_tokens(name: str, tokens: torch.Tensor, batch: int | None = None) -> None:
+    if tokens.dim() != 2:
+        raise ValueError(f"{name} must be [B, T], got shape {tuple(tokens.shape)}")
+    if tokens.shape[0] == 0:
+        raise ValueError(f"{name} has an empty batch")
+    if batch is not None and tokens.shape[0] != batch:
+        raise ValueError(f"{name} has {tokens.shape[0]} rows, expected {batch}")
+    if not tokens.is_floating_point():
+        raise ValueError(f"{name} must be floating point, got {tokens.dtype}")
+
+
+def _check_rows(name: str, values: torch.Tensor, batch: int) -> None:
+    if tuple(values.shape) != (batch,):
+        raise ValueError(f"{name} must have shape ({batch},), got {tuple(values.shape)}")
+
+
+def _normalizer(normalizer: Normalizer, batch: int, device: torch.device) -> float | torch.Tensor:
+    """None -> B. A tensor stays a (detached fp32) device tensor, so no host sync is needed."""
+    if normalizer is None:
+        return float(batch)
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.numel() != 1:
+            raise ValueError(
+                f"normalizer must be a number or a 0-dim tensor, got shape {tuple(normalizer.shape)}"
+            )
+        return normalizer.detach().reshape(()).to(device=device, dtype=torch.float32)
+    return float(normalizer)
+
+
+def _kl_tensor(kl: torch.Tensor | float, device: torch.device) -> torch.Tensor:
+    kl = torch.as_tensor(kl)
+    if kl.numel() != 1:
+        raise ValueError(f"kl must be a 0-dim tensor, got shape {tuple(kl.shape)}")
+    return kl.detach().reshape(()).to(device=device, dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------------- references
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return values[mask].mean() if bool(mask.any()) else values.new_zeros(())
+
+
+def kto_loss_reference(
+    token_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    labels: torch.Tensor,
+    kl: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    loss_type: str = "kto",
+    normalizer: Normalizer = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """KTO (Ethayarajh et al. 2024) as written in the paper; plain torch autograd."""
+    uses_kl = _uses_kl(loss_type)
+    _check_tokens("token_logps", token_logps)
+    batch = token_logps.shape[0]
+    _check_rows("ref_logps", ref_logps, batch)
+    _check_rows("labels", labels, batch)
+    device = token_logps.device
+    labels = labels.to(device=device, dtype=torch.bool)
+    z0 = _kl_tensor(kl, device)
+
+    policy_logps = token_logps.float().sum(dim=-1)
+    r = policy_logps - ref_logps.detach().to(device=device, dtype=torch.float32)
+    if uses_kl:
+        desirable = desirable_weight * (1 - torch.sigmoid(beta * (r - z0)))
+        undesirable = undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r)))
+    else:  # apo_zero_unpaired: no KL baseline
+        desirable = desirable_weight * (1 - torch.sigmoid(beta * r))
+        undesirable = undesirable_weight * torch.sigmoid(beta * r)
+    losses = torch.where(labels, desirable, undesirable)
+    loss = losses.sum() / _normalizer(normalizer, batch, device)
+
+    with torch.no_grad():
+        rewards = beta * r
+        chosen, rejected = labels, ~labels
+        rewards_chosen = _masked_mean(rewards, chosen)
+        rewards_rejected = _masked_mean(rewards, rejected)
+        values = {
+            "loss": loss,
+            "kl": z0,
+            "rewards/chosen": rewards_chosen,
+            "rewards/rejected": rewards_rejected,
+            "rewards/margins": rewards_chosen - rewards_rejected,
+            "logps/chosen": _masked_mean(policy_logps, chosen),
+            "logps/rejected": _masked_mean(policy_logps, rejected),
+            "count/chosen": chosen.sum(),
+            "count/rejected": rejected.sum(),
+        }
+        metrics = {k: values[k].detach().to(torch.float32) for k in KTO_METRIC_KEYS}
+    return loss, metrics
+
+
+def spin_loss_reference(
+    real_token_logps: torch.Tensor,
+    generated_token_logps: torch.Tensor,
+    ref_real_logps: torch.Tensor,
+    ref_generated_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    normalizer: Normalizer = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SPIN (Chen et al. 2024) as written in the paper; plain torch autograd."""
+    _check_tokens("real_token_logps", real_token_logps)
+    batch = real_token_logps.shape[0]
+    _check_tokens("generated_token_logps", generated_token_logps, batch)
+    _check_rows("ref_real_logps", ref_real_logps, batch)
+    _check_rows("ref_generated_logps", ref_generated_logps, batch)
+    device = real_token_logps.device
+
+    real_logps = real_token_logps.float().sum(dim=-1)
+    generated_logps = generated_token_logps.float().sum(dim=-1)
+    real_ratio = real_logps - ref_real_logps.detach().to(device=device, dtype=torch.float32)
+    generated_ratio = generated_logps - ref_generated_logps.detach().to(device=device, dtype=torch.float32)
+    # -log sigmoid(beta * margin), through the stable logsigmoid (log(sigmoid(x)) is -inf for x << 0)
+    losses = -F.logsigmoid(beta * (real_ratio - generated_ratio))
+    loss = losses.sum() / _normalizer(normalizer, batch, device)
+
+    with torch.no_grad():
+        rewards_real = beta * real_ratio
+        rewards_generated = beta * generated_ratio
+        values = {
+            "loss": loss,
+            "rewards/real": rewards_real.mean(),
+            "rewards/generated": rewards_generated.mean(),
+            "rewards/margins": rewards_real.mean() - rewards_generated.mean(),
+            "rewards/accuracy": (rewards_real > rewards_generated).float().mean(),
+            "logps/real": real_logps.mean(),
+            "logps/generated": generated_logps.mean(),
+            "count/pairs": torch.tensor(float(batch), device=device),
+        }
+        metrics = {k: values[k].detach().to(torch.float32) for k in SPIN_METRIC_KEYS}
+    return loss, metrics
+
+
+# ------------------------------------------------------------------------------ torch implementation
+# Same results as the kernels, built from [B] vectors only (no [B, T] intermediates) and no host syncs.
+
+
+def _mean_where(mask: torch.Tensor, values: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    # where() rather than a product: a masked-out inf would turn 0 * inf into nan
+    return torch.where(mask, values, 0.0).sum() / count.clamp(min=1.0)
+
+
+def _kto_torch_forward(
+    token_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    labels: torch.Tensor,
+    kl: torch.Tensor,
+    beta: float,
+    desirable_weight: float,
+    undesirable_weight: float,
+    uses_kl: bool,
+    normalizer: float | torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    seq = token_logps.sum(dim=-1, dtype=torch.float32)
+    r = seq - ref_logps.float()
+    x = beta * (r - kl) if uses_kl else beta * r
+    sig_pos, sig_neg = torch.sigmoid(x), torch.sigmoid(-x)
+    # 1 - sigmoid(x) written as sigmoid(-x) keeps its digits once sigmoid(x) rounds to 1.
+    losses = torch.where(labels, desirable_weight * sig_neg, undesirable_weight * sig_pos)
+    weight = torch.where(labels, -desirable_weight, undesirable_weight)
+    row_grad = weight * beta * sig_pos * sig_neg / normalizer
+    loss = losses.sum() / normalizer
+
+    rewards = beta * r
+    rejected = ~labels
+    n_chosen = labels.sum(dtype=torch.float32)
+    n_rejected = rejected.sum(dtype=torch.float32)
+    rewards_chosen = _mean_where(labels, rewards, n_chosen)
+    rewards_rejected = _mean_where(rejected, rewards, n_rejected)
+    stats = torch.stack(
+        [
+            loss,
+            kl,
+            rewards_chosen,
+            rewards_rejected,
+            rewards_chosen - rewards_rejected,
+            _mean_where(labels, seq, n_chosen),
+            _mean_where(rejected, seq, n_rejected),
+            n_chosen,
+            n_rejected,
+        ]
+    )
+    return loss, stats, row_grad
+
+
+def _spin_torch_forward(
+    real_token_logps: torch.Tensor,
+    generated_token_logps: torch.Tensor,
+    ref_real_logps: torch.Tensor,
+    ref_generated_logps: torch.Tensor,
+    beta: float,
+    normalizer: float | torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    real = real_token_logps.sum(dim=-1, dtype=torch.float32)
+    generated = generated_token_logps.sum(dim=-1, dtype=torch.float32)
+    real_ratio = real - ref_real_logps.float()
+    generated_ratio = generated - ref_generated_logps.float()
+    x = beta * (real_ratio - generated_ratio)
+    loss = F.softplus(-x).sum() / normalizer  # softplus(-x) = -logsigmoid(x)
+    row_grad = -beta * torch.sigmoid(-x) / normalizer  # d loss / d real sum; the generated sum gets minus it
+
+    rewards_real = beta * real_ratio
+    rewards_generated = beta * generated_ratio
+    stats = torch.stack(
+        [
+            loss,
+            rewards_real.mean(),
+            rewards_generated.mean(),
+            rewards_real.mean() - rewards_generated.mean(),
+            (rewards_real > rewards_generated).float().mean(),
+            real.mean(),
+            generated.mean(),
+            torch.full((), float(real.shape[0]), device=real.device),
+        ]
+    )
+    return loss, stats, row_grad
+
+
+# ------------------------------------------------------------------------------- autograd Functions
+
+
+def _triton_module():  # lazy: losses.py must import where Triton is missing
+    from fabric_align.kernels import losses_triton
+
+    return losses_triton
+
+
+class _KTOLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx,
+        token_logps: torch.Tensor,
+        ref_logps: torch.Tensor,
+        labels: torch.Tensor,
+        kl: torch.Tensor,
+        beta: float,
+        desirable_weight: float,
+        undesirable_weight: float,
+        uses_kl: bool,
+        normalizer: float | torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.triton = use_triton(token_logps)
+        if ctx.triton:
+            loss, stats, row_grad = _triton_module().kto_forward(
+                token_logps,
+                ref_logps.contiguous(),
+                labels.contiguous(),
+                kl,
+                beta=beta,
+                desirable_weight=desirable_weight,
+                undesirable_weight=undesirable_weight,
+                use_kl=uses_kl,
+                normalizer=normalizer,
+            )
+        else:
+            loss, stats, row_grad = _kto_torch_forward(
+                token_logps,
+                ref_logps,
+                labels,
+                kl,
+                beta,
+                desirable_weight,
+                undesirable_weight,
+                uses_kl,
+                normalizer,
+            )
+        ctx.save_for_backward(row_grad)
+        ctx.token_shape = (token_logps.shape[1], token_logps.dtype)
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor, _grad_stats: torch.Tensor):
+        (row_grad,) = ctx.saved_tensors
+        grad = None
+        if ctx.needs_input_grad[0]:
+            length, dtype = ctx.token_shape
+            if ctx.triton:
+                (grad,) = _triton_module().broadcast_rows(row_grad, grad_loss, [(length, dtype, 1.0)])
+            else:
+                grad = (row_grad * grad_loss).to(dtype)[:, None].expand(-1, length)
+        return grad, None, None, None, None, None, None, None, None
+
+
+class _SPINLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx,
+        real_token_logps: torch.Tensor,
+        generated_token_logps: torch.Tensor,
+        ref_real_logps: torch.Tensor,
+        ref_generated_logps: torch.Tensor,
+        beta: float,
+        normalizer: float | torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.triton = use_triton(real_token_logps, generated_token_logps)
+        if ctx.triton:
+            loss, stats, row_grad = _triton_module().spin_forward(
+                real_token_logps,
+                generated_token_logps,
+                ref_real_logps.contiguous(),
+                ref_generated_logps.contiguous(),
+                beta=beta,
+                normalizer=normalizer,
+            )
+        else:
+            loss, stats, row_grad = _spin_torch_forward(
+                real_token_logps, generated_token_logps, ref_real_logps, ref_generated_logps, beta, normalizer
+            )
+        ctx.save_for_backward(row_grad)
+        ctx.token_shapes = (
+            (real_token_logps.shape[1], real_token_logps.dtype),
+            (generated_token_logps.shape[1], generated_token_logps.dtype),
+        )
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor, _grad_stats: torch.Tensor):
+        (row_grad,) = ctx.saved_tensors
+        # (index into the inputs, sign of d margin / d sequence sum)
+        wanted = [(i, sign) for i, sign in ((0, 1.0), (1, -1.0)) if ctx.needs_input_grad[i]]
+        grads: list[torch.Tensor | None] = [None, None]
+        if wanted:
+            if ctx.triton:
+                targets = [(*ctx.token_shapes[i], sign) for i, sign in wanted]
+                outs = _triton_module().broadcast_rows(row_grad, grad_loss, targets)
+                for (i, _), out in zip(wanted, outs, strict=True):
+                    grads[i] = out
+            else:
+                scaled = row_grad * grad_loss
+                for i, sign in wanted:
+                    length, dtype = ctx.token_shapes[i]
+                    grads[i] = (scaled if sign > 0 else -scaled).to(dtype)[:, None].expand(-1, length)
+        return grads[0], grads[1], None, None, None, None
+
+
+# ------------------------------------------------------------------------------------------ public API
+
+
+def kto_loss(
+    token_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    labels: torch.Tensor,
+    kl: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    loss_type: str = "kto",
+    normalizer: Normalizer = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Fused KTO loss; same contract as ``kto_loss_reference``.
+
+    token_logps [B, T] per-token policy log-probs (0 where masked), ref_logps [B] reference sequence
+    log-probs, labels [B] bool (True = desirable), kl 0-dim z0 (>= 0, no gradient).
+    loss = sum_i L_i / normalizer (None -> B). Gradient flows into token_logps only.
+    """
+    uses_kl = _uses_kl(loss_type)
+    _check_tokens("token_logps", token_logps)
+    batch = token_logps.shape[0]
+    _check_rows("ref_logps", ref_logps, batch)
+    _check_rows("labels", labels, batch)
+    device = token_logps.device
+    loss, stats = _KTOLoss.apply(
+        token_logps,
+        ref_logps.detach().to(device),
+        labels.detach().to(device=device, dtype=torch.bool),
+        _kl_tensor(kl, device),
+        float(beta),
+        float(desirable_weight),
+        float(undesirable_weight),
+        uses_kl,
+        _normalizer(normalizer, batch, device),
+    )
+    return loss, dict(zip(KTO_METRIC_KEYS, stats.unbind(0), strict=True))
+
+
+def spin_loss(
+    real_token_logps: torch.Tensor,
+    generated_token_logps: torch.Tensor,
+    ref_real_logps: torch.Tensor,
+    ref_generated_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    normalizer: Normalizer = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Fused SPIN loss; same contract as ``spin_loss_reference``.
+
+    real [B, T] and generated [B, T'] per-token policy log-probs (0 where masked; T != T' is fine),
+    ref_real / ref_generated [B] reference sequence log-probs.
+    loss = sum_i -logsigmoid(beta * margin_i) / normalizer (None -> B). Gradient flows into the token tensors.
+    """
+    _check_tokens("real_token_logps", real_token_logps)
+    batch = real_token_logps.shape[0]
+    _check_tokens("generated_token_logps", generated_token_logps, batch)
+    _check_rows("ref_real_logps", ref_real_logps, batch)
+    _check_rows("ref_generated_logps", ref_generated_logps, batch)
+    device = real_token_logps.device
+    loss, stats = _SPINLoss.apply(
+        real_token_logps,
+        generated_token_logps.to(device),
+        ref_real_logps.detach().to(device),
+        ref_generated_logps.detach().to(device),
+        float(beta),
+        _normalizer(normalizer, batch, device),
+    )
+    return loss, dict(zip(SPIN_METRIC_KEYS, stats.unbind(0), strict=True))

@@ -1,0 +1,69 @@
+"""Shared helpers: run the real entry scripts (in-process through their CLI, or as subprocesses) on the tiny model."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+# Small, fast settings for the tiny model; tests add what they check.
+FAST = ["--logger.backend=csv", "--data.max_length=96", "--train.warmup_steps=2"]
+
+
+def run_cli(setup: Any, args: list[str]) -> None:
+    """Parse ``args`` exactly as the command line would and run ``setup`` in this process."""
+    from jsonargparse import auto_cli
+
+    auto_cli(setup, args=args, as_positional=False)
+
+
+def run_script(script: str, args: list[str], *, launcher: list[str] | None = None, timeout: int = 300,
+               cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run an entry script in a fresh process (``python fabric_align/kto.py`` or ``fabric run ...``)."""
+    command = [*(launcher or [sys.executable]), str(REPO / "fabric_align" / script), *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
+                             f"{result.stderr[-8000:]}")
+    return result
+
+
+def fabric_cli() -> list[str]:
+    return [str(Path(sys.executable).parent / "fabric"), "run"]
+
+
+def read_metrics(out_dir: Path) -> list[dict[str, str]]:
+    with (out_dir / "logs" / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def column(rows: list[dict[str, str]], key: str) -> list[float]:
+    return [float(r[key]) for r in rows if r.get(key) not in (None, "")]
+
+
+def write_jsonl(path: Path, rows: list[Any]) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+@pytest.fixture(autouse=True)
+def _quiet_and_deterministic(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    monkeypatch.delenv("FABRIC_ALIGN_KERNELS", raising=False)

@@ -1,0 +1,144 @@
+"""SPEC section 7: every bad input is rejected with file, line and field, before any model is loaded, and
+nothing already in out_dir is lost."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from conftest import FAST, run_cli, write_jsonl
+
+from fabric_align import kto
+from fabric_align.data import DataError
+from fabric_align.trainer import ConfigError
+
+GOOD = [{"prompt": f"q{i}", "completion": f"a{i}", "label": i % 2 == 0} for i in range(16)]
+
+
+@pytest.fixture
+def guarded_out_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An out_dir holding an earlier run's files, and a model loader that must never be reached."""
+    out = tmp_path / "out"
+    (out / "step-000004").mkdir(parents=True)
+    (out / "step-000004" / "meta.json").write_text("{}")
+    (out / "cache").mkdir()
+    (out / "cache" / "kto-reference-x.pt").write_text("keep me")
+
+    def no_model(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a model was loaded despite bad input")
+
+    monkeypatch.setattr(kto, "load_model", no_model)
+    return out
+
+
+def assert_untouched(out: Path) -> None:
+    assert (out / "step-000004" / "meta.json").read_text() == "{}"
+    assert (out / "cache" / "kto-reference-x.pt").read_text() == "keep me"
+    assert sorted(p.name for p in out.iterdir()) == ["cache", "step-000004"]
+
+
+def rows_with(line: int, bad: object) -> list[object]:
+    rows: list[object] = list(GOOD)
+    rows[line - 1] = bad
+    return rows
+
+
+CASES = {
+    "malformed json": (rows_with(3, '{"prompt": "x", "completion": '), 3, "<json>", "malformed JSON"),
+    "missing label": (rows_with(2, {"prompt": "x", "completion": "y"}), 2, "label", "missing"),
+    "missing prompt": (rows_with(5, {"completion": "y", "label": True}), 5, "prompt", "missing"),
+    "mistyped prompt": (rows_with(4, {"prompt": 7, "completion": "y", "label": True}), 4, "prompt", "list of messages"),
+    "mistyped completion": (rows_with(4, {"prompt": "x", "completion": ["y"], "label": True}), 4, "completion",
+                            "expected a string"),
+    "empty completion": (rows_with(6, {"prompt": "x", "completion": "  ", "label": True}), 6, "completion", "empty"),
+    "empty chat completion": (rows_with(6, {"prompt": [{"role": "user", "content": "x"}],
+                                            "completion": [{"role": "assistant", "content": ""}], "label": True}),
+                              6, "completion", "empty"),
+    "unknown role": (rows_with(7, {"prompt": [{"role": "wizard", "content": "x"}], "completion": "y", "label": True}),
+                     7, "prompt[0].role", "unknown role"),
+    "label not boolean": (rows_with(8, {"prompt": "x", "completion": "y", "label": 1}), 8, "label", "true/false"),
+    "label odd string": (rows_with(8, {"prompt": "x", "completion": "y", "label": "good"}), 8, "label", "true/false"),
+    "nemo preference": (rows_with(9, {"prompt": "x", "response": "y", "preference": "maybe"}), 9, "preference",
+                        "chosen"),
+    "nemo empty response": (rows_with(9, {"prompt": "x", "response": "", "preference": "chosen"}), 9, "response",
+                            "empty"),
+    "row not an object": (rows_with(10, "[1, 2]"), 10, "<row>", "JSON object"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_training_rows(case: str, tmp_path: Path, guarded_out_dir: Path) -> None:
+    rows, line, field, problem = CASES[case]
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    with pytest.raises(DataError) as err:
+        run_cli(kto.setup, [*FAST, f"--data.train_path={path}", "--data.val_path=null",
+                            f"--out_dir={guarded_out_dir}", "--resume=auto"])
+    message = str(err.value)
+    assert message.startswith(f"{path}, line {line}, field '{field}'"), message
+    assert problem in message
+    assert_untouched(guarded_out_dir)
+
+
+def test_bad_validation_rows_named_too(tmp_path: Path, guarded_out_dir: Path) -> None:
+    train = write_jsonl(tmp_path / "train.jsonl", GOOD)
+    val = write_jsonl(tmp_path / "val.jsonl", GOOD[:3] + [{"prompt": "x", "completion": "y", "label": None}])
+    with pytest.raises(DataError, match=re.escape(f"{val}, line 4, field 'label': missing")):
+        run_cli(kto.setup, [*FAST, f"--data.train_path={train}", f"--data.val_path={val}",
+                            f"--out_dir={guarded_out_dir}", "--resume=auto"])
+    assert_untouched(guarded_out_dir)
+
+
+@pytest.mark.parametrize("label", [True, False])
+def test_one_sided_labels(label: bool, tmp_path: Path, guarded_out_dir: Path) -> None:
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}", "label": label} for i in range(16)]
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    kind = "desirable" if label else "undesirable"
+    with pytest.raises(DataError, match=rf"{re.escape(str(path))}, all 16 rows, field 'label': every example is {kind}"):
+        run_cli(kto.setup, [*FAST, f"--data.train_path={path}", "--data.val_path=null",
+                            f"--out_dir={guarded_out_dir}", "--resume=auto"])
+    assert_untouched(guarded_out_dir)
+
+
+def test_json_array_and_parquet_rows_are_named(tmp_path: Path, guarded_out_dir: Path) -> None:
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(GOOD[:5] + [{"prompt": "x", "completion": "y", "label": "yes"}]))
+    with pytest.raises(DataError, match=re.escape(f"{path}, row 5, field 'label'")):
+        run_cli(kto.setup, [*FAST, f"--data.train_path={path}", "--data.val_path=null",
+                            f"--out_dir={guarded_out_dir}", "--resume=auto"])
+
+
+def test_missing_file(tmp_path: Path, guarded_out_dir: Path) -> None:
+    with pytest.raises(DataError, match="nope.jsonl: file not found"):
+        run_cli(kto.setup, [*FAST, f"--data.train_path={tmp_path / 'nope.jsonl'}", f"--out_dir={guarded_out_dir}",
+                            "--resume=auto"])
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--kto.beta=0"], "kto.beta=0.0: must be positive"),
+    (["--kto.beta=-0.5"], "kto.beta=-0.5"),
+    (["--kto.desirable_weight=0"], "kto.desirable_weight=0.0"),
+    (["--train.global_batch_size=10", "--train.micro_batch_size=4"], "not divisible"),
+    (["--train.micro_batch_size=0"], "train.micro_batch_size=0"),
+    (["--train.lr=0"], "train.lr=0.0"),
+    (["--data.max_length=1"], "data.max_length=1"),
+    (["--precision=8-true"], "precision='8-true'"),
+    (["--train.global_batch_size=512"], "fewer than train.global_batch_size=512"),
+])
+def test_out_of_range_flags(flags: list[str], message: str, tmp_path: Path, guarded_out_dir: Path) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        run_cli(kto.setup, [*FAST, *flags, f"--out_dir={guarded_out_dir}", "--resume=auto"])
+    assert_untouched(guarded_out_dir)
+
+
+def test_fresh_run_refuses_an_out_dir_with_checkpoints(guarded_out_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="already holds step-000004"):
+        run_cli(kto.setup, [*FAST, f"--out_dir={guarded_out_dir}"])
+    assert_untouched(guarded_out_dir)
+
+
+def test_unknown_flag_is_rejected_by_the_cli(guarded_out_dir: Path) -> None:
+    with pytest.raises(SystemExit):
+        run_cli(kto.setup, [*FAST, "--kto.betta=0.2", f"--out_dir={guarded_out_dir}"])
+    assert_untouched(guarded_out_dir)

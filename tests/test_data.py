@@ -1,0 +1,123 @@
+"""Data plumbing: formats, masking, EOS, truncation, KL pairing and the step plan."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_jsonl
+
+from fabric_align.args import ModelArgs
+from fabric_align.data import IGNORE_INDEX, ChatRenderer, StepPlan, derangement, pad_sequences, shard_evenly
+from fabric_align.kto import load_split
+from fabric_align.modeling import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def renderer() -> ChatRenderer:
+    return ChatRenderer(load_tokenizer(ModelArgs()))
+
+
+def test_three_row_forms_give_the_same_tokens(tmp_path: Path, renderer: ChatRenderer) -> None:
+    rows = [
+        {"prompt": "Hi there", "completion": "Hello!", "label": True},
+        {"prompt": "Hi there", "response": "Hello!", "preference": "chosen"},
+        {"prompt": "Hi there", "completion": "Go away", "label": "rejected"},
+        {"prompt": [{"role": "user", "content": "Hi there"}],
+         "completion": [{"role": "assistant", "content": "Hello!"}], "label": False},
+    ]
+    data = load_split(str(write_jsonl(tmp_path / "d.jsonl", rows)), "train", renderer, 64, seed=0, train=True)
+    tok = renderer.tokenizer
+    assert data.labels.tolist() == [True, True, False, False]
+    # TRL plain and NeMo forms are the same example.
+    assert data.sequences[0] == data.sequences[1]
+    ids, prompt_len = data.sequences[0]
+    assert ids[:prompt_len] == tok("Hi there")["input_ids"]  # BOS + prompt bytes
+    assert ids[prompt_len:] == tok("Hello!", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    # Conversational: the chat template's generation prompt ends the prompt; the completion ends in one EOS.
+    conv_ids, conv_len = data.sequences[3]
+    prompt_text = tok.apply_chat_template([{"role": "user", "content": "Hi there"}], tokenize=False,
+                                          add_generation_prompt=True)
+    assert tok.decode(conv_ids[:conv_len]) == prompt_text
+    assert tok.decode(conv_ids[conv_len:]) == "Hello!" + tok.eos_token
+    assert conv_ids.count(tok.eos_token_id) == 2  # the user turn's and the answer's
+
+
+def test_eos_not_doubled_and_truncation_keeps_prompt(tmp_path: Path, renderer: ChatRenderer) -> None:
+    eos = renderer.tokenizer.eos_token
+    rows = [
+        {"prompt": "p" * 10, "completion": "already ends" + eos, "label": True},
+        {"prompt": "q" * 10, "completion": "c" * 100, "label": False},  # cut to fit
+        {"prompt": "r" * 40, "completion": "dropped", "label": False},  # prompt alone does not fit
+        {"prompt": "s", "completion": "t", "label": True},
+    ]
+    data = load_split(str(write_jsonl(tmp_path / "d.jsonl", rows)), "train", renderer, 32, seed=0, train=True)
+    assert len(data) == 3
+    first, first_len = data.sequences[0]
+    assert first[first_len:].count(renderer.tokenizer.eos_token_id) == 1
+    cut, cut_len = data.sequences[1]
+    assert len(cut) == 32 and cut_len == 11  # BOS + 10 prompt bytes kept whole
+    assert data.sequences[2][0][-1] == renderer.tokenizer.eos_token_id
+
+
+def test_kl_pairs_are_a_derangement_of_completions(tmp_path: Path, renderer: ChatRenderer) -> None:
+    rows = [{"prompt": f"prompt {i}", "completion": f"answer {i}", "label": i % 2 == 0} for i in range(9)]
+    data = load_split(str(write_jsonl(tmp_path / "d.jsonl", rows)), "train", renderer, 64, seed=3, train=True)
+    tok = renderer.tokenizer
+    partners = []
+    for (ids, n), (kl_ids, kl_n) in zip(data.sequences, data.kl_sequences, strict=True):
+        assert kl_ids[:kl_n] == ids[:n]  # same prompt x_i
+        completion = tok.decode(kl_ids[kl_n:-1])
+        partners.append(int(completion.split()[-1]))
+    assert sorted(partners) == list(range(9))
+    assert all(p != i for i, p in enumerate(partners))
+    assert derangement(9, 3) == derangement(9, 3) and derangement(9, 3) != derangement(9, 4)
+
+
+def test_padding_and_targets_mask_prompt_and_padding() -> None:
+    batch = pad_sequences([([1, 2, 3, 4, 5], 2), ([6, 7, 8], 1)], pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4], [6, 7, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    i = IGNORE_INDEX
+    assert batch["targets"].tolist() == [[i, 3, 4, 5], [7, 8, i, i]]
+
+
+@pytest.mark.parametrize(("world_size", "micro"), [(1, 2), (1, 8), (2, 4), (4, 1)])
+def test_step_plan_is_the_same_global_batch_for_any_split(world_size: int, micro: int) -> None:
+    plan = StepPlan(num_examples=37, global_batch_size=8, seed=5)
+    for step in (0, 3, 4, 9):  # 4 steps per epoch: 9 is in the third epoch
+        seen = [i for r in range(world_size) for mb in plan.micro_batches(step, r, world_size, micro) for i in mb]
+        assert seen == plan.global_indices(step)
+    epoch0 = [i for s in range(4) for i in plan.global_indices(s)]
+    assert len(set(epoch0)) == 32 and plan.global_indices(4) != plan.global_indices(0)
+
+
+def test_shard_evenly_covers_everything_once_with_equal_shares() -> None:
+    shares = [shard_evenly(11, r, 3, 2) for r in range(3)]
+    assert len({len(s) for s in shares}) == 1  # same number of forwards on every rank
+    flat = sorted(i for s in shares for mb in s for i in mb if i >= 0)
+    assert flat == list(range(11))
+
+
+def test_plain_strings_dataset_from_parquet_and_json(tmp_path: Path, renderer: ChatRenderer) -> None:
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": f"p{i}", "completion": f"c{i}", "label": bool(i % 2)} for i in range(4)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    a = load_split(str(tmp_path / "d.parquet"), "train", renderer, 64, seed=0, train=True)
+    b = load_split(str(tmp_path / "d.json"), "train", renderer, 64, seed=0, train=True)
+    assert a.sequences == b.sequences and torch.equal(a.labels, b.labels)
+
+
+def test_dataset_directory_through_datasets(tmp_path: Path, renderer: ChatRenderer) -> None:
+    import datasets
+
+    rows = [{"prompt": f"p{i}", "completion": f"c{i}", "label": bool(i % 2)} for i in range(4)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "ds"))
+    data = load_split(str(tmp_path / "ds"), "train", renderer, 64, seed=0, train=True)
+    assert len(data) == 4 and data.source.endswith("[train]")

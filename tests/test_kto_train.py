@@ -1,0 +1,160 @@
+"""The real KTO trainer on the tiny model: the default run, learning a rule, the export, the metrics."""
+
+from __future__ import annotations
+
+import logging
+import random
+import string
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAST, column, read_metrics, run_cli, write_jsonl
+
+from fabric_align import kto
+from fabric_align.args import KTOArgs, ModelArgs
+from fabric_align.data import pad_sequences
+from fabric_align.modeling import PolicyLogprobs, load_model, load_tokenizer
+
+SPEC_METRICS = ["loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
+                "logps/rejected", "count/chosen", "count/rejected"]
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded default exactly as `python fabric_align/kto.py` runs it (CSV logging only)."""
+    out = tmp_path_factory.mktemp("default") / "out"
+    run_cli(kto.setup, ["--logger.backend=csv", f"--out_dir={out}"])
+    return out
+
+
+def test_default_run_trains_and_its_margin_grows(default_run: Path) -> None:
+    rows = read_metrics(default_run)
+    val_margins = column(rows, "val/rewards/margins")
+    assert abs(val_margins[0]) < 1e-3  # policy == reference before the first step
+    assert val_margins[-1] > 1.0 and val_margins[-1] > val_margins[0]
+    train_margins = column(rows, "train/rewards/margins")
+    assert sum(train_margins[-10:]) / 10 > sum(train_margins[:5]) / 5 + 1.0
+    losses = column(rows, "train/loss")
+    assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:3]) / 3
+    for name in SPEC_METRICS:
+        assert column(rows, f"train/{name}") and column(rows, f"val/{name}"), name
+    for name in ("lr", "grad_norm", "tokens_per_sec", "step", "epoch"):
+        assert column(rows, f"train/{name}"), name
+    assert column(rows, "train/step") == list(range(1, 65))
+    assert column(rows, "train/epoch")[-1] == 4
+    assert min(column(rows, "train/tokens_per_sec")) > 0
+    lrs = column(rows, "train/lr")
+    assert lrs[0] < lrs[5] and lrs[-1] < lrs[10]  # warmup, then cosine decay
+    # z0 is clamped at zero and is what the loss used.
+    assert min(column(rows, "train/kl")) >= 0
+
+
+def test_default_run_writes_checkpoints_and_export(default_run: Path) -> None:
+    for step in (25, 50, 64):
+        assert (default_run / f"step-{step:06d}" / "meta.json").is_file()
+    assert not list(default_run.glob(".tmp-*"))
+    final = default_run / "final"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert (final / name).is_file(), name
+    assert list((default_run / "cache").glob("kto-reference-*.pt"))
+
+
+def sequence_logps_hf(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Independent path: the model's own logits, log_softmax, gather."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    targets = batch["targets"]
+    logp = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (logp * (targets != -100)).sum(-1)
+
+
+def test_export_loads_with_transformers_and_gives_the_trained_logps(default_run: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(ModelArgs())
+    data = kto.load_split("fabric-align/kto-demo-val", "test", kto.ChatRenderer(tokenizer), 256, 0, train=False)
+    batch = pad_sequences(data.sequences[:6], tokenizer.pad_token_id)
+
+    exported = AutoModelForCausalLM.from_pretrained(default_run / "final").eval()
+    # The trained weights as the trainer holds them: the last checkpoint, through our log-prob path.
+    state = torch.load(default_run / "step-000064" / "state", weights_only=False)
+    policy = PolicyLogprobs(load_model(ModelArgs(), dtype=torch.float32, seed=0)).eval()
+    policy.load_state_dict(state["model"])
+    initial = load_model(ModelArgs(), dtype=torch.float32, seed=42).eval()
+    with torch.no_grad():
+        from_export = sequence_logps_hf(exported, batch)
+        from_trainer = policy(batch["input_ids"], batch["attention_mask"], batch["targets"]).sum(-1).double()
+        from_init = sequence_logps_hf(initial, batch)
+    torch.testing.assert_close(from_export, from_trainer, rtol=1e-5, atol=1e-3)
+    assert (from_export - from_init).abs().max() > 1.0  # it is the trained model, not the initialization
+
+
+def case_rows(rng: random.Random, n: int) -> list[dict]:
+    """The rule: a lowercase answer is desirable, the same answer shouted in uppercase is not."""
+    rows = []
+    for _ in range(n):
+        words = ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 6))) for _ in range(3)]
+        answer = " ".join(rng.sample(words, 3))
+        desirable = rng.random() < 0.5
+        rows.append({"prompt": f"Say {' '.join(words)}:", "completion": answer if desirable else answer.upper(),
+                     "label": desirable})
+    return rows
+
+
+def test_learns_a_rule_on_held_out_data(tmp_path: Path) -> None:
+    train = write_jsonl(tmp_path / "train.jsonl", case_rows(random.Random(0), 128))
+    val = write_jsonl(tmp_path / "val.jsonl", case_rows(random.Random(1), 48))  # unseen words
+    out = tmp_path / "out"
+    run_cli(kto.setup, [*FAST, f"--data.train_path={train}", f"--data.val_path={val}", f"--out_dir={out}",
+                        "--train.global_batch_size=16", "--train.micro_batch_size=8", "--train.lr=3e-3",
+                        "--train.max_steps=40", "--train.eval_interval=10", "--train.save_interval=null"])
+    margins = column(read_metrics(out), "val/rewards/margins")
+    assert len(margins) == 5
+    assert margins[-1] > 0.5 and margins[-1] > margins[0] + 0.5
+
+
+def test_apo_zero_unpaired_trains_without_kl(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run_cli(kto.setup, [*FAST, f"--out_dir={out}", "--kto.loss_type=apo_zero_unpaired", "--train.max_steps=12",
+                        "--train.lr=3e-3", "--train.eval_interval=6", "--train.save_interval=null"])
+    rows = read_metrics(out)
+    assert set(column(rows, "train/kl")) == {0.0}
+    margins = column(rows, "val/rewards/margins")
+    assert margins[-1] > margins[0] + 0.5
+
+
+def test_lm_head_is_never_run_on_hidden_states(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every log-prob goes through fused_linear_logprob: the lm_head module itself (N x V logits) never runs."""
+    calls = {"lm_head": 0, "fused": 0}
+    real_load = kto.load_model
+
+    def load_with_hook(*args: object, **kwargs: object) -> torch.nn.Module:
+        model = real_load(*args, **kwargs)
+        model.get_output_embeddings().register_forward_hook(lambda *a: calls.__setitem__("lm_head", 1))
+        return model
+
+    import fabric_align.modeling as modeling
+
+    real_fused = modeling.fused_linear_logprob
+
+    def counting_fused(*args: object, **kwargs: object) -> torch.Tensor:
+        calls["fused"] += 1
+        return real_fused(*args, **kwargs)
+
+    monkeypatch.setattr(kto, "load_model", load_with_hook)
+    monkeypatch.setattr(modeling, "fused_linear_logprob", counting_fused)
+    run_cli(kto.setup, [*FAST, f"--out_dir={tmp_path / 'out'}", "--train.max_steps=2", "--train.save_interval=null"])
+    assert calls["lm_head"] == 0
+    assert calls["fused"] > 10  # reference pass, KL passes, training and validation
+
+
+def test_weight_ratio_warning_suggests_weights(caplog: pytest.LogCaptureFixture) -> None:
+    data = kto.KTOData("x", [], [], torch.tensor([True] * 30 + [False] * 10))
+    with caplog.at_level(logging.WARNING, logger="fabric_align"):
+        kto.warn_weight_ratio(data, KTOArgs())
+    assert "= 3.000 is outside [1, 4/3]" in caplog.text
+    assert "--kto.desirable_weight=0.389" in caplog.text  # 10/30 * 7/6
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fabric_align"):
+        kto.warn_weight_ratio(data, KTOArgs(desirable_weight=0.4))
+    assert caplog.text == ""

@@ -1,0 +1,381 @@
+"""fused_linear_logprob: values and gradients against an independent float64 computation.
+
+CPU: the torch path in fp32, and the Triton kernels under the Triton interpreter in fp32 (tiny tiles, odd
+shapes).
+GPU (``pytest -m gpu``): the compiled Triton kernels in fp32 and bf16, bf16 held to the naive bf16 op's error.
+"""
+
+import os
+
+import torch
+
+# The interpreter must be chosen before the Triton kernels are decorated (on their lazy import). On a CUDA
+# machine leave it off so the GPU tests exercise compiled kernels; the interpreter tests then skip.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fabric_align.kernels.logprob as logprob_mod  # noqa: E402
+import pytest  # noqa: E402
+from fabric_align.kernels import fused_linear_logprob, linear_logprob_reference  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+IGNORE = -100
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _ref64(h, w, t, b, temperature, ignore_index=IGNORE):
+    """Written out independently of the module: float64 logits, logsumexp, gather, mask."""
+    logits = h.double() @ w.double().T
+    if b is not None:
+        logits = logits + b.double()
+    logits = logits / temperature
+    valid = t != ignore_index
+    safe = torch.where(valid, t, torch.zeros_like(t))
+    target_logit = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return torch.where(
+        valid, target_logit - torch.logsumexp(logits, dim=-1), torch.zeros((), dtype=torch.float64)
+    )
+
+
+def _problem(n, h, v, *, ignore_frac=0.3, bias=False, w_scale=0.3, seed=0, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=gen, dtype=torch.float64)
+    weight = torch.randn(v, h, generator=gen, dtype=torch.float64) * w_scale
+    b = torch.randn(v, generator=gen, dtype=torch.float64) if bias else None
+    targets = torch.randint(0, v, (n,), generator=gen)
+    targets[torch.rand(n, generator=gen) < ignore_frac] = IGNORE
+    upstream = torch.randn(n, generator=gen, dtype=torch.float64)
+    to = lambda x: None if x is None else x.to(device)
+    return to(hidden), to(weight), to(b), to(targets), to(upstream)
+
+
+def _run(fn, hidden, weight, bias, targets, upstream, temperature, dtype, *, weight_grad=True, **kw):
+    """Forward + backward with upstream gradient; returns float64 (logp, d_hidden, d_weight, d_bias)."""
+    h = hidden.detach().to(dtype).requires_grad_()
+    w = weight.detach().to(dtype).requires_grad_(weight_grad)
+    b = None if bias is None else bias.detach().to(dtype).requires_grad_()
+    out = fn(h, w, targets, bias=b, temperature=temperature, **kw)
+    out.backward(upstream.to(out.dtype))
+    grads = [h.grad, w.grad, None if b is None else b.grad]
+    for x, g in zip((h, w, b), grads, strict=True):
+        if g is not None:
+            assert g.dtype == x.dtype
+    return [out.double()] + [None if g is None else g.double() for g in grads]
+
+
+def _assert_all_close(got, want, atol, rtol):
+    names = ("logp", "d_hidden", "d_weight", "d_bias")
+    for name, g, w in zip(names, got, want, strict=True):
+        if w is None:
+            assert g is None, name
+            continue
+        torch.testing.assert_close(g, w, atol=atol, rtol=rtol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+CASES = [
+    # (bias, temperature, w_scale): w_scale=5 gives logits ~ +-100, past exp() overflow without a max shift.
+    (False, 1.0, 0.3),
+    (True, 0.7, 0.3),
+    (True, 1.3, 5.0),
+]
+
+
+@pytest.fixture
+def torch_path(monkeypatch):
+    monkeypatch.setenv("FABRIC_ALIGN_KERNELS", "torch")
+
+
+@pytest.fixture
+def triton_interpreter(monkeypatch):
+    pytest.importorskip("triton")
+    if not INTERPRETING:
+        pytest.skip("Triton interpreter tests run on CPU-only machines (GPU machines run the gpu tests)")
+    monkeypatch.setenv("FABRIC_ALIGN_KERNELS", "triton")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reference and torch path (fp32, CPU)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_reference_matches_float64():
+    hidden, weight, bias, targets, upstream = _problem(23, 16, 37, bias=True)
+    want = _run(_ref64_fn, hidden, weight, bias, targets, upstream, 0.8, torch.float64)
+    got = _run(linear_logprob_reference, hidden, weight, bias, targets, upstream, 0.8, torch.float64)
+    # The reference log-softmaxes in fp32, like the kernels.
+    _assert_all_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _ref64_fn(h, w, t, *, bias=None, temperature=1.0, ignore_index=IGNORE):
+    return _ref64(h, w, t, bias, temperature, ignore_index)
+
+
+@pytest.mark.parametrize("bias,temperature,w_scale", CASES)
+@pytest.mark.parametrize("chunk_rows", [None, 5])  # default budget (one chunk) and many ragged chunks
+def test_torch_path_fp32(torch_path, monkeypatch, bias, temperature, w_scale, chunk_rows):
+    n, h, v = 37, 48, 131
+    if chunk_rows is not None:
+        monkeypatch.setattr(logprob_mod, "TORCH_CHUNK_ELEMENTS", chunk_rows * v)
+    hidden, weight, b, targets, upstream = _problem(n, h, v, bias=bias, w_scale=w_scale)
+    want = _run(_ref64_fn, hidden, weight, b, targets, upstream, temperature, torch.float64)
+    got = _run(fused_linear_logprob, hidden, weight, b, targets, upstream, temperature, torch.float32)
+    _assert_all_close(got, want, atol=5e-5, rtol=5e-5)
+    assert torch.all(got[0][targets == IGNORE] == 0)
+    assert torch.all(got[1][targets == IGNORE] == 0)
+
+
+def test_torch_path_leading_dims_and_sum_backward(torch_path, monkeypatch):
+    """[B, T, H] input, custom ignore_index and an expanded (stride-0) upstream gradient from .sum()."""
+    monkeypatch.setattr(logprob_mod, "TORCH_CHUNK_ELEMENTS", 3 * 29)
+    hidden, weight, _, targets, _ = _problem(2 * 9, 12, 29, ignore_frac=0.4)
+    targets = torch.where(targets == IGNORE, torch.full_like(targets, 7), targets)  # ignore_index=7 below
+    h = hidden.float().reshape(2, 9, 12).requires_grad_()
+    w = weight.float().requires_grad_()
+    out = fused_linear_logprob(h, w, targets.reshape(2, 9), ignore_index=7)
+    assert out.shape == (2, 9) and out.dtype == torch.float32
+    out.sum().backward()
+    h64 = hidden.clone().requires_grad_()
+    w64 = weight.clone().requires_grad_()
+    ref = _ref64(h64, w64, targets, None, 1.0, ignore_index=7)
+    ref.sum().backward()
+    torch.testing.assert_close(out.double().reshape(-1), ref, atol=5e-5, rtol=5e-5)
+    torch.testing.assert_close(h.grad.double().reshape(-1, 12), h64.grad, atol=5e-5, rtol=5e-5)
+    torch.testing.assert_close(w.grad.double(), w64.grad, atol=5e-5, rtol=5e-5)
+
+
+def test_torch_path_bf16_within_naive_error(torch_path, monkeypatch):
+    monkeypatch.setattr(logprob_mod, "TORCH_CHUNK_ELEMENTS", 4 * 257)
+    problem = _problem(41, 64, 257, bias=True)
+    want = _run(_ref64_fn, *problem, 0.9, torch.float64)
+    naive = _run(linear_logprob_reference, *problem, 0.9, torch.bfloat16)
+    got = _run(fused_linear_logprob, *problem, 0.9, torch.bfloat16)
+    _assert_within_naive_error(got, naive, want)
+
+
+def test_autocast_cpu_bf16(torch_path):
+    """Under autocast the lm_head runs in the autocast dtype; grads reach the fp32 masters in fp32."""
+    hidden, weight, _, targets, upstream = _problem(19, 32, 67)
+    h = hidden.float().requires_grad_()
+    w = weight.float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fused_linear_logprob(h, w, targets)
+    out.backward(upstream.float())
+    assert out.dtype == torch.float32 and h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    want = _run(_ref64_fn, hidden, weight, None, targets, upstream, 1.0, torch.float64)
+    naive = _run(linear_logprob_reference, hidden, weight, None, targets, upstream, 1.0, torch.bfloat16)
+    _assert_within_naive_error([out.double(), h.grad.double(), w.grad.double(), None], naive, want)
+
+
+def test_out_of_range_target_raises(torch_path):
+    hidden, weight, _, targets, _ = _problem(8, 8, 11, ignore_frac=0.0)
+    targets[3] = 11
+    with pytest.raises(IndexError):
+        fused_linear_logprob(hidden.float(), weight.float(), targets)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Edge cases on both paths
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["torch", "triton"])
+def any_path(request, monkeypatch):
+    if request.param == "triton":
+        pytest.importorskip("triton")
+        if not INTERPRETING:
+            pytest.skip("Triton on CPU tensors needs the interpreter")
+    monkeypatch.setenv("FABRIC_ALIGN_KERNELS", request.param)
+    return request.param
+
+
+def test_all_ignored(any_path):
+    hidden, weight, bias, targets, upstream = _problem(9, 16, 33, bias=True, ignore_frac=1.0)
+    got = _run(fused_linear_logprob, hidden, weight, bias, targets, upstream, 1.0, torch.float32)
+    assert torch.equal(got[0], torch.zeros(9, dtype=torch.float64))
+    for g in got[1:]:  # explicit zero grads (not None) so FSDP2 / optimizers see every parameter
+        assert g is not None and torch.count_nonzero(g) == 0
+
+
+def test_empty_batch(any_path):
+    w = torch.randn(17, 16, requires_grad=True)
+    h = torch.randn(0, 16, requires_grad=True)
+    out = fused_linear_logprob(h, w, torch.zeros(0, dtype=torch.long))
+    out.sum().backward()
+    assert out.shape == (0,) and h.grad.shape == (0, 16) and torch.count_nonzero(w.grad) == 0
+
+
+class _AllocRecorder(TorchDispatchMode):
+    """Records every ATen op, forward and backward, and the tensors it newly allocates (outputs whose storage
+    is not one of its inputs': views, in-place and out= ops allocate nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+        self.allocs: list[tuple[str, tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        self.ops.append(name)
+        inputs = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
+        seen = {a.untyped_storage().data_ptr() for a in inputs}
+        for o in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in seen:
+                self.allocs.append((name, tuple(o.shape)))
+        return out
+
+    def vocab_rows(self, vocab):
+        """Most rows of any newly allocated vocabulary-wide 2-D tensor."""
+        return max((s[0] for _, s in self.allocs if len(s) == 2 and s[1] == vocab), default=0)
+
+    def count(self, *names):
+        return sum(1 for name in self.ops if name in names)
+
+
+def test_torch_path_memory_is_one_chunk(torch_path, monkeypatch):
+    """No allocation holds more than one chunk of vocabulary-wide rows, so extra memory is O(chunk * V)."""
+    n, h, v, rows = 64, 8, 1000, 4
+    monkeypatch.setattr(logprob_mod, "TORCH_CHUNK_ELEMENTS", rows * v)
+    hidden, weight, bias, targets, upstream = _problem(n, h, v, bias=True, ignore_frac=0.5)
+    n_valid = int((targets != IGNORE).sum())
+    hh, ww, bb = (x.float().requires_grad_() for x in (hidden, weight, bias))
+
+    with _AllocRecorder() as fwd:
+        out = fused_linear_logprob(hh, ww, targets, bias=bb, temperature=0.8)
+    with _AllocRecorder() as bwd:
+        out.backward(upstream.float())
+    assert 0 < fwd.vocab_rows(v) <= rows and 0 < bwd.vocab_rows(v) <= rows
+    biggest = max(s[0] * s[1] for _, s in fwd.allocs + bwd.allocs if len(s) == 2)
+    assert biggest <= v * h  # the weight gradient itself; n * v = 8x larger
+    chunks = -(-n_valid // rows)
+    assert fwd.count("mm", "addmm") == chunks  # ignored rows are skipped: one GEMM per chunk of valid rows
+    assert bwd.count("mm", "addmm", "addmm_") == 3 * chunks  # recompute, dH, dW
+
+    # The detector is real: the naive op allocates N x V logits.
+    with _AllocRecorder() as naive:
+        linear_logprob_reference(hh, ww, targets, bias=bb).sum().backward()
+    assert naive.vocab_rows(v) == n
+
+
+def test_frozen_weight_skips_weight_grad(any_path, monkeypatch):
+    """LoRA with a frozen lm_head: no weight-shaped gradient is ever computed."""
+    n, h_dim, v = 29, 16, 61
+    monkeypatch.setattr(logprob_mod, "TORCH_CHUNK_ELEMENTS", 6 * v)
+    hidden, weight, _, targets, upstream = _problem(n, h_dim, v)
+    want = _run(_ref64_fn, hidden, weight, None, targets, upstream, 1.0, torch.float64, weight_grad=False)
+    h = hidden.float().requires_grad_()
+    w = weight.float()
+    out = fused_linear_logprob(h, w, targets)
+    with _AllocRecorder() as rec:
+        out.backward(upstream.float())
+    assert w.grad is None
+    assert not [s for _, s in rec.allocs if s == (v, h_dim)], "a weight-shaped gradient was allocated"
+    _assert_all_close([out.double(), h.grad.double(), None, None], want, atol=5e-5, rtol=5e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton kernels under the interpreter (fp32, CPU)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias,temperature,w_scale", CASES)
+@pytest.mark.parametrize(
+    "config",
+    [
+        # Several vocabulary spans per row block (partial LSE merge), ragged spans and ragged backward chunks.
+        {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_K": 16, "GROUP_N": 2, "SPLIT_COLS": 48, "CHUNK_COLS": 64},
+        # One span, one backward chunk, K not a multiple of BLOCK_K.
+        {"BLOCK_N": 32, "BLOCK_V": 16, "BLOCK_K": 32, "GROUP_N": 1, "SPLIT_COLS": 256, "CHUNK_COLS": 256},
+    ],
+    ids=["split", "whole"],
+)
+def test_triton_interpreter_fp32(triton_interpreter, bias, temperature, w_scale, config):
+    from fabric_align.kernels import logprob_triton
+
+    hidden, weight, b, targets, upstream = _problem(37, 48, 131, bias=bias, w_scale=w_scale)
+    want = _run(_ref64_fn, hidden, weight, b, targets, upstream, temperature, torch.float64)
+    with logprob_triton.override_config(**config):
+        got = _run(fused_linear_logprob, hidden, weight, b, targets, upstream, temperature, torch.float32)
+    _assert_all_close(got, want, atol=5e-5, rtol=5e-5)
+    assert torch.all(got[0][targets == IGNORE] == 0)
+
+
+def test_triton_interpreter_all_valid_rows(triton_interpreter):
+    """No ignored rows: the kernels read hidden in place (no compaction copy)."""
+    from fabric_align.kernels import logprob_triton
+
+    problem = _problem(21, 20, 45, ignore_frac=0.0, bias=True)
+    want = _run(_ref64_fn, *problem, 1.0, torch.float64)
+    with logprob_triton.override_config(SPLIT_COLS=32, CHUNK_COLS=32):
+        got = _run(fused_linear_logprob, *problem, 1.0, torch.float32)
+    _assert_all_close(got, want, atol=5e-5, rtol=5e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _assert_within_naive_error(got, naive, want):
+    """Each output's max error vs float64 may exceed the naive op's (same dtype) only by a small margin."""
+    for name, g, nv, w in zip(("logp", "d_hidden", "d_weight", "d_bias"), got, naive, want, strict=True):
+        if w is None:
+            continue
+        naive_err = (nv - w).abs().max().item()
+        err = (g - w).abs().max().item()
+        tol = 1.25 * naive_err + 2**-10 * w.abs().max().item()
+        assert err <= tol, f"{name}: max error {err:.3e} > {tol:.3e} (naive bf16 error {naive_err:.3e})"
+
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("path", ["triton", "torch"])
+@pytest.mark.parametrize("bias,temperature,w_scale", CASES)
+def test_gpu_fp32(monkeypatch, path, bias, temperature, w_scale):
+    monkeypatch.setenv("FABRIC_ALIGN_KERNELS", path)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    problem = _problem(333, 96, 1031, bias=bias, w_scale=w_scale, device="cuda")
+    want = _run(_ref64_fn, *problem, temperature, torch.float64)
+    got = _run(fused_linear_logprob, *problem, temperature, torch.float32)
+    _assert_all_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("path", ["triton", "torch"])
+@pytest.mark.parametrize("bias,temperature", [(False, 1.0), (True, 0.7)])
+@pytest.mark.parametrize("chunk_cols", [None, 4096])  # default (one backward chunk here) and 8 chunks
+def test_gpu_bf16_within_naive_error(monkeypatch, path, bias, temperature, chunk_cols):
+    monkeypatch.setenv("FABRIC_ALIGN_KERNELS", path)
+    problem = _problem(1029, 512, 32003, bias=bias, w_scale=0.05, device="cuda")
+    want = _run(_ref64_fn, *problem, temperature, torch.float64)
+    naive = _run(linear_logprob_reference, *problem, temperature, torch.bfloat16)
+    if path == "triton" and chunk_cols is not None:
+        from fabric_align.kernels import logprob_triton
+
+        with logprob_triton.override_config(CHUNK_COLS=chunk_cols):
+            got = _run(fused_linear_logprob, *problem, temperature, torch.bfloat16)
+    else:
+        got = _run(fused_linear_logprob, *problem, temperature, torch.bfloat16)
+    _assert_within_naive_error(got, naive, want)
+
+
+@gpu
+@needs_cuda
+def test_gpu_triton_tiny_tiles_odd_shapes(monkeypatch):
+    """The compiled kernels with the interpreter's tiny ragged tiles."""
+    from fabric_align.kernels import logprob_triton
+
+    monkeypatch.setenv("FABRIC_ALIGN_KERNELS", "triton")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    problem = _problem(37, 48, 131, bias=True, device="cuda")
+    want = _run(_ref64_fn, *problem, 0.7, torch.float64)
+    config = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_K": 16, "GROUP_N": 2, "SPLIT_COLS": 48, "CHUNK_COLS": 64}
+    with logprob_triton.override_config(**config):
+        got = _run(fused_linear_logprob, *problem, 0.7, torch.float32)
+    _assert_all_close(got, want, atol=1e-4, rtol=1e-4)

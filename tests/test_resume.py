@@ -1,0 +1,71 @@
+"""Checkpoints: a stopped and resumed run ends bit-identical to an uninterrupted one, and a checkpoint cut off
+mid-write is never picked by resume=auto."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAST, column, load_safetensors, read_metrics, run_cli
+
+from fabric_align import checkpoints, kto, trainer
+from fabric_align.checkpoints import checkpoint_dirs, find_resume_path
+
+ARGS = [*FAST, "--train.global_batch_size=8", "--train.micro_batch_size=4", "--train.max_steps=10",
+        "--train.save_interval=3", "--train.eval_interval=4", "--train.lr=2e-3"]
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_stop_and_resume_is_bit_identical(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_cli(kto.setup, [*ARGS, f"--out_dir={straight}"])
+
+    # The second run dies while writing its step-9 checkpoint: the model and optimizer shards are on disk, the
+    # RNG files and meta.json are not.
+    real_save = checkpoints.torch.save
+
+    def crash_in_step_9(obj: object, path: object, *args: object, **kwargs: object) -> None:
+        if ".tmp-step-000009" in str(path):
+            raise Crash("power cut")
+        real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints.torch, "save", crash_in_step_9)
+    with pytest.raises(Crash):
+        run_cli(kto.setup, [*ARGS, f"--out_dir={resumed}"])
+    monkeypatch.undo()
+    assert (resumed / ".tmp-step-000009" / "state").exists()
+    (resumed / "step-000008").mkdir()  # a stray, incomplete directory with a checkpoint's name
+    assert [s for s, _ in checkpoint_dirs(resumed)] == [3, 6]
+    assert find_resume_path(resumed, "auto") == resumed / "step-000006"
+
+    run_cli(kto.setup, [*ARGS, f"--out_dir={resumed}", "--resume=auto"])
+    a = load_safetensors(straight / "final" / "model.safetensors")
+    b = load_safetensors(resumed / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # The resumed run's log has each step once, with the same losses as the uninterrupted run.
+    rows_a, rows_b = read_metrics(straight), read_metrics(resumed)
+    assert column(rows_b, "train/step") == list(range(1, 11))
+    assert column(rows_a, "train/loss") == column(rows_b, "train/loss")
+    assert [s for s, _ in checkpoint_dirs(resumed)] == [3, 6, 9, 10]
+
+
+def test_resume_from_an_explicit_path_and_the_final_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    short = [a for a in ARGS if not a.startswith("--train.max_steps")] + ["--train.max_steps=4"]
+    run_cli(kto.setup, [*short, f"--out_dir={out}"])
+    before = load_safetensors(out / "final" / "model.safetensors")
+    # Resuming a finished run trains no further step and re-exports the same weights.
+    calls = []
+    monkeypatch.setattr(trainer, "lr_at", lambda *a: calls.append(a) or 1.0)
+    run_cli(kto.setup, [*short, f"--out_dir={out}", f"--resume={out / 'step-000004'}"])
+    assert calls == []
+    after = load_safetensors(out / "final" / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        run_cli(kto.setup, [*short, f"--out_dir={out}", f"--resume={out / 'logs'}"])
