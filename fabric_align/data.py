@@ -131,8 +131,15 @@ def require_text(row: Row, value: Any, field: str, *, allow_empty: bool) -> str:
     return value
 
 
-def require_messages(row: Row, value: Any, field: str, *, key_role: str = "role", key_content: str = "content",
-                     role_map: dict[str, str] | None = None) -> Messages:
+def require_messages(
+    row: Row,
+    value: Any,
+    field: str,
+    *,
+    key_role: str = "role",
+    key_content: str = "content",
+    role_map: dict[str, str] | None = None,
+) -> Messages:
     """A list of chat messages with known roles and string contents (``field[i].role`` in errors)."""
     if not isinstance(value, list):
         raise row.error(field, f"expected a string or a list of messages, got {type(value).__name__}")
@@ -172,8 +179,11 @@ class ChatRenderer:
 
     def check_chat(self, row: Row, field: str) -> None:
         if not self.has_template():
-            raise row.error(field, f"conversational data needs a chat template, and the tokenizer "
-                                   f"{self.tokenizer.name_or_path!r} has none")
+            raise row.error(
+                field,
+                f"conversational data needs a chat template, and the tokenizer "
+                f"{self.tokenizer.name_or_path!r} has none",
+            )
 
     def encode(self, prompt: str | Messages, completion: str | Messages) -> Encoded:
         tok = self.tokenizer
@@ -182,13 +192,14 @@ class ChatRenderer:
             prompt_ids = tok(prompt, add_special_tokens=True)["input_ids"]
             completion_text = completion if isinstance(completion, str) else "".join(m["content"] for m in completion)
         else:
-            completion_msgs = completion if isinstance(completion, list) else [
-                {"role": "assistant", "content": completion}]
+            completion_msgs = (
+                completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+            )
             prompt_text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
             full_text = tok.apply_chat_template(prompt + completion_msgs, tokenize=False)
             prompt_ids = tok(prompt_text, add_special_tokens=False)["input_ids"]
             if full_text.startswith(prompt_text):
-                completion_text = full_text[len(prompt_text):]
+                completion_text = full_text[len(prompt_text) :]
             else:  # templates that rewrite earlier turns: fall back to the raw contents
                 completion_text = "".join(m["content"] for m in completion_msgs)
         completion_ids = tok(completion_text, add_special_tokens=False)["input_ids"]

@@ -51,6 +51,7 @@ from fabric_align.trainer import (
     make_fabric,
     param_dtype,
     resolve_launch,
+    run_cli,
     score_sequences,
     setup_policy,
 )
@@ -69,7 +70,7 @@ def parse_row(row: Row) -> tuple[str | list, str | list, bool]:
         completion = require_text(row, require_field(row, obj, "response"), "response", allow_empty=False)
         preference = require_field(row, obj, "preference")
         if preference not in ("chosen", "rejected"):
-            raise row.error("preference", f"expected \"chosen\" or \"rejected\", got {preference!r}")
+            raise row.error("preference", f'expected "chosen" or "rejected", got {preference!r}')
         return prompt, completion, preference == "chosen"
     prompt = require_field(row, obj, "prompt")
     completion = require_field(row, obj, "completion")
@@ -88,7 +89,7 @@ def parse_row(row: Row) -> tuple[str | list, str | list, bool]:
         return prompt, completion, label
     if label in ("chosen", "rejected"):
         return prompt, completion, label == "chosen"
-    raise row.error("label", f"expected true/false (or \"chosen\"/\"rejected\"), got {label!r}")
+    raise row.error("label", f'expected true/false (or "chosen"/"rejected"), got {label!r}')
 
 
 @dataclass
@@ -114,8 +115,10 @@ def load_split(path: str, split: str, renderer: ChatRenderer, max_length: int, s
     labels = [label for _, _, label in parsed]
     if train and (all(labels) or not any(labels)):
         kind = "desirable" if all(labels) else "undesirable"
-        raise DataError(f"{rows[0].source}, all {len(rows)} rows, field 'label': every example is {kind}; KTO needs "
-                        "both desirable and undesirable examples")
+        raise DataError(
+            f"{rows[0].source}, all {len(rows)} rows, field 'label': every example is {kind}; KTO needs "
+            "both desirable and undesirable examples"
+        )
     encoded, kept = [], []
     for row, (prompt, completion, label) in zip(rows, parsed, strict=True):
         if not isinstance(prompt, str):
@@ -127,8 +130,13 @@ def load_split(path: str, split: str, renderer: ChatRenderer, max_length: int, s
             kept.append(label)
     dropped = len(rows) - len(encoded)
     if dropped:
-        log.warning("%s: dropped %d of %d rows whose prompt alone does not fit data.max_length=%d",
-                    rows[0].source, dropped, len(rows), max_length)
+        log.warning(
+            "%s: dropped %d of %d rows whose prompt alone does not fit data.max_length=%d",
+            rows[0].source,
+            dropped,
+            len(rows),
+            max_length,
+        )
     if len(encoded) < 2:
         raise DataError(f"{rows[0].source}: {len(encoded)} usable rows after dropping over-long prompts; need 2")
     pairing = derangement(len(encoded), seed)
@@ -147,24 +155,47 @@ def warn_weight_ratio(data: KTOData, args: KTOArgs) -> None:
     ratio = args.desirable_weight * n_d / (args.undesirable_weight * n_u)
     if not 1.0 <= ratio <= 4 / 3:
         low = args.undesirable_weight * n_u / n_d
-        log.warning("kto: desirable_weight * n_desirable / (undesirable_weight * n_undesirable) = %.3f * %d / "
-                    "(%.3f * %d) = %.3f is outside [1, 4/3]; e.g. --kto.desirable_weight=%.3g (any value in "
-                    "[%.3g, %.3g] with undesirable_weight=%.3g)", args.desirable_weight, n_d,
-                    args.undesirable_weight, n_u, ratio, low * 7 / 6, low, low * 4 / 3, args.undesirable_weight)
+        log.warning(
+            "kto: desirable_weight * n_desirable / (undesirable_weight * n_undesirable) = %.3f * %d / "
+            "(%.3f * %d) = %.3f is outside [1, 4/3]; e.g. --kto.desirable_weight=%.3g (any value in "
+            "[%.3g, %.3g] with undesirable_weight=%.3g)",
+            args.desirable_weight,
+            n_d,
+            args.undesirable_weight,
+            n_u,
+            ratio,
+            low * 7 / 6,
+            low,
+            low * 4 / 3,
+            args.undesirable_weight,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- algorithm
 class KTO:
     """The KTO step for the shared loop: z0 per optimizer step, then the loss per micro-batch."""
 
-    metric_spec = MetricSpec({
-        "loss": "_examples", "kl": "_one",
-        "rewards/chosen": "count/chosen", "logps/chosen": "count/chosen",
-        "rewards/rejected": "count/rejected", "logps/rejected": "count/rejected",
-    })
+    metric_spec = MetricSpec(
+        {
+            "loss": "_examples",
+            "kl": "_one",
+            "rewards/chosen": "count/chosen",
+            "logps/chosen": "count/chosen",
+            "rewards/rejected": "count/rejected",
+            "logps/rejected": "count/rejected",
+        }
+    )
 
-    def __init__(self, fabric: Any, policy: PolicyLogprobs, args: KTOArgs, train: KTOData, val: KTOData | None,
-                 pad_id: int, micro_batch_size: int) -> None:
+    def __init__(
+        self,
+        fabric: Any,
+        policy: PolicyLogprobs,
+        args: KTOArgs,
+        train: KTOData,
+        val: KTOData | None,
+        pad_id: int,
+        micro_batch_size: int,
+    ) -> None:
         self.fabric, self.policy, self.args = fabric, policy, args
         self.train, self.val = train, val
         self.pad_id, self.micro_batch_size = pad_id, micro_batch_size
@@ -203,10 +234,17 @@ class KTO:
     def loss(self, data: KTOData, indices: list[int], z0: torch.Tensor, normalizer: float) -> tuple[torch.Tensor, dict]:
         token_logps, tokens = self._logps(data.sequences, indices)
         device = token_logps.device
-        loss, metrics = kto_loss(token_logps, data.ref_logps[indices].to(device), data.labels[indices].to(device),
-                                 z0, beta=self.args.beta, desirable_weight=self.args.desirable_weight,
-                                 undesirable_weight=self.args.undesirable_weight, loss_type=self.args.loss_type,
-                                 normalizer=normalizer)
+        loss, metrics = kto_loss(
+            token_logps,
+            data.ref_logps[indices].to(device),
+            data.labels[indices].to(device),
+            z0,
+            beta=self.args.beta,
+            desirable_weight=self.args.desirable_weight,
+            undesirable_weight=self.args.undesirable_weight,
+            loss_type=self.args.loss_type,
+            normalizer=normalizer,
+        )
         metrics = dict(metrics)
         metrics["loss"] = loss.detach() * normalizer / len(indices)  # per-example mean, weighted by _examples
         metrics["_examples"] = torch.tensor(float(len(indices)))
@@ -228,8 +266,9 @@ class KTO:
         parts = []
         for indices in shares:
             real = [i for i in indices if i >= 0]
-            _, metrics = self.loss(self.val, [i if i >= 0 else 0 for i in indices] if not real else real, z0,
-                                   float(max(len(real), 1)))
+            _, metrics = self.loss(
+                self.val, [i if i >= 0 else 0 for i in indices] if not real else real, z0, float(max(len(real), 1))
+            )
             if not real:  # padding-only share: ran the forwards, contributes nothing
                 metrics = {k: torch.zeros(()) for k in metrics}
             parts.append(metrics)
@@ -247,8 +286,9 @@ class KTO:
 def setup(
     model: ModelArgs = ModelArgs(),
     data: DataArgs = DataArgs(),
-    train: TrainArgs = TrainArgs(global_batch_size=16, micro_batch_size=8, lr=3e-3, warmup_steps=5, epochs=4,
-                                 eval_interval=10, save_interval=25),
+    train: TrainArgs = TrainArgs(
+        global_batch_size=16, micro_batch_size=8, lr=3e-3, warmup_steps=5, epochs=4, eval_interval=10, save_interval=25
+    ),
     kto: KTOArgs = KTOArgs(),
     logger: LoggerArgs = LoggerArgs(),
     out_dir: Path = Path("out/kto"),
@@ -282,8 +322,10 @@ def setup(
     if kto.beta <= 0:
         raise ConfigError(f"kto.beta={kto.beta}: must be positive")
     if kto.desirable_weight <= 0 or kto.undesirable_weight <= 0:
-        raise ConfigError(f"kto.desirable_weight={kto.desirable_weight}, kto.undesirable_weight="
-                          f"{kto.undesirable_weight}: must be positive")
+        raise ConfigError(
+            f"kto.desirable_weight={kto.desirable_weight}, kto.undesirable_weight="
+            f"{kto.undesirable_weight}: must be positive"
+        )
     if data.max_length < 2:
         raise ConfigError(f"data.max_length={data.max_length}: must be at least 2")
     launch = resolve_launch(devices, num_nodes, precision, strategy)
@@ -291,25 +333,66 @@ def setup(
     tokenizer = load_tokenizer(model)
     renderer = ChatRenderer(tokenizer)
     train_data = load_split(data.train_path, data.train_split, renderer, data.max_length, seed, train=True)
-    val_data = (load_split(data.val_path, data.val_split, renderer, data.max_length, seed + 1, train=False)
-                if data.val_path else None)
+    val_data = (
+        load_split(data.val_path, data.val_split, renderer, data.max_length, seed + 1, train=False)
+        if data.val_path
+        else None
+    )
     if len(train_data) < train.global_batch_size:
-        raise ConfigError(f"{train_data.source}: {len(train_data)} examples, fewer than train.global_batch_size="
-                          f"{train.global_batch_size}")
+        raise ConfigError(
+            f"{train_data.source}: {len(train_data)} examples, fewer than train.global_batch_size="
+            f"{train.global_batch_size}"
+        )
     resume_path = find_resume_path(out_dir, resume)
     if resume_path is None:
         check_out_dir(out_dir, resume)
     warn_weight_ratio(train_data, kto)
-    config = hparams(model=model, data=data, train=train, kto=kto, logger=logger, out_dir=out_dir, seed=seed,
-                     devices=devices, num_nodes=num_nodes, precision=launch["precision"], strategy=strategy)
+    config = hparams(
+        model=model,
+        data=data,
+        train=train,
+        kto=kto,
+        logger=logger,
+        out_dir=out_dir,
+        seed=seed,
+        devices=devices,
+        num_nodes=num_nodes,
+        precision=launch["precision"],
+        strategy=strategy,
+    )
     fabric = make_fabric(launch)
-    main(fabric, model, train, kto, logger, out_dir, seed, launch["precision"], tokenizer, train_data, val_data,
-         resume_path, config)
+    main(
+        fabric,
+        model,
+        train,
+        kto,
+        logger,
+        out_dir,
+        seed,
+        launch["precision"],
+        tokenizer,
+        train_data,
+        val_data,
+        resume_path,
+        config,
+    )
 
 
-def main(fabric: Any, model_args: ModelArgs, train: TrainArgs, kto: KTOArgs, logger_args: LoggerArgs, out_dir: Path,
-         seed: int, precision: str, tokenizer: Any, train_data: KTOData, val_data: KTOData | None,
-         resume_path: Path | None, config: dict[str, Any]) -> None:
+def main(
+    fabric: Any,
+    model_args: ModelArgs,
+    train: TrainArgs,
+    kto: KTOArgs,
+    logger_args: LoggerArgs,
+    out_dir: Path,
+    seed: int,
+    precision: str,
+    tokenizer: Any,
+    train_data: KTOData,
+    val_data: KTOData | None,
+    resume_path: Path | None,
+    config: dict[str, Any],
+) -> None:
     fabric.seed_everything(seed)
     if fabric.is_global_zero:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -320,8 +403,18 @@ def main(fabric: Any, model_args: ModelArgs, train: TrainArgs, kto: KTOArgs, log
     fabric.print(f"model: {total:,} parameters, {trainable:,} trainable; {len(train_data)} training examples")
 
     # Reference log-probs before any update (and before loading a checkpoint): no reference model is kept.
-    reference_logps(fabric, policy, model_args, precision, seed, train_data, val_data, tokenizer.pad_token_id,
-                    train.micro_batch_size, out_dir)
+    reference_logps(
+        fabric,
+        policy,
+        model_args,
+        precision,
+        seed,
+        train_data,
+        val_data,
+        tokenizer.pad_token_id,
+        train.micro_batch_size,
+        out_dir,
+    )
 
     plan = StepPlan(len(train_data), train.global_batch_size, seed)
     total_steps = train.max_steps or train.epochs * plan.steps_per_epoch
@@ -332,22 +425,34 @@ def main(fabric: Any, model_args: ModelArgs, train: TrainArgs, kto: KTOArgs, log
     logger = MetricLogger(logger_args, out_dir, is_global_zero=fabric.is_global_zero, config=config)
     logger.resumed_at(state["step"])
     recipe = KTO(fabric, policy, kto, train_data, val_data, tokenizer.pad_token_id, train.micro_batch_size)
-    run = Run(fabric, policy, optimizer, train, out_dir, logger, state, total_steps,
-              meta={"method": "kto", "config": config})
+    run = Run(
+        fabric, policy, optimizer, train, out_dir, logger, state, total_steps, meta={"method": "kto", "config": config}
+    )
     fit(run, recipe, plan, end_step=total_steps)
     log_validation(run, recipe, state["step"])
     if train.save_interval and not (out_dir / f"step-{state['step']:06d}").exists():
         save_checkpoint(fabric, out_dir, state, run.meta)
     from fabric_align.checkpoints import export_hf
 
-    final = export_hf(fabric, policy, tokenizer, out_dir,
-                      merge_lora=bool(model_args.lora and model_args.lora.merge_on_export))
+    final = export_hf(
+        fabric, policy, tokenizer, out_dir, merge_lora=bool(model_args.lora and model_args.lora.merge_on_export)
+    )
     fabric.print(f"exported {final}")
     logger.finish()
 
 
-def reference_logps(fabric: Any, policy: PolicyLogprobs, model_args: ModelArgs, precision: str, seed: int,
-                    train: KTOData, val: KTOData | None, pad_id: int, batch_size: int, out_dir: Path) -> None:
+def reference_logps(
+    fabric: Any,
+    policy: PolicyLogprobs,
+    model_args: ModelArgs,
+    precision: str,
+    seed: int,
+    train: KTOData,
+    val: KTOData | None,
+    pad_id: int,
+    batch_size: int,
+    out_dir: Path,
+) -> None:
     """Fill ``ref_logps`` / ``ref_kl_logps`` of both splits from the cache, or compute them in one no-grad pass."""
     splits = [train] + ([val] if val is not None else [])
     sequences = [s for d in splits for s in d.sequences + d.kl_sequences]
@@ -357,8 +462,9 @@ def reference_logps(fabric: Any, policy: PolicyLogprobs, model_args: ModelArgs, 
         logps = torch.load(cache)
         fabric.print(f"reference log-probs from {cache}")
     else:
-        logps = score_sequences(fabric, policy, sequences, pad_id=pad_id, batch_size=batch_size,
-                                desc="reference log-probs", reference=True)
+        logps = score_sequences(
+            fabric, policy, sequences, pad_id=pad_id, batch_size=batch_size, desc="reference log-probs", reference=True
+        )
         if fabric.is_global_zero:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(".tmp")
@@ -372,10 +478,8 @@ def reference_logps(fabric: Any, policy: PolicyLogprobs, model_args: ModelArgs, 
         offset += 2 * n
 
 
-def cli() -> None:
-    from jsonargparse import auto_cli
-
-    auto_cli(setup, as_positional=False)
+def cli(args: list[str] | None = None) -> None:
+    run_cli(setup, args)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import netrc
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -88,11 +89,18 @@ class MetricLogger:
             # A stable id in out_dir makes a resumed run continue the same W&B run.
             id_file = out_dir / "logs" / "wandb_id.txt"
             id_file.parent.mkdir(parents=True, exist_ok=True)
-            run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
             id_file.write_text(run_id)
             self.wandb_run = wandb.init(
-                project=args.project, entity=args.entity, name=args.run_name or out_dir.name, tags=args.tags,
-                config=config, dir=str(out_dir / "logs"), id=run_id, resume="allow", mode=wandb_mode(),
+                project=args.project,
+                entity=args.entity,
+                name=args.run_name or out_dir.name,
+                tags=args.tags,
+                config=config,
+                dir=str(out_dir / "logs"),
+                id=run_id,
+                resume="allow",
+                mode=wandb_mode(),
             )
 
     def log(self, metrics: dict[str, Any], step: int) -> None:

@@ -21,8 +21,12 @@ from fabric_align.kernels import fused_linear_logprob
 log = logging.getLogger(__name__)
 
 EMBEDDED_MODEL_DIR = Path(__file__).parent / "assets" / "tiny-llama"
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -42,8 +46,9 @@ def is_random_init(args: ModelArgs) -> bool:
 def load_tokenizer(args: ModelArgs) -> Any:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(args.name_or_path), revision=args.revision,
-                                              trust_remote_code=args.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_model_path(args.name_or_path), revision=args.revision, trust_remote_code=args.trust_remote_code
+    )
     if tokenizer.pad_token_id is None:
         # Padding positions are masked everywhere, so any id works; EOS is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token
@@ -60,8 +65,13 @@ def model_fingerprint(args: ModelArgs, seed: int) -> dict[str, Any]:
             if file.suffix in (".safetensors", ".bin", ".json") and file.is_file():
                 stat = file.stat()
                 files[file.name] = [stat.st_size, int(stat.st_mtime)]
-    return {"model": str(path), "revision": args.revision, "quantize": args.quantize, "files": files,
-            "seed": seed if is_random_init(args) else None}
+    return {
+        "model": str(path),
+        "revision": args.revision,
+        "quantize": args.quantize,
+        "files": files,
+        "seed": seed if is_random_init(args) else None,
+    }
 
 
 def load_model(args: ModelArgs, *, dtype: torch.dtype, seed: int) -> nn.Module:
@@ -85,7 +95,9 @@ def load_model(args: ModelArgs, *, dtype: torch.dtype, seed: int) -> nn.Module:
             from transformers import BitsAndBytesConfig
 
             kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.float32,
                 bnb_4bit_quant_storage=dtype,
             )
@@ -106,8 +118,10 @@ def check_supported(model: nn.Module) -> None:
     for name in ("final_logit_softcapping", "logit_scale"):
         if getattr(config, name, None) not in (None, 1.0):
             # The fused log-prob computes log_softmax(h @ W.T / temperature) only.
-            raise ValueError(f"{type(model).__name__} post-processes its logits ({name}={getattr(config, name)}), "
-                             "which the fused log-prob kernel does not support")
+            raise ValueError(
+                f"{type(model).__name__} post-processes its logits ({name}={getattr(config, name)}), "
+                "which the fused log-prob kernel does not support"
+            )
 
 
 def add_lora(model: nn.Module, args: LoRAArgs, *, quantized: bool) -> nn.Module:
@@ -118,8 +132,9 @@ def add_lora(model: nn.Module, args: LoRAArgs, *, quantized: bool) -> nn.Module:
     targets = args.target_modules
     if targets != "all-linear" and any("lm_head" in t for t in targets):
         raise ValueError("model.lora.target_modules must not include the lm_head: log-probs read its weight directly")
-    config = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=targets,
-                        task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=targets, task_type="CAUSAL_LM"
+    )
     return get_peft_model(model, config)
 
 
@@ -139,14 +154,20 @@ class PolicyLogprobs(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor,
-                temperature: float = 1.0) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+    ) -> torch.Tensor:
         lm = hf_model(self.model)
         decoder = lm.get_decoder()
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         head = lm.get_output_embeddings()
-        logps = fused_linear_logprob(hidden.reshape(-1, hidden.shape[-1]), head.weight, targets.reshape(-1),
-                                     bias=head.bias, temperature=temperature)
+        logps = fused_linear_logprob(
+            hidden.reshape(-1, hidden.shape[-1]),
+            head.weight,
+            targets.reshape(-1),
+            bias=head.bias,
+            temperature=temperature,
+        )
         return logps.view_as(targets)
 
     @contextlib.contextmanager
@@ -166,8 +187,10 @@ def decoder_layer_classes(model: nn.Module) -> tuple[type, ...]:
     names = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or ())}
     classes = {type(m) for m in model.modules() if type(m).__name__ in names}
     if not classes:
-        raise ValueError(f"{type(model).__name__}: no decoder layer class found (_no_split_modules={sorted(names)}); "
-                         "cannot shard per layer")
+        raise ValueError(
+            f"{type(model).__name__}: no decoder layer class found (_no_split_modules={sorted(names)}); "
+            "cannot shard per layer"
+        )
     return tuple(classes)
 
 

@@ -64,14 +64,20 @@ def resolve_launch(devices: int | str, num_nodes: int, precision: str | None, st
     if strategy == "fsdp":
         from lightning.fabric.strategies import ModelParallelStrategy
 
-        strategy_obj: Any = ModelParallelStrategy(parallelize_fn=fsdp2_parallelize, data_parallel_size=world_size,
-                                                  tensor_parallel_size=1)
+        strategy_obj: Any = ModelParallelStrategy(
+            parallelize_fn=fsdp2_parallelize, data_parallel_size=world_size, tensor_parallel_size=1
+        )
     elif strategy == "ddp":
         strategy_obj = "ddp"
     else:
         strategy_obj = "auto"
-    settings = {"accelerator": accelerator, "devices": num_devices, "num_nodes": num_nodes,
-                "precision": precision, "strategy": strategy_obj}
+    settings = {
+        "accelerator": accelerator,
+        "devices": num_devices,
+        "num_nodes": num_nodes,
+        "precision": precision,
+        "strategy": strategy_obj,
+    }
     if under_cli:  # Fabric reads these from LT_*; passing its defaults avoids the conflict check
         settings.update(accelerator="auto", devices="auto", num_nodes=1, precision=None)
     return {"fabric": settings, "precision": precision, "world_size": world_size, "strategy": strategy}
@@ -121,7 +127,8 @@ def check_batch_sizes(args: TrainArgs, world_size: int) -> int:
     if args.global_batch_size % per_step:
         raise ConfigError(
             f"train.global_batch_size={args.global_batch_size} is not divisible by train.micro_batch_size="
-            f"{args.micro_batch_size} x {world_size} rank(s) = {per_step}")
+            f"{args.micro_batch_size} x {world_size} rank(s) = {per_step}"
+        )
     return args.global_batch_size // per_step
 
 
@@ -131,8 +138,10 @@ def check_out_dir(out_dir: Path, resume: Any) -> None:
         return
     taken = sorted(p.name for p in out_dir.glob("step-*")) + (["final"] if (out_dir / "final").exists() else [])
     if taken:
-        raise ConfigError(f"out_dir={out_dir} already holds {', '.join(taken[:3])}: pass resume=auto to continue "
-                          "that run, or choose another out_dir")
+        raise ConfigError(
+            f"out_dir={out_dir} already holds {', '.join(taken[:3])}: pass resume=auto to continue "
+            "that run, or choose another out_dir"
+        )
 
 
 def make_optimizer(name: str, params: list[nn.Parameter], args: TrainArgs) -> torch.optim.Optimizer:
@@ -142,8 +151,11 @@ def make_optimizer(name: str, params: list[nn.Parameter], args: TrainArgs) -> to
         return torch.optim.AdamW(params, fused=fused or None, **kwargs)
     import bitsandbytes as bnb
 
-    classes = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
-               "paged_adamw8bit": bnb.optim.PagedAdamW8bit}
+    classes = {
+        "adamw8bit": bnb.optim.AdamW8bit,
+        "paged_adamw": bnb.optim.PagedAdamW,
+        "paged_adamw8bit": bnb.optim.PagedAdamW8bit,
+    }
     return classes[name](params, **kwargs)
 
 
@@ -183,14 +195,23 @@ def reduce_metrics(fabric: Fabric, parts: list[dict[str, torch.Tensor]], spec: M
     for i, key in enumerate(keys):
         if key.startswith("_"):
             continue
-        out[key] = float(totals[2 * i]) if key not in spec else float(totals[2 * i] / totals[2 * i + 1].clamp(min=1e-12))
+        total, weight = float(totals[2 * i]), float(totals[2 * i + 1])
+        out[key] = total if key not in spec else total / max(weight, 1e-12)
     return out
 
 
 # ---------------------------------------------------------------------------------------------- scoring passes
 @torch.no_grad()
-def score_sequences(fabric: Fabric, policy: nn.Module, sequences: Sequence[tuple[list[int], int]], *, pad_id: int,
-                    batch_size: int, desc: str, reference: bool = False) -> torch.Tensor:
+def score_sequences(
+    fabric: Fabric,
+    policy: nn.Module,
+    sequences: Sequence[tuple[list[int], int]],
+    *,
+    pad_id: int,
+    batch_size: int,
+    desc: str,
+    reference: bool = False,
+) -> torch.Tensor:
     """Sequence log-probs (sum over completion tokens) of every ``(token ids, prompt length)`` pair, each rank
     scoring its share; the full float32 vector is returned on every rank. Sorted by length to cut padding."""
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))
@@ -246,14 +267,22 @@ class Run:
     meta: dict[str, Any]
 
 
-def fit(run: Run, recipe: Recipe, plan: StepPlan, *, end_step: int, plan_offset: int = 0,
-        extra_metrics: Callable[[], dict[str, float]] | None = None) -> None:
+def fit(
+    run: Run,
+    recipe: Recipe,
+    plan: StepPlan,
+    *,
+    end_step: int,
+    plan_offset: int = 0,
+    extra_metrics: Callable[[], dict[str, float]] | None = None,
+) -> None:
     """Train from ``state["step"]`` to ``end_step``; the plan is read at ``step - plan_offset``."""
     fabric, args, state = run.fabric, run.args, run.state
     accum = check_batch_sizes(args, fabric.world_size)
     run.policy.train()
-    bar = tqdm(total=end_step, initial=state["step"], desc="train", disable=not fabric.is_global_zero,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=end_step, initial=state["step"], desc="train", disable=not fabric.is_global_zero, dynamic_ncols=True
+    )
     while state["step"] < end_step:
         step = state["step"]
         if step % args.eval_interval == 0:
@@ -262,8 +291,9 @@ def fit(run: Run, recipe: Recipe, plan: StepPlan, *, end_step: int, plan_offset:
         lr = lr_at(step, args, run.total_steps)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
-        micro_batches = plan.micro_batches(step - plan_offset, fabric.global_rank, fabric.world_size,
-                                           args.micro_batch_size)
+        micro_batches = plan.micro_batches(
+            step - plan_offset, fabric.global_rank, fabric.world_size, args.micro_batch_size
+        )
         assert len(micro_batches) == accum
         context = recipe.prepare_step(micro_batches)
         # Each rank's loss is its sum over examples / (examples per rank in the step); DDP and FSDP average the
@@ -275,8 +305,9 @@ def fit(run: Run, recipe: Recipe, plan: StepPlan, *, end_step: int, plan_offset:
                 loss, metrics = recipe.micro_step(indices, context, normalizer)
                 fabric.backward(loss)
             parts.append(metrics)
-        grad_norm = fabric.clip_gradients(run.policy, run.optimizer, max_norm=args.max_norm or float("inf"),
-                                          error_if_nonfinite=False)
+        grad_norm = fabric.clip_gradients(
+            run.policy, run.optimizer, max_norm=args.max_norm or float("inf"), error_if_nonfinite=False
+        )
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
         state["step"] = step + 1
@@ -289,9 +320,15 @@ def fit(run: Run, recipe: Recipe, plan: StepPlan, *, end_step: int, plan_offset:
         if state["step"] % args.log_interval == 0 or state["step"] == end_step:
             norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             logged = {f"train/{k}": v for k, v in metrics.items()}
-            logged.update({"train/lr": lr, "train/grad_norm": float(norm),
-                           "train/tokens_per_sec": tokens / elapsed,
-                           "train/epoch": plan.epoch_of(step - plan_offset) + 1, "train/step": state["step"]})
+            logged.update(
+                {
+                    "train/lr": lr,
+                    "train/grad_norm": float(norm),
+                    "train/tokens_per_sec": tokens / elapsed,
+                    "train/epoch": plan.epoch_of(step - plan_offset) + 1,
+                    "train/step": state["step"],
+                }
+            )
             logged.update(extra_metrics() if extra_metrics else {})
             run.logger.log(logged, step=state["step"])
         if args.save_interval and state["step"] % args.save_interval == 0:
@@ -304,18 +341,33 @@ def log_validation(run: Run, recipe: Recipe, step: int) -> dict[str, float]:
     if metrics:
         run.logger.log({f"val/{k}": v for k, v in metrics.items()} | {"val/step": step}, step=step)
         if run.fabric.is_global_zero:
-            shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k in ("loss", "rewards/margins", "nll",
-                                                                                   "rewards/accuracy"))
+            shown = ", ".join(
+                f"{k}={v:.4f}"
+                for k, v in metrics.items()
+                if k in ("loss", "rewards/margins", "nll", "rewards/accuracy")
+            )
             tqdm.write(f"step {step}: val {shown}")
     return metrics
 
 
-def setup_policy(fabric: Fabric, model: nn.Module, args: TrainArgs, optimizer_name: str,
-                 wrap: Callable[[nn.Module], nn.Module]) -> tuple[nn.Module, torch.optim.Optimizer]:
+def setup_policy(
+    fabric: Fabric, model: nn.Module, args: TrainArgs, optimizer_name: str, wrap: Callable[[nn.Module], nn.Module]
+) -> tuple[nn.Module, torch.optim.Optimizer]:
     """Wrap, shard (per the strategy) and move the model; build the optimizer on the sharded parameters."""
     policy = fabric.setup_module(wrap(model))
     optimizer = fabric.setup_optimizers(make_optimizer(optimizer_name, trainable_parameters(policy), args))
     return policy, optimizer
+
+
+def run_cli(setup: Callable[..., Any], args: list[str] | None = None) -> None:
+    """Parse the command line (or ``args``) into ``setup``'s typed signature and call it."""
+    import jsonargparse
+
+    try:  # attribute docstrings of the argument dataclasses become --help text
+        jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    except (AttributeError, TypeError):  # jsonargparse < 4.35
+        jsonargparse.set_docstring_parse_options(attribute_docstrings=True)
+    jsonargparse.auto_cli(setup, args=args, as_positional=False)
 
 
 def configure_logging() -> None:

@@ -17,12 +17,15 @@ batch), so those rows cost nothing beyond one host sync.
 from __future__ import annotations
 
 import torch
+
 from fabric_align.kernels._dispatch import use_triton
 
 __all__ = ["fused_linear_logprob", "linear_logprob_reference"]
 
-# Torch path: fp32 logits per chunk, in elements (2**24 fp32 = 64 MiB). Tests shrink it to force many chunks.
+# Torch path: fp32 logits per chunk, in elements (2**24 fp32 = 64 MiB), and the fewest vocabulary columns per
+# chunk before it splits rows instead. Tests shrink both to force many ragged chunks.
 TORCH_CHUNK_ELEMENTS = 1 << 24
+TORCH_MIN_COLS = 1024
 
 
 def linear_logprob_reference(
@@ -72,9 +75,7 @@ def fused_linear_logprob(
         raise ValueError(f"weight must be [V, H], got shape {tuple(weight.shape)}")
     vocab, width = weight.shape
     if hidden.dim() < 1 or hidden.shape[-1] != width:
-        raise ValueError(
-            f"hidden {tuple(hidden.shape)} does not end in H={width} of weight {tuple(weight.shape)}"
-        )
+        raise ValueError(f"hidden {tuple(hidden.shape)} does not end in H={width} of weight {tuple(weight.shape)}")
     if targets.shape != hidden.shape[:-1]:
         raise ValueError(f"targets {tuple(targets.shape)} must have shape {tuple(hidden.shape[:-1])}")
     if targets.dtype.is_floating_point or targets.dtype == torch.bool:
@@ -102,9 +103,7 @@ def fused_linear_logprob(
 
     triton_path = use_triton(hidden2d, weight, targets1d)
     with torch.autocast(device_type, enabled=False):
-        logp = _FusedLinearLogprob.apply(
-            hidden2d, weight, bias, targets1d, int(ignore_index), temperature, triton_path
-        )
+        logp = _FusedLinearLogprob.apply(hidden2d, weight, bias, targets1d, int(ignore_index), temperature, triton_path)
     return logp.reshape(out_shape)
 
 
@@ -133,18 +132,14 @@ class _FusedLinearLogprob(torch.autograd.Function):
             lo, hi = torch.aminmax(t_valid)
             lo, hi = int(lo), int(hi)
             if lo < 0 or hi >= vocab:
-                raise IndexError(
-                    f"targets out of range [0, {vocab}): min {lo}, max {hi} (ignore_index={ignore_index})"
-                )
+                raise IndexError(f"targets out of range [0, {vocab}): min {lo}, max {hi} (ignore_index={ignore_index})")
             if triton_path:
                 from fabric_align.kernels import logprob_triton
 
                 h_valid = hidden if all_valid else hidden.index_select(0, idx)
                 logp_v, stats = logprob_triton.forward(h_valid, weight, bias, t_valid, temperature)
             else:
-                logp_v, stats = _torch_forward(
-                    hidden, None if all_valid else idx, weight, bias, t_valid, temperature
-                )
+                logp_v, stats = _torch_forward(hidden, None if all_valid else idx, weight, bias, t_valid, temperature)
             if all_valid:
                 logp = logp_v
             else:
@@ -206,19 +201,28 @@ class _FusedLinearLogprob(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _chunk_rows(vocab: int, nv: int) -> int:
-    return max(1, min(nv, TORCH_CHUNK_ELEMENTS // vocab))
+def _plan(nv: int, vocab: int) -> tuple[int, int]:
+    """Chunk shape (rows, cols) with rows * cols <= TORCH_CHUNK_ELEMENTS (at least one row of TORCH_MIN_COLS).
+
+    All valid rows in one row block whenever the vocabulary can be split into chunks of at least
+    ``TORCH_MIN_COLS`` columns: then every slice of the weight gradient is written exactly once, and only the
+    small ``[N, H]`` hidden gradient is accumulated across vocabulary chunks. Usually N < V, which makes this
+    far cheaper than re-reading and re-writing a ``[V, H]`` accumulator for every block of rows.
+    """
+    cols = min(vocab, max(TORCH_MIN_COLS, TORCH_CHUNK_ELEMENTS // max(nv, 1)))
+    rows = min(nv, max(1, TORCH_CHUNK_ELEMENTS // cols))
+    return rows, cols
 
 
-def _rows(hidden: torch.Tensor, idx: torch.Tensor | None, c0: int, c1: int) -> torch.Tensor:
-    # Gather valid rows one chunk at a time so no compacted copy of the whole hidden is kept.
-    return hidden[c0:c1] if idx is None else hidden.index_select(0, idx[c0:c1])
+def _rows(hidden: torch.Tensor, idx: torch.Tensor | None, r0: int, r1: int) -> torch.Tensor:
+    # Gather valid rows one block at a time so no compacted copy of the whole hidden is kept.
+    return hidden[r0:r1] if idx is None else hidden.index_select(0, idx[r0:r1])
 
 
 def _logits_into(
     out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float
 ) -> torch.Tensor:
-    """out[:] = (h @ weight.T + bias).float() / temperature, without an extra [rows, V] temporary in fp32."""
+    """out[:] = (h @ weight.T + bias).float() / temperature, without an extra [rows, cols] fp32 temporary."""
     alpha = 1.0 / temperature
     if h.dtype == torch.float32:
         # Bias and 1/T folded into the GEMM (beta * bias + alpha * h @ W.T), written straight into the buffer.
@@ -238,6 +242,25 @@ def _logits_into(
     return out
 
 
+def _target_cols(targets: torch.Tensor, v0: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets as column indices into the chunk [v0, v0 + cols) (clamped) and whether they fall inside it."""
+    local = targets - v0
+    inside = (local >= 0) & (local < cols)
+    return local.clamp_(0, cols - 1).unsqueeze(1), inside
+
+
+def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, a32: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b for low-precision a, b without rounding each partial product to low precision
+    (a32 is a in fp32). On CUDA a low-precision GEMM with an fp32 output; elsewhere an fp32 GEMM."""
+    if acc.is_cuda:
+        try:
+            acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            pass
+    acc.addmm_(a32, b.float())
+
+
 def _torch_forward(
     hidden: torch.Tensor,
     idx: torch.Tensor | None,
@@ -248,20 +271,32 @@ def _torch_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     nv = targets.numel()
     vocab = weight.shape[0]
-    rows = _chunk_rows(vocab, nv)
+    rows, cols = _plan(nv, vocab)
     device = hidden.device
     logp = torch.empty(nv, dtype=torch.float32, device=device)
     lse = torch.empty(nv, dtype=torch.float32, device=device)
-    buf = torch.empty(rows, vocab, dtype=torch.float32, device=device)
-    for c0 in range(0, nv, rows):
-        c1 = min(nv, c0 + rows)
-        z = _logits_into(buf[: c1 - c0], _rows(hidden, idx, c0, c1), weight, bias, temperature)
-        target_logit = z.gather(1, targets[c0:c1, None]).squeeze(1)
-        m = z.amax(dim=1, keepdim=True)
-        z.sub_(m).exp_()  # in place: the chunk buffer is the only [rows, V] allocation
-        lse_c = z.sum(dim=1).log_().add_(m.squeeze(1))
-        lse[c0:c1] = lse_c
-        torch.sub(target_logit, lse_c, out=logp[c0:c1])
+    buf = torch.empty(rows * cols, dtype=torch.float32, device=device)  # the only [rows, cols] allocation
+    for r0 in range(0, nv, rows):
+        r1 = min(nv, r0 + rows)
+        h = _rows(hidden, idx, r0, r1)
+        t = targets[r0:r1]
+        m_run = torch.full((r1 - r0,), float("-inf"), device=device)
+        s_run = torch.zeros(r1 - r0, device=device)
+        target_logit = torch.zeros(r1 - r0, device=device)
+        for v0 in range(0, vocab, cols):
+            v1 = min(vocab, v0 + cols)
+            z = buf[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)
+            _logits_into(z, h, weight[v0:v1], None if bias is None else bias[v0:v1], temperature)
+            local, inside = _target_cols(t, v0, v1 - v0)
+            target_logit += z.gather(1, local).squeeze(1) * inside
+            # Online log-sum-exp across vocabulary chunks; exp in place: the chunk stays the only big buffer.
+            m_new = torch.maximum(m_run, z.amax(dim=1))
+            z.sub_(m_new[:, None]).exp_()
+            s_run = s_run * torch.exp(m_run - m_new) + z.sum(dim=1)
+            m_run = m_new
+        lse_b = m_run + s_run.log()
+        lse[r0:r1] = lse_b
+        torch.sub(target_logit, lse_b, out=logp[r0:r1])
     return logp, lse
 
 
@@ -280,46 +315,79 @@ def _torch_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     nv = targets.numel()
     vocab, width = weight.shape
-    rows = _chunk_rows(vocab, nv)
+    rows, cols = _plan(nv, vocab)
+    one_row_block = rows >= nv
+    one_col_chunk = cols >= vocab
     device = hidden.device
     dtype = weight.dtype
     low_precision = dtype != torch.float32
+    f32 = torch.float32
 
     d_hidden = torch.empty(nv, width, dtype=dtype, device=device) if need_h else None
-    # fp32 accumulators; for fp32 weights these are the returned gradients themselves.
-    dw32 = torch.zeros(vocab, width, dtype=torch.float32, device=device) if need_w else None
-    db32 = torch.zeros(vocab, dtype=torch.float32, device=device) if need_b else None
+    d_weight = dw32 = None
+    if need_w:
+        if one_row_block:  # each weight-gradient slice is written once, directly in the weight's dtype
+            d_weight = torch.empty(vocab, width, dtype=dtype, device=device)
+        else:  # accumulated over row blocks in fp32 (for fp32 weights, the result itself)
+            dw32 = torch.zeros(vocab, width, dtype=f32, device=device)
+    db32 = torch.zeros(vocab, dtype=f32, device=device) if need_b else None
     # d logp / d logits = (onehot - softmax) / T, so grad_logits = (softmax - onehot) * s with s = -g / T.
     scale = g * (-1.0 / temperature)
-    buf = torch.empty(rows, vocab, dtype=torch.float32, device=device)
-    minus_one = torch.full((rows, 1), -1.0, dtype=torch.float32, device=device)
+    buf = torch.empty(rows * cols, dtype=f32, device=device)
 
-    for c0 in range(0, nv, rows):
-        c1 = min(nv, c0 + rows)
-        r = c1 - c0
-        h = _rows(hidden, idx, c0, c1)
-        z = _logits_into(buf[:r], h, weight, bias, temperature)
-        z.sub_(lse[c0:c1, None]).exp_()  # softmax, in place
-        z.scatter_add_(1, targets[c0:c1, None], minus_one[:r])  # softmax - onehot
-        s = scale[c0:c1, None]
-        if low_precision:
-            # Round G = (softmax - onehot) * s once, as the naive bf16 graph does, then low-precision GEMMs.
-            zg = z.mul_(s).to(dtype)
-            if need_h:
-                torch.mm(zg, weight, out=d_hidden[c0:c1])
-            if need_w:
-                dw32.add_(torch.mm(zg.t(), h))
-            if need_b:
-                db32.add_(z.sum(dim=0))
-        else:
-            # fp32: apply s to the small [rows, H] operands instead of a pass over the [rows, V] chunk.
-            if need_h:
-                torch.mm(z, weight, out=d_hidden[c0:c1]).mul_(s)
-            if need_w:
-                dw32.addmm_(z.t(), h * s)
-            if need_b:
-                db32.addmv_(z.t(), s.squeeze(1))
+    for r0 in range(0, nv, rows):
+        r1 = min(nv, r0 + rows)
+        h = _rows(hidden, idx, r0, r1)
+        t = targets[r0:r1]
+        s = scale[r0:r1, None]
+        lse_b = lse[r0:r1, None]
+        # fp32: s is applied to the small [rows, H] operands, not in a pass over each [rows, cols] chunk.
+        hs = None if low_precision or not need_w else h * s
+        dh_acc = None
+        if need_h and not one_col_chunk:
+            dh_acc = d_hidden[r0:r1].zero_() if not low_precision else torch.zeros(r1 - r0, width, device=device)
+        for v0 in range(0, vocab, cols):
+            v1 = min(vocab, v0 + cols)
+            w_c = weight[v0:v1]
+            z = buf[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)
+            _logits_into(z, h, w_c, None if bias is None else bias[v0:v1], temperature)
+            z.sub_(lse_b).exp_()  # softmax, in place
+            local, inside = _target_cols(t, v0, v1 - v0)
+            z.scatter_add_(1, local, inside.to(f32).neg_().unsqueeze(1))  # softmax - onehot
+            if low_precision:
+                # Round G = (softmax - onehot) * s once, as the naive low-precision graph does.
+                zg = z.mul_(s).to(dtype)
+                if need_h:
+                    if dh_acc is None:
+                        torch.mm(zg, w_c, out=d_hidden[r0:r1])
+                    else:
+                        _accumulate_mm(dh_acc, zg, z, w_c)
+                if need_w:
+                    if one_row_block:
+                        torch.mm(zg.t(), h, out=d_weight[v0:v1])
+                    else:
+                        _accumulate_mm(dw32[v0:v1], zg.t(), z.t(), h)
+                if need_b:
+                    db32[v0:v1].add_(z.sum(dim=0))
+            else:
+                if need_h:
+                    if dh_acc is None:
+                        torch.mm(z, w_c, out=d_hidden[r0:r1])
+                    else:
+                        dh_acc.addmm_(z, w_c)
+                if need_w:
+                    if one_row_block:
+                        torch.mm(z.t(), hs, out=d_weight[v0:v1])
+                    else:
+                        dw32[v0:v1].addmm_(z.t(), hs)
+                if need_b:
+                    db32[v0:v1].addmv_(z.t(), s.squeeze(1))
+        if need_h and not low_precision:
+            d_hidden[r0:r1].mul_(s)
+        elif dh_acc is not None:
+            d_hidden[r0:r1] = dh_acc
 
-    d_weight = None if dw32 is None else (dw32.to(dtype) if low_precision else dw32)
+    if dw32 is not None:
+        d_weight = dw32.to(dtype) if low_precision else dw32
     d_bias = None if db32 is None else db32.to(bias.dtype)
     return d_hidden, d_weight, d_bias

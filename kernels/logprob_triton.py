@@ -67,9 +67,7 @@ def override_config(**kwargs: int) -> Iterator[None]:
     forward's vocabulary span per program (``SPLIT_COLS``) and the backward chunk width (``CHUNK_COLS``)."""
     unknown = set(kwargs) - _OVERRIDE_KEYS
     if unknown:
-        raise KeyError(
-            f"unknown override(s) {sorted(unknown)}; expected a subset of {sorted(_OVERRIDE_KEYS)}"
-        )
+        raise KeyError(f"unknown override(s) {sorted(unknown)}; expected a subset of {sorted(_OVERRIDE_KEYS)}")
     saved = dict(_OVERRIDE)
     _OVERRIDE.update(kwargs)
     try:

@@ -20,20 +20,22 @@ FAST = ["--logger.backend=csv", "--data.max_length=96", "--train.warmup_steps=2"
 
 def run_cli(setup: Any, args: list[str]) -> None:
     """Parse ``args`` exactly as the command line would and run ``setup`` in this process."""
-    from jsonargparse import auto_cli
+    from fabric_align.trainer import run_cli as parse_and_run
 
-    auto_cli(setup, args=args, as_positional=False)
+    parse_and_run(setup, args)
 
 
-def run_script(script: str, args: list[str], *, launcher: list[str] | None = None, timeout: int = 300,
-               cwd: Path = REPO) -> subprocess.CompletedProcess:
+def run_script(
+    script: str, args: list[str], *, launcher: list[str] | None = None, timeout: int = 300, cwd: Path = REPO
+) -> subprocess.CompletedProcess:
     """Run an entry script in a fresh process (``python fabric_align/kto.py`` or ``fabric run ...``)."""
     command = [*(launcher or [sys.executable]), str(REPO / "fabric_align" / script), *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
-        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
-                             f"{result.stderr[-8000:]}")
+        raise AssertionError(
+            f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+        )
     return result
 
 

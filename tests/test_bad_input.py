@@ -8,11 +8,12 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import FAST, run_cli, write_jsonl
 
 from fabric_align import kto
 from fabric_align.data import DataError
 from fabric_align.trainer import ConfigError
+
+from conftest import FAST, run_cli, write_jsonl
 
 GOOD = [{"prompt": f"q{i}", "completion": f"a{i}", "label": i % 2 == 0} for i in range(16)]
 
@@ -50,20 +51,46 @@ CASES = {
     "missing label": (rows_with(2, {"prompt": "x", "completion": "y"}), 2, "label", "missing"),
     "missing prompt": (rows_with(5, {"completion": "y", "label": True}), 5, "prompt", "missing"),
     "mistyped prompt": (rows_with(4, {"prompt": 7, "completion": "y", "label": True}), 4, "prompt", "list of messages"),
-    "mistyped completion": (rows_with(4, {"prompt": "x", "completion": ["y"], "label": True}), 4, "completion",
-                            "expected a string"),
+    "mistyped completion": (
+        rows_with(4, {"prompt": "x", "completion": ["y"], "label": True}),
+        4,
+        "completion",
+        "expected a string",
+    ),
     "empty completion": (rows_with(6, {"prompt": "x", "completion": "  ", "label": True}), 6, "completion", "empty"),
-    "empty chat completion": (rows_with(6, {"prompt": [{"role": "user", "content": "x"}],
-                                            "completion": [{"role": "assistant", "content": ""}], "label": True}),
-                              6, "completion", "empty"),
-    "unknown role": (rows_with(7, {"prompt": [{"role": "wizard", "content": "x"}], "completion": "y", "label": True}),
-                     7, "prompt[0].role", "unknown role"),
+    "empty chat completion": (
+        rows_with(
+            6,
+            {
+                "prompt": [{"role": "user", "content": "x"}],
+                "completion": [{"role": "assistant", "content": ""}],
+                "label": True,
+            },
+        ),
+        6,
+        "completion",
+        "empty",
+    ),
+    "unknown role": (
+        rows_with(7, {"prompt": [{"role": "wizard", "content": "x"}], "completion": "y", "label": True}),
+        7,
+        "prompt[0].role",
+        "unknown role",
+    ),
     "label not boolean": (rows_with(8, {"prompt": "x", "completion": "y", "label": 1}), 8, "label", "true/false"),
     "label odd string": (rows_with(8, {"prompt": "x", "completion": "y", "label": "good"}), 8, "label", "true/false"),
-    "nemo preference": (rows_with(9, {"prompt": "x", "response": "y", "preference": "maybe"}), 9, "preference",
-                        "chosen"),
-    "nemo empty response": (rows_with(9, {"prompt": "x", "response": "", "preference": "chosen"}), 9, "response",
-                            "empty"),
+    "nemo preference": (
+        rows_with(9, {"prompt": "x", "response": "y", "preference": "maybe"}),
+        9,
+        "preference",
+        "chosen",
+    ),
+    "nemo empty response": (
+        rows_with(9, {"prompt": "x", "response": "", "preference": "chosen"}),
+        9,
+        "response",
+        "empty",
+    ),
     "row not an object": (rows_with(10, "[1, 2]"), 10, "<row>", "JSON object"),
 }
 
@@ -73,8 +100,16 @@ def test_bad_training_rows(case: str, tmp_path: Path, guarded_out_dir: Path) -> 
     rows, line, field, problem = CASES[case]
     path = write_jsonl(tmp_path / "train.jsonl", rows)
     with pytest.raises(DataError) as err:
-        run_cli(kto.setup, [*FAST, f"--data.train_path={path}", "--data.val_path=null",
-                            f"--out_dir={guarded_out_dir}", "--resume=auto"])
+        run_cli(
+            kto.setup,
+            [
+                *FAST,
+                f"--data.train_path={path}",
+                "--data.val_path=null",
+                f"--out_dir={guarded_out_dir}",
+                "--resume=auto",
+            ],
+        )
     message = str(err.value)
     assert message.startswith(f"{path}, line {line}, field '{field}'"), message
     assert problem in message
@@ -85,8 +120,16 @@ def test_bad_validation_rows_named_too(tmp_path: Path, guarded_out_dir: Path) ->
     train = write_jsonl(tmp_path / "train.jsonl", GOOD)
     val = write_jsonl(tmp_path / "val.jsonl", GOOD[:3] + [{"prompt": "x", "completion": "y", "label": None}])
     with pytest.raises(DataError, match=re.escape(f"{val}, line 4, field 'label': missing")):
-        run_cli(kto.setup, [*FAST, f"--data.train_path={train}", f"--data.val_path={val}",
-                            f"--out_dir={guarded_out_dir}", "--resume=auto"])
+        run_cli(
+            kto.setup,
+            [
+                *FAST,
+                f"--data.train_path={train}",
+                f"--data.val_path={val}",
+                f"--out_dir={guarded_out_dir}",
+                "--resume=auto",
+            ],
+        )
     assert_untouched(guarded_out_dir)
 
 
@@ -95,9 +138,18 @@ def test_one_sided_labels(label: bool, tmp_path: Path, guarded_out_dir: Path) ->
     rows = [{"prompt": f"q{i}", "completion": f"a{i}", "label": label} for i in range(16)]
     path = write_jsonl(tmp_path / "train.jsonl", rows)
     kind = "desirable" if label else "undesirable"
-    with pytest.raises(DataError, match=rf"{re.escape(str(path))}, all 16 rows, field 'label': every example is {kind}"):
-        run_cli(kto.setup, [*FAST, f"--data.train_path={path}", "--data.val_path=null",
-                            f"--out_dir={guarded_out_dir}", "--resume=auto"])
+    expected = rf"{re.escape(str(path))}, all 16 rows, field 'label': every example is {kind}"
+    with pytest.raises(DataError, match=expected):
+        run_cli(
+            kto.setup,
+            [
+                *FAST,
+                f"--data.train_path={path}",
+                "--data.val_path=null",
+                f"--out_dir={guarded_out_dir}",
+                "--resume=auto",
+            ],
+        )
     assert_untouched(guarded_out_dir)
 
 
@@ -105,27 +157,40 @@ def test_json_array_and_parquet_rows_are_named(tmp_path: Path, guarded_out_dir: 
     path = tmp_path / "train.json"
     path.write_text(json.dumps(GOOD[:5] + [{"prompt": "x", "completion": "y", "label": "yes"}]))
     with pytest.raises(DataError, match=re.escape(f"{path}, row 5, field 'label'")):
-        run_cli(kto.setup, [*FAST, f"--data.train_path={path}", "--data.val_path=null",
-                            f"--out_dir={guarded_out_dir}", "--resume=auto"])
+        run_cli(
+            kto.setup,
+            [
+                *FAST,
+                f"--data.train_path={path}",
+                "--data.val_path=null",
+                f"--out_dir={guarded_out_dir}",
+                "--resume=auto",
+            ],
+        )
 
 
 def test_missing_file(tmp_path: Path, guarded_out_dir: Path) -> None:
     with pytest.raises(DataError, match="nope.jsonl: file not found"):
-        run_cli(kto.setup, [*FAST, f"--data.train_path={tmp_path / 'nope.jsonl'}", f"--out_dir={guarded_out_dir}",
-                            "--resume=auto"])
+        run_cli(
+            kto.setup,
+            [*FAST, f"--data.train_path={tmp_path / 'nope.jsonl'}", f"--out_dir={guarded_out_dir}", "--resume=auto"],
+        )
 
 
-@pytest.mark.parametrize(("flags", "message"), [
-    (["--kto.beta=0"], "kto.beta=0.0: must be positive"),
-    (["--kto.beta=-0.5"], "kto.beta=-0.5"),
-    (["--kto.desirable_weight=0"], "kto.desirable_weight=0.0"),
-    (["--train.global_batch_size=10", "--train.micro_batch_size=4"], "not divisible"),
-    (["--train.micro_batch_size=0"], "train.micro_batch_size=0"),
-    (["--train.lr=0"], "train.lr=0.0"),
-    (["--data.max_length=1"], "data.max_length=1"),
-    (["--precision=8-true"], "precision='8-true'"),
-    (["--train.global_batch_size=512"], "fewer than train.global_batch_size=512"),
-])
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--kto.beta=0"], "kto.beta=0.0: must be positive"),
+        (["--kto.beta=-0.5"], "kto.beta=-0.5"),
+        (["--kto.desirable_weight=0"], "kto.desirable_weight=0.0"),
+        (["--train.global_batch_size=10", "--train.micro_batch_size=4"], "not divisible"),
+        (["--train.micro_batch_size=0"], "train.micro_batch_size=0"),
+        (["--train.lr=0"], "train.lr=0.0"),
+        (["--data.max_length=1"], "data.max_length=1"),
+        (["--precision=8-true"], "precision='8-true'"),
+        (["--train.global_batch_size=512"], "fewer than train.global_batch_size=512"),
+    ],
+)
 def test_out_of_range_flags(flags: list[str], message: str, tmp_path: Path, guarded_out_dir: Path) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         run_cli(kto.setup, [*FAST, *flags, f"--out_dir={guarded_out_dir}", "--resume=auto"])

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_jsonl
 
 from fabric_align.args import ModelArgs
 from fabric_align.data import IGNORE_INDEX, ChatRenderer, StepPlan, derangement, pad_sequences, shard_evenly
 from fabric_align.kto import load_split
 from fabric_align.modeling import load_tokenizer
+
+from conftest import write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +25,11 @@ def test_three_row_forms_give_the_same_tokens(tmp_path: Path, renderer: ChatRend
         {"prompt": "Hi there", "completion": "Hello!", "label": True},
         {"prompt": "Hi there", "response": "Hello!", "preference": "chosen"},
         {"prompt": "Hi there", "completion": "Go away", "label": "rejected"},
-        {"prompt": [{"role": "user", "content": "Hi there"}],
-         "completion": [{"role": "assistant", "content": "Hello!"}], "label": False},
+        {
+            "prompt": [{"role": "user", "content": "Hi there"}],
+            "completion": [{"role": "assistant", "content": "Hello!"}],
+            "label": False,
+        },
     ]
     data = load_split(str(write_jsonl(tmp_path / "d.jsonl", rows)), "train", renderer, 64, seed=0, train=True)
     tok = renderer.tokenizer
@@ -37,8 +41,9 @@ def test_three_row_forms_give_the_same_tokens(tmp_path: Path, renderer: ChatRend
     assert ids[prompt_len:] == tok("Hello!", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     # Conversational: the chat template's generation prompt ends the prompt; the completion ends in one EOS.
     conv_ids, conv_len = data.sequences[3]
-    prompt_text = tok.apply_chat_template([{"role": "user", "content": "Hi there"}], tokenize=False,
-                                          add_generation_prompt=True)
+    prompt_text = tok.apply_chat_template(
+        [{"role": "user", "content": "Hi there"}], tokenize=False, add_generation_prompt=True
+    )
     assert tok.decode(conv_ids[:conv_len]) == prompt_text
     assert tok.decode(conv_ids[conv_len:]) == "Hello!" + tok.eos_token
     assert conv_ids.count(tok.eos_token_id) == 2  # the user turn's and the answer's

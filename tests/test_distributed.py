@@ -11,12 +11,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, column, fabric_cli, load_safetensors, read_metrics, run_cli, run_script
 
 from fabric_align import kto
 
-ARGS = [*FAST, "--train.global_batch_size=8", "--train.max_steps=6", "--train.eval_interval=3",
-        "--train.save_interval=3", "--train.lr=2e-3"]
+from conftest import FAST, column, fabric_cli, load_safetensors, read_metrics, run_cli, run_script
+
+ARGS = [
+    *FAST,
+    "--train.global_batch_size=8",
+    "--train.max_steps=6",
+    "--train.eval_interval=3",
+    "--train.save_interval=3",
+    "--train.lr=2e-3",
+]
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +36,9 @@ def single(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def assert_same_curves(a: Path, b: Path) -> None:
     rows_a, rows_b = read_metrics(a), read_metrics(b)
     for key in ("train/loss", "train/kl", "train/rewards/margins", "val/loss", "val/kl", "val/rewards/margins"):
-        torch.testing.assert_close(torch.tensor(column(rows_a, key)), torch.tensor(column(rows_b, key)),
-                                   rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(
+            torch.tensor(column(rows_a, key)), torch.tensor(column(rows_b, key)), rtol=1e-4, atol=1e-5, msg=key
+        )
 
 
 FSDP_LAUNCH = [*fabric_cli(), "--accelerator=cpu", "--devices=2"]

@@ -9,15 +9,25 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, column, read_metrics, run_cli, write_jsonl
 
 from fabric_align import kto
 from fabric_align.args import KTOArgs, ModelArgs
 from fabric_align.data import pad_sequences
 from fabric_align.modeling import PolicyLogprobs, load_model, load_tokenizer
 
-SPEC_METRICS = ["loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
-                "logps/rejected", "count/chosen", "count/rejected"]
+from conftest import FAST, column, read_metrics, run_cli, write_jsonl
+
+SPEC_METRICS = [
+    "loss",
+    "kl",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "count/chosen",
+    "count/rejected",
+]
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +106,13 @@ def case_rows(rng: random.Random, n: int) -> list[dict]:
         words = ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 6))) for _ in range(3)]
         answer = " ".join(rng.sample(words, 3))
         desirable = rng.random() < 0.5
-        rows.append({"prompt": f"Say {' '.join(words)}:", "completion": answer if desirable else answer.upper(),
-                     "label": desirable})
+        rows.append(
+            {
+                "prompt": f"Say {' '.join(words)}:",
+                "completion": answer if desirable else answer.upper(),
+                "label": desirable,
+            }
+        )
     return rows
 
 
@@ -105,9 +120,21 @@ def test_learns_a_rule_on_held_out_data(tmp_path: Path) -> None:
     train = write_jsonl(tmp_path / "train.jsonl", case_rows(random.Random(0), 128))
     val = write_jsonl(tmp_path / "val.jsonl", case_rows(random.Random(1), 48))  # unseen words
     out = tmp_path / "out"
-    run_cli(kto.setup, [*FAST, f"--data.train_path={train}", f"--data.val_path={val}", f"--out_dir={out}",
-                        "--train.global_batch_size=16", "--train.micro_batch_size=8", "--train.lr=3e-3",
-                        "--train.max_steps=40", "--train.eval_interval=10", "--train.save_interval=null"])
+    run_cli(
+        kto.setup,
+        [
+            *FAST,
+            f"--data.train_path={train}",
+            f"--data.val_path={val}",
+            f"--out_dir={out}",
+            "--train.global_batch_size=16",
+            "--train.micro_batch_size=8",
+            "--train.lr=3e-3",
+            "--train.max_steps=40",
+            "--train.eval_interval=10",
+            "--train.save_interval=null",
+        ],
+    )
     margins = column(read_metrics(out), "val/rewards/margins")
     assert len(margins) == 5
     assert margins[-1] > 0.5 and margins[-1] > margins[0] + 0.5
@@ -115,8 +142,18 @@ def test_learns_a_rule_on_held_out_data(tmp_path: Path) -> None:
 
 def test_apo_zero_unpaired_trains_without_kl(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    run_cli(kto.setup, [*FAST, f"--out_dir={out}", "--kto.loss_type=apo_zero_unpaired", "--train.max_steps=12",
-                        "--train.lr=3e-3", "--train.eval_interval=6", "--train.save_interval=null"])
+    run_cli(
+        kto.setup,
+        [
+            *FAST,
+            f"--out_dir={out}",
+            "--kto.loss_type=apo_zero_unpaired",
+            "--train.max_steps=12",
+            "--train.lr=3e-3",
+            "--train.eval_interval=6",
+            "--train.save_interval=null",
+        ],
+    )
     rows = read_metrics(out)
     assert set(column(rows, "train/kl")) == {0.0}
     margins = column(rows, "val/rewards/margins")

@@ -5,6 +5,7 @@ shapes).
 GPU (``pytest -m gpu``): the compiled Triton kernels in fp32 and bf16, bf16 held to the naive bf16 op's error.
 """
 
+import math
 import os
 
 import torch
@@ -14,10 +15,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import fabric_align.kernels.logprob as logprob_mod  # noqa: E402
 import pytest  # noqa: E402
-from fabric_align.kernels import fused_linear_logprob, linear_logprob_reference  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+import fabric_align.kernels.logprob as logprob_mod  # noqa: E402
+from fabric_align.kernels import fused_linear_logprob, linear_logprob_reference  # noqa: E402
 
 IGNORE = -100
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -32,9 +34,7 @@ def _ref64(h, w, t, b, temperature, ignore_index=IGNORE):
     valid = t != ignore_index
     safe = torch.where(valid, t, torch.zeros_like(t))
     target_logit = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    return torch.where(
-        valid, target_logit - torch.logsumexp(logits, dim=-1), torch.zeros((), dtype=torch.float64)
-    )
+    return torch.where(valid, target_logit - torch.logsumexp(logits, dim=-1), torch.zeros((), dtype=torch.float64))
 
 
 def _problem(n, h, v, *, ignore_frac=0.3, bias=False, w_scale=0.3, seed=0, device="cpu"):
@@ -110,18 +110,41 @@ def _ref64_fn(h, w, t, *, bias=None, temperature=1.0, ignore_index=IGNORE):
     return _ref64(h, w, t, bias, temperature, ignore_index)
 
 
+# (TORCH_CHUNK_ELEMENTS, TORCH_MIN_COLS) for 23-25 valid rows of 37, V=131.
+CHUNKINGS = {
+    "one-chunk": None,
+    "row-blocks": (5 * 131, 1 << 30),  # ragged blocks of 5 rows x all columns
+    "vocab-chunks": (1200, 16),  # all rows x 3 ragged chunks of ~50 columns
+    "2d": (300, 32),  # 3 ragged blocks of 9 rows x 5 ragged chunks of 32 columns
+}
+
+
 @pytest.mark.parametrize("bias,temperature,w_scale", CASES)
-@pytest.mark.parametrize("chunk_rows", [None, 5])  # default budget (one chunk) and many ragged chunks
-def test_torch_path_fp32(torch_path, monkeypatch, bias, temperature, w_scale, chunk_rows):
+@pytest.mark.parametrize("chunking", list(CHUNKINGS))
+def test_torch_path_fp32(torch_path, monkeypatch, bias, temperature, w_scale, chunking):
     n, h, v = 37, 48, 131
-    if chunk_rows is not None:
-        monkeypatch.setattr(logprob_mod, "TORCH_CHUNK_ELEMENTS", chunk_rows * v)
+    if CHUNKINGS[chunking] is not None:
+        monkeypatch.setattr(logprob_mod, "TORCH_CHUNK_ELEMENTS", CHUNKINGS[chunking][0])
+        monkeypatch.setattr(logprob_mod, "TORCH_MIN_COLS", CHUNKINGS[chunking][1])
     hidden, weight, b, targets, upstream = _problem(n, h, v, bias=bias, w_scale=w_scale)
+    assert 23 <= int((targets != IGNORE).sum()) <= 25
     want = _run(_ref64_fn, hidden, weight, b, targets, upstream, temperature, torch.float64)
     got = _run(fused_linear_logprob, hidden, weight, b, targets, upstream, temperature, torch.float32)
     _assert_all_close(got, want, atol=5e-5, rtol=5e-5)
     assert torch.all(got[0][targets == IGNORE] == 0)
     assert torch.all(got[1][targets == IGNORE] == 0)
+
+
+@pytest.mark.parametrize("chunking", list(CHUNKINGS))
+def test_torch_path_bf16_within_naive_error(torch_path, monkeypatch, chunking):
+    if CHUNKINGS[chunking] is not None:
+        monkeypatch.setattr(logprob_mod, "TORCH_CHUNK_ELEMENTS", CHUNKINGS[chunking][0])
+        monkeypatch.setattr(logprob_mod, "TORCH_MIN_COLS", CHUNKINGS[chunking][1])
+    problem = _problem(37, 64, 131, bias=True)
+    want = _run(_ref64_fn, *problem, 0.9, torch.float64)
+    naive = _run(linear_logprob_reference, *problem, 0.9, torch.bfloat16)
+    got = _run(fused_linear_logprob, *problem, 0.9, torch.bfloat16)
+    _assert_within_naive_error(got, naive, want)
 
 
 def test_torch_path_leading_dims_and_sum_backward(torch_path, monkeypatch):
@@ -141,15 +164,6 @@ def test_torch_path_leading_dims_and_sum_backward(torch_path, monkeypatch):
     torch.testing.assert_close(out.double().reshape(-1), ref, atol=5e-5, rtol=5e-5)
     torch.testing.assert_close(h.grad.double().reshape(-1, 12), h64.grad, atol=5e-5, rtol=5e-5)
     torch.testing.assert_close(w.grad.double(), w64.grad, atol=5e-5, rtol=5e-5)
-
-
-def test_torch_path_bf16_within_naive_error(torch_path, monkeypatch):
-    monkeypatch.setattr(logprob_mod, "TORCH_CHUNK_ELEMENTS", 4 * 257)
-    problem = _problem(41, 64, 257, bias=True)
-    want = _run(_ref64_fn, *problem, 0.9, torch.float64)
-    naive = _run(linear_logprob_reference, *problem, 0.9, torch.bfloat16)
-    got = _run(fused_linear_logprob, *problem, 0.9, torch.bfloat16)
-    _assert_within_naive_error(got, naive, want)
 
 
 def test_autocast_cpu_bf16(torch_path):
@@ -225,37 +239,35 @@ class _AllocRecorder(TorchDispatchMode):
                 self.allocs.append((name, tuple(o.shape)))
         return out
 
-    def vocab_rows(self, vocab):
-        """Most rows of any newly allocated vocabulary-wide 2-D tensor."""
-        return max((s[0] for _, s in self.allocs if len(s) == 2 and s[1] == vocab), default=0)
-
     def count(self, *names):
         return sum(1 for name in self.ops if name in names)
 
 
 def test_torch_path_memory_is_one_chunk(torch_path, monkeypatch):
-    """No allocation holds more than one chunk of vocabulary-wide rows, so extra memory is O(chunk * V)."""
-    n, h, v, rows = 64, 8, 1000, 4
-    monkeypatch.setattr(logprob_mod, "TORCH_CHUNK_ELEMENTS", rows * v)
+    """Apart from the gradients themselves no allocation exceeds the chunk budget: extra memory = one chunk."""
+    n, h, v, budget = 64, 2, 1000, 1000
+    monkeypatch.setattr(logprob_mod, "TORCH_CHUNK_ELEMENTS", budget)
+    monkeypatch.setattr(logprob_mod, "TORCH_MIN_COLS", 100)  # 32 valid rows: blocks of 10 rows x 100 columns
     hidden, weight, bias, targets, upstream = _problem(n, h, v, bias=True, ignore_frac=0.5)
     n_valid = int((targets != IGNORE).sum())
+    assert n_valid == 32
     hh, ww, bb = (x.float().requires_grad_() for x in (hidden, weight, bias))
 
     with _AllocRecorder() as fwd:
         out = fused_linear_logprob(hh, ww, targets, bias=bb, temperature=0.8)
     with _AllocRecorder() as bwd:
         out.backward(upstream.float())
-    assert 0 < fwd.vocab_rows(v) <= rows and 0 < bwd.vocab_rows(v) <= rows
-    biggest = max(s[0] * s[1] for _, s in fwd.allocs + bwd.allocs if len(s) == 2)
-    assert biggest <= v * h  # the weight gradient itself; n * v = 8x larger
-    chunks = -(-n_valid // rows)
-    assert fwd.count("mm", "addmm") == chunks  # ignored rows are skipped: one GEMM per chunk of valid rows
-    assert bwd.count("mm", "addmm", "addmm_") == 3 * chunks  # recompute, dH, dW
+    gradient_shapes = {(n, h), (v, h)}
+    sizes = [math.prod(s) for _, s in fwd.allocs + bwd.allocs if s not in gradient_shapes]
+    assert max(sizes) == budget  # the chunk buffer; n * v is 64x larger
+    row_blocks, vocab_chunks = -(-n_valid // 10), v // 100
+    assert fwd.count("mm", "addmm") == row_blocks * vocab_chunks  # ignored rows skipped: one GEMM per chunk
+    assert bwd.count("mm", "addmm", "addmm_") == 3 * row_blocks * vocab_chunks  # recompute, dH, dW
 
     # The detector is real: the naive op allocates N x V logits.
     with _AllocRecorder() as naive:
         linear_logprob_reference(hh, ww, targets, bias=bb).sum().backward()
-    assert naive.vocab_rows(v) == n
+    assert max(math.prod(s) for _, s in naive.allocs) == n * v
 
 
 def test_frozen_weight_skips_weight_grad(any_path, monkeypatch):

@@ -7,13 +7,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, column, load_safetensors, read_metrics, run_cli
 
 from fabric_align import checkpoints, kto, trainer
 from fabric_align.checkpoints import checkpoint_dirs, find_resume_path
 
-ARGS = [*FAST, "--train.global_batch_size=8", "--train.micro_batch_size=4", "--train.max_steps=10",
-        "--train.save_interval=3", "--train.eval_interval=4", "--train.lr=2e-3"]
+from conftest import FAST, column, load_safetensors, read_metrics, run_cli
+
+ARGS = [
+    *FAST,
+    "--train.global_batch_size=8",
+    "--train.micro_batch_size=4",
+    "--train.max_steps=10",
+    "--train.save_interval=3",
+    "--train.eval_interval=4",
+    "--train.lr=2e-3",
+]
 
 
 class Crash(RuntimeError):

@@ -57,8 +57,12 @@ def build_tokenizer():
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
     )
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-        additional_special_tokens=ROLE_TOKENS, model_max_length=1024,
+        tokenizer_object=core,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        additional_special_tokens=ROLE_TOKENS,
+        model_max_length=1024,
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer

@@ -13,21 +13,45 @@ from pathlib import Path
 HERE = Path(__file__).parent
 
 TOPICS = [
-    ("the weather", "it looks sunny with a light breeze"), ("a good book", "try a short mystery novel"),
-    ("dinner ideas", "a warm vegetable soup is easy"), ("learning math", "practice a few problems each day"),
-    ("sleeping better", "keep a regular bedtime"), ("a gift for a friend", "a handwritten card is lovely"),
-    ("staying focused", "work in short blocks with breaks"), ("a weekend trip", "a nearby lake is relaxing"),
-    ("cooking rice", "rinse it and use two cups of water"), ("saving money", "set aside a little every week"),
-    ("a morning routine", "start with a glass of water"), ("learning to draw", "sketch simple shapes first"),
-    ("growing herbs", "basil likes sun and regular water"), ("writing an email", "keep it short and clear"),
-    ("a rainy day", "a puzzle or a film is cozy"), ("fixing a bike", "check the tire pressure first"),
+    ("the weather", "it looks sunny with a light breeze"),
+    ("a good book", "try a short mystery novel"),
+    ("dinner ideas", "a warm vegetable soup is easy"),
+    ("learning math", "practice a few problems each day"),
+    ("sleeping better", "keep a regular bedtime"),
+    ("a gift for a friend", "a handwritten card is lovely"),
+    ("staying focused", "work in short blocks with breaks"),
+    ("a weekend trip", "a nearby lake is relaxing"),
+    ("cooking rice", "rinse it and use two cups of water"),
+    ("saving money", "set aside a little every week"),
+    ("a morning routine", "start with a glass of water"),
+    ("learning to draw", "sketch simple shapes first"),
+    ("growing herbs", "basil likes sun and regular water"),
+    ("writing an email", "keep it short and clear"),
+    ("a rainy day", "a puzzle or a film is cozy"),
+    ("fixing a bike", "check the tire pressure first"),
 ]
-ASKS = ["Can you help me with {t}?", "Any advice on {t}?", "What do you suggest for {t}?", "Tell me about {t}.",
-        "I need tips on {t}.", "Help with {t}, please."]
-GOOD = ["Happy to help! {a}. I hope that helps.", "Sure thing: {a}. Good luck!", "Of course. {a}. Enjoy!",
-        "Great question! {a}. Let me know if you need more."]
-BAD = ["No. Figure it out yourself.", "Not my problem.", "Whatever. Ask someone else.", "I do not care about that.",
-       "Stop asking me things.", "That is boring. Go away."]
+ASKS = [
+    "Can you help me with {t}?",
+    "Any advice on {t}?",
+    "What do you suggest for {t}?",
+    "Tell me about {t}.",
+    "I need tips on {t}.",
+    "Help with {t}, please.",
+]
+GOOD = [
+    "Happy to help! {a}. I hope that helps.",
+    "Sure thing: {a}. Good luck!",
+    "Of course. {a}. Enjoy!",
+    "Great question! {a}. Let me know if you need more.",
+]
+BAD = [
+    "No. Figure it out yourself.",
+    "Not my problem.",
+    "Whatever. Ask someone else.",
+    "I do not care about that.",
+    "Stop asking me things.",
+    "That is boring. Go away.",
+]
 
 
 def kto_rows(rng: random.Random, n: int) -> list[dict]:
@@ -40,8 +64,13 @@ def kto_rows(rng: random.Random, n: int) -> list[dict]:
         if i % 3 == 0:  # plain-text form
             rows.append({"prompt": prompt + "\n", "completion": completion, "label": desirable})
         else:  # conversational form
-            rows.append({"prompt": [{"role": "user", "content": prompt}],
-                         "completion": [{"role": "assistant", "content": completion}], "label": desirable})
+            rows.append(
+                {
+                    "prompt": [{"role": "user", "content": prompt}],
+                    "completion": [{"role": "assistant", "content": completion}],
+                    "label": desirable,
+                }
+            )
     return rows
 
 
@@ -49,8 +78,10 @@ def sft_rows(rng: random.Random, n: int) -> list[dict]:
     rows = []
     for _ in range(n):
         topic, answer = rng.choice(TOPICS)
-        messages = [{"role": "user", "content": rng.choice(ASKS).format(t=topic)},
-                    {"role": "assistant", "content": rng.choice(GOOD).format(a=answer.capitalize())}]
+        messages = [
+            {"role": "user", "content": rng.choice(ASKS).format(t=topic)},
+            {"role": "assistant", "content": rng.choice(GOOD).format(a=answer.capitalize())},
+        ]
         rows.append({"messages": messages})
     return rows
 

@@ -1,0 +1,58 @@
+"""Weights & Biases: offline without an API key, hyperparameters and metrics recorded, a resumed run continues
+the same W&B run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fabric_align import kto
+from fabric_align.loggers import wandb_mode
+
+from conftest import FAST, run_cli
+
+
+def test_wandb_offline_run_records_config_and_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no credentials
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    assert wandb_mode() == "offline"
+    out = tmp_path / "out"
+    args = [
+        *FAST,
+        "--logger.backend=both",
+        "--logger.run_name=beta-test",
+        "--kto.beta=0.2",
+        f"--out_dir={out}",
+        "--train.max_steps=3",
+        "--train.save_interval=3",
+    ]
+    run_cli(kto.setup, args)
+    runs = sorted((out / "logs" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    run_id = (out / "logs" / "wandb_id.txt").read_text()
+    assert runs[0].name.endswith(run_id)
+    # The run's record stream (what `wandb sync` uploads) holds the hyperparameters and the metrics.
+    records = (runs[0] / f"run-{run_id}.wandb").read_bytes()
+    assert b'"beta":0.2' in records and b'"global_batch_size":16' in records
+    assert records.count(b"train/loss") >= 3 and b"val/rewards/margins" in records
+    assert (out / "logs" / "metrics.csv").is_file()  # "both" also writes the CSV
+
+    run_cli(kto.setup, [*args[:-2], "--train.max_steps=4", "--train.save_interval=4", "--resume=auto"])
+    assert (out / "logs" / "wandb_id.txt").read_text() == run_id  # same W&B run continued
+
+
+def test_wandb_mode_follows_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_mode() == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode() == "disabled"
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.delenv("WANDB_API_KEY")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "y" * 40 + "\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    assert wandb_mode() == "online"
