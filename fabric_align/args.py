@@ -112,3 +112,28 @@ class KTOArgs:
     """lambda_U, the weight of undesirable examples' losses."""
     loss_type: Literal["kto", "apo_zero_unpaired"] = "kto"
     """``kto`` (with the KL reference point z0) or ``apo_zero_unpaired`` (no KL term)."""
+
+
+@dataclass
+class SPINArgs:
+    iterations: int = 2
+    """Self-play iterations; each starts by generating with the policy as it stands (the opponent)."""
+    beta: float | list[float] = 0.1
+    """Loss temperature: one value, or one per iteration."""
+    epochs_per_iteration: int = 1
+    """Passes over the iteration's pairs."""
+    temperature: float = 1.0
+    """Sampling temperature for the opponent's answers (0: greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    max_new_tokens: int = 128
+    """Longest generated answer."""
+    rollout_batch_size: int = 16
+    """Prompts decoded together on each rank."""
+    mix_previous: bool = False
+    """Also train on the previous iteration's generated answers (rescored under the current opponent)."""
+    num_logged_samples: int = 8
+    """Generations per iteration shown in the W&B table."""
+
+    def beta_at(self, iteration: int) -> float:
+        return float(self.beta[iteration]) if isinstance(self.beta, list) else float(self.beta)

@@ -18,7 +18,6 @@ from typing import Any, Literal
 import torch
 
 from fabric_align.args import DataArgs, KTOArgs, LoggerArgs, ModelArgs, TrainArgs
-from fabric_align.checkpoints import find_resume_path, load_checkpoint, save_checkpoint
 from fabric_align.data import (
     ChatRenderer,
     DataError,
@@ -35,25 +34,21 @@ from fabric_align.data import (
     shard_evenly,
 )
 from fabric_align.kernels import kto_loss
-from fabric_align.loggers import MetricLogger
-from fabric_align.modeling import PolicyLogprobs, load_model, load_tokenizer, model_fingerprint, parameter_counts
+from fabric_align.modeling import PolicyLogprobs, load_tokenizer, model_fingerprint
 from fabric_align.trainer import (
     ConfigError,
     MetricSpec,
-    Run,
     StepPlan,
-    check_batch_sizes,
-    check_out_dir,
+    build_policy,
     configure_logging,
+    finish,
     fit,
     hparams,
-    log_validation,
     make_fabric,
-    param_dtype,
-    resolve_launch,
+    open_run,
+    prepare_launch,
     run_cli,
     score_sequences,
-    setup_policy,
 )
 
 log = logging.getLogger("fabric_align")
@@ -328,8 +323,7 @@ def setup(
         )
     if data.max_length < 2:
         raise ConfigError(f"data.max_length={data.max_length}: must be at least 2")
-    launch = resolve_launch(devices, num_nodes, precision, strategy)
-    check_batch_sizes(train, launch["world_size"])
+    launch, resume_path = prepare_launch(train, devices, num_nodes, precision, strategy, out_dir, resume)
     tokenizer = load_tokenizer(model)
     renderer = ChatRenderer(tokenizer)
     train_data = load_split(data.train_path, data.train_split, renderer, data.max_length, seed, train=True)
@@ -343,9 +337,6 @@ def setup(
             f"{train_data.source}: {len(train_data)} examples, fewer than train.global_batch_size="
             f"{train.global_batch_size}"
         )
-    resume_path = find_resume_path(out_dir, resume)
-    if resume_path is None:
-        check_out_dir(out_dir, resume)
     warn_weight_ratio(train_data, kto)
     config = hparams(
         model=model,
@@ -393,14 +384,8 @@ def main(
     resume_path: Path | None,
     config: dict[str, Any],
 ) -> None:
-    fabric.seed_everything(seed)
-    if fabric.is_global_zero:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    fabric.barrier()
-    hf_model = load_model(model_args, dtype=param_dtype(precision), seed=seed)
-    policy, optimizer = setup_policy(fabric, hf_model, train, train.optimizer, PolicyLogprobs)
-    total, trainable = parameter_counts(hf_model)
-    fabric.print(f"model: {total:,} parameters, {trainable:,} trainable; {len(train_data)} training examples")
+    policy, optimizer = build_policy(fabric, model_args, train, precision, seed, out_dir)
+    fabric.print(f"{len(train_data)} training examples, {len(val_data) if val_data else 0} validation examples")
 
     # Reference log-probs before any update (and before loading a checkpoint): no reference model is kept.
     reference_logps(
@@ -418,27 +403,21 @@ def main(
 
     plan = StepPlan(len(train_data), train.global_batch_size, seed)
     total_steps = train.max_steps or train.epochs * plan.steps_per_epoch
-    state: dict[str, Any] = {"model": policy, "optimizer": optimizer, "step": 0}
-    if resume_path is not None:
-        load_checkpoint(fabric, resume_path, state)
-        fabric.print(f"resumed from {resume_path} at step {state['step']}")
-    logger = MetricLogger(logger_args, out_dir, is_global_zero=fabric.is_global_zero, config=config)
-    logger.resumed_at(state["step"])
+    run = open_run(
+        fabric,
+        policy,
+        optimizer,
+        train,
+        out_dir,
+        logger_args,
+        config,
+        resume_path,
+        meta={"method": "kto", "config": config},
+        total_steps=total_steps,
+    )
     recipe = KTO(fabric, policy, kto, train_data, val_data, tokenizer.pad_token_id, train.micro_batch_size)
-    run = Run(
-        fabric, policy, optimizer, train, out_dir, logger, state, total_steps, meta={"method": "kto", "config": config}
-    )
     fit(run, recipe, plan, end_step=total_steps)
-    log_validation(run, recipe, state["step"])
-    if train.save_interval and not (out_dir / f"step-{state['step']:06d}").exists():
-        save_checkpoint(fabric, out_dir, state, run.meta)
-    from fabric_align.checkpoints import export_hf
-
-    final = export_hf(
-        fabric, policy, tokenizer, out_dir, merge_lora=bool(model_args.lora and model_args.lora.merge_on_export)
-    )
-    fabric.print(f"exported {final}")
-    logger.finish()
+    finish(run, recipe, model_args, tokenizer)
 
 
 def reference_logps(

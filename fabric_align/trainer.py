@@ -19,11 +19,17 @@ from lightning.fabric.connector import _is_using_cli
 from torch import nn
 from tqdm import tqdm
 
-from fabric_align.args import TrainArgs
-from fabric_align.checkpoints import save_checkpoint
+from fabric_align.args import LoggerArgs, ModelArgs, TrainArgs
+from fabric_align.checkpoints import export_hf, find_resume_path, load_checkpoint, save_checkpoint
 from fabric_align.data import StepPlan, pad_sequences, shard_evenly
 from fabric_align.loggers import MetricLogger
-from fabric_align.modeling import fsdp2_parallelize, trainable_parameters
+from fabric_align.modeling import (
+    PolicyLogprobs,
+    fsdp2_parallelize,
+    load_model,
+    parameter_counts,
+    trainable_parameters,
+)
 
 log = logging.getLogger("fabric_align")
 
@@ -136,7 +142,8 @@ def check_out_dir(out_dir: Path, resume: Any) -> None:
     """Refuse to start a fresh run over an earlier one's checkpoints or export: nothing written is lost."""
     if resume is not None:
         return
-    taken = sorted(p.name for p in out_dir.glob("step-*")) + (["final"] if (out_dir / "final").exists() else [])
+    taken = sorted(p.name for p in [*out_dir.glob("step-*"), *out_dir.glob("iter-*")])
+    taken += ["final"] if (out_dir / "final").exists() else []
     if taken:
         raise ConfigError(
             f"out_dir={out_dir} already holds {', '.join(taken[:3])}: pass resume=auto to continue "
@@ -265,6 +272,7 @@ class Run:
     state: dict[str, Any]
     total_steps: int
     meta: dict[str, Any]
+    last_validated: int = -1
 
 
 def fit(
@@ -288,7 +296,7 @@ def fit(
         if step % args.eval_interval == 0:
             log_validation(run, recipe, step)
         t0 = time.perf_counter()
-        lr = lr_at(step, args, run.total_steps)
+        lr = lr_at(step - plan_offset, args, run.total_steps)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         micro_batches = plan.micro_batches(
@@ -337,6 +345,9 @@ def fit(
 
 
 def log_validation(run: Run, recipe: Recipe, step: int) -> dict[str, float]:
+    if run.last_validated == step:  # the policy has not changed since
+        return {}
+    run.last_validated = step
     metrics = recipe.validate()
     if metrics:
         run.logger.log({f"val/{k}": v for k, v in metrics.items()} | {"val/step": step}, step=step)
@@ -350,13 +361,80 @@ def log_validation(run: Run, recipe: Recipe, step: int) -> dict[str, float]:
     return metrics
 
 
-def setup_policy(
-    fabric: Fabric, model: nn.Module, args: TrainArgs, optimizer_name: str, wrap: Callable[[nn.Module], nn.Module]
-) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """Wrap, shard (per the strategy) and move the model; build the optimizer on the sharded parameters."""
-    policy = fabric.setup_module(wrap(model))
-    optimizer = fabric.setup_optimizers(make_optimizer(optimizer_name, trainable_parameters(policy), args))
+def prepare_launch(
+    train: TrainArgs,
+    devices: int | str,
+    num_nodes: int,
+    precision: str | None,
+    strategy: str,
+    out_dir: Path,
+    resume: Any,
+) -> tuple[dict[str, Any], Path | None]:
+    """Checks that need no data or model: launch settings, batch sizes, the resume target, out_dir's contents."""
+    launch = resolve_launch(devices, num_nodes, precision, strategy)
+    check_batch_sizes(train, launch["world_size"])
+    resume_path = find_resume_path(out_dir, resume)
+    if resume_path is None:
+        check_out_dir(out_dir, resume)
+    return launch, resume_path
+
+
+def build_policy(
+    fabric: Fabric, model_args: ModelArgs, train: TrainArgs, precision: str, seed: int, out_dir: Path
+) -> tuple[PolicyLogprobs, torch.optim.Optimizer]:
+    """Load the model, wrap it for log-probs, shard it (per the strategy), and build the optimizer on the sharded
+    trainable parameters."""
+    fabric.seed_everything(seed)
+    if fabric.is_global_zero:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    fabric.barrier()
+    model = load_model(model_args, dtype=param_dtype(precision), seed=seed)
+    total, trainable = parameter_counts(model)
+    policy = fabric.setup_module(PolicyLogprobs(model))
+    optimizer = fabric.setup_optimizers(make_optimizer(train.optimizer, trainable_parameters(policy), train))
+    fabric.print(f"model: {total:,} parameters, {trainable:,} trainable")
     return policy, optimizer
+
+
+def open_run(
+    fabric: Fabric,
+    policy: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train: TrainArgs,
+    out_dir: Path,
+    logger_args: LoggerArgs,
+    config: dict[str, Any],
+    resume_path: Path | None,
+    *,
+    meta: dict[str, Any],
+    state: dict[str, Any] | None = None,
+    total_steps: int = 0,
+) -> Run:
+    """The run's state (restored from ``resume_path`` when given) and its logger."""
+    full_state = {"model": policy, "optimizer": optimizer, "step": 0, **(state or {})}
+    if resume_path is not None:
+        load_checkpoint(fabric, resume_path, full_state)
+        fabric.print(f"resumed from {resume_path} at step {full_state['step']}")
+    logger = MetricLogger(logger_args, out_dir, is_global_zero=fabric.is_global_zero, config=config)
+    logger.resumed_at(full_state["step"])
+    return Run(fabric, policy, optimizer, train, out_dir, logger, full_state, total_steps, meta)
+
+
+def finish(run: Run, recipe: Recipe, model_args: ModelArgs, tokenizer: Any) -> Path:
+    """Final validation, a last checkpoint, and the Hugging Face export to ``out_dir/final``."""
+    log_validation(run, recipe, run.state["step"])
+    if run.args.save_interval and not (run.out_dir / f"step-{run.state['step']:06d}").exists():
+        save_checkpoint(run.fabric, run.out_dir, run.state, run.meta)
+    final = export_hf(
+        run.fabric,
+        run.policy,
+        tokenizer,
+        run.out_dir,
+        merge_lora=bool(model_args.lora and model_args.lora.merge_on_export),
+    )
+    run.fabric.print(f"exported {final}")
+    run.logger.finish()
+    return final
 
 
 def run_cli(setup: Callable[..., Any], args: list[str] | None = None) -> None:

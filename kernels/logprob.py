@@ -256,7 +256,9 @@ def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, a32: torch.Tensor, b: tor
         try:
             acc.add_(torch.mm(a, b, out_dtype=torch.float32))
             return
-        except (RuntimeError, TypeError, NotImplementedError):
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, TypeError, NotImplementedError):  # older torch: no fp32-output GEMM
             pass
     acc.addmm_(a32, b.float())
 

@@ -50,6 +50,7 @@ _OVERRIDE_KEYS = {
     "SPLIT_COLS",
     "CHUNK_COLS",
 }
+_GPU_DEFAULT = {"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_K": 64, "GROUP_N": 8, "num_warps": 8, "num_stages": 3}
 # Under the interpreter autotuning would only cost time; tl.dot there needs block dims >= 16.
 _INTERPRETER_DEFAULT = {
     "BLOCK_N": 16,
@@ -82,15 +83,11 @@ def _interpreting() -> bool:
 
 
 def _meta() -> dict[str, int] | None:
-    """Explicit tile config, or None to autotune."""
+    """Explicit tile config (overrides on top of a default), or None to autotune."""
     blocks = {k: v for k, v in _OVERRIDE.items() if k not in ("SPLIT_COLS", "CHUNK_COLS")}
-    if not blocks and not _interpreting():
-        return None
-    meta = dict(_INTERPRETER_DEFAULT) if _interpreting() else {"GROUP_N": 8, "num_warps": 8, "num_stages": 3}
-    if not _interpreting():
-        meta.update({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_K": 64})
-    meta.update(blocks)
-    return meta
+    if _interpreting():
+        return {**_INTERPRETER_DEFAULT, **blocks}
+    return {**_GPU_DEFAULT, **blocks} if blocks else None
 
 
 def _num_sms(device: torch.device) -> int:
@@ -262,7 +259,6 @@ def _grad_logits_kernel(
     onehot = cols[None, :] == tgt[:, None]
     grad = (p - tl.where(onehot, 1.0, 0.0)) * (g * neg_inv_temp)[:, None]
     mask = row_mask[:, None] & col_mask[None, :]
-    grad = tl.where(mask, grad, 0.0)
     out = out_ptr + rows.to(tl.int64)[:, None] * stride_on + local[None, :]
     tl.store(out, grad.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -353,7 +349,9 @@ def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
             acc.add_(torch.mm(a, b, out_dtype=torch.float32))
             _MM_FP32_OUT = True
             return
-        except (TypeError, RuntimeError, NotImplementedError):
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, RuntimeError, NotImplementedError):  # older torch: no fp32-output GEMM
             _MM_FP32_OUT = False
     acc.add_(torch.mm(a, b))
 

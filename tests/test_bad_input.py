@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fabric_align import kto
+from fabric_align import kto, trainer
 from fabric_align.data import DataError
 from fabric_align.trainer import ConfigError
 
@@ -30,7 +30,7 @@ def guarded_out_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     def no_model(*args: object, **kwargs: object) -> None:
         raise AssertionError("a model was loaded despite bad input")
 
-    monkeypatch.setattr(kto, "load_model", no_model)
+    monkeypatch.setattr(trainer, "load_model", no_model)
     return out
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fabric_align import kto
+from fabric_align import kto, trainer
 from fabric_align.args import KTOArgs, ModelArgs
 from fabric_align.data import pad_sequences
 from fabric_align.modeling import PolicyLogprobs, load_model, load_tokenizer
@@ -163,7 +163,7 @@ def test_apo_zero_unpaired_trains_without_kl(tmp_path: Path) -> None:
 def test_lm_head_is_never_run_on_hidden_states(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every log-prob goes through fused_linear_logprob: the lm_head module itself (N x V logits) never runs."""
     calls = {"lm_head": 0, "fused": 0}
-    real_load = kto.load_model
+    real_load = trainer.load_model
 
     def load_with_hook(*args: object, **kwargs: object) -> torch.nn.Module:
         model = real_load(*args, **kwargs)
@@ -178,7 +178,7 @@ def test_lm_head_is_never_run_on_hidden_states(tmp_path: Path, monkeypatch: pyte
         calls["fused"] += 1
         return real_fused(*args, **kwargs)
 
-    monkeypatch.setattr(kto, "load_model", load_with_hook)
+    monkeypatch.setattr(trainer, "load_model", load_with_hook)
     monkeypatch.setattr(modeling, "fused_linear_logprob", counting_fused)
     run_cli(kto.setup, [*FAST, f"--out_dir={tmp_path / 'out'}", "--train.max_steps=2", "--train.save_interval=null"])
     assert calls["lm_head"] == 0

@@ -324,6 +324,19 @@ def test_triton_interpreter_all_valid_rows(triton_interpreter):
     _assert_all_close(got, want, atol=5e-5, rtol=5e-5)
 
 
+def test_triton_interpreter_fp16_within_naive_error(triton_interpreter):
+    """Low-precision host side (G in fp16, fp32 dH accumulation over chunks, dtype of the grads). fp16, since
+    the interpreter mishandles bf16 arithmetic; bf16 runs in the gpu tests."""
+    from fabric_align.kernels import logprob_triton
+
+    problem = _problem(37, 48, 131, bias=True)
+    want = _run(_ref64_fn, *problem, 0.9, torch.float64)
+    naive = _run(linear_logprob_reference, *problem, 0.9, torch.float16)
+    with logprob_triton.override_config(SPLIT_COLS=48, CHUNK_COLS=64):
+        got = _run(fused_linear_logprob, *problem, 0.9, torch.float16)
+    _assert_within_naive_error(got, naive, want)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # GPU
 # ----------------------------------------------------------------------------------------------------------

@@ -1,0 +1,188 @@
+"""Sampling from the policy, for SPIN's self-play phase.
+
+- ``unsharded_copy``: one plain (unsharded, LoRA-merged) copy of the policy per rank, gathered once per
+  generation phase, so decoding never triggers FSDP all-gathers per step.
+- ``generate``: batched decoding with a KV cache, left padding, stop at EOS, temperature and top-p. The random
+  draw for prompt ``i`` at position ``t`` is a hash of ``(seed, i, t, token)``, so a prompt's sample does not
+  depend on which rank or batch it lands in: 1 and N processes generate the same answers.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from lightning.fabric import Fabric
+from torch import nn
+from tqdm import tqdm
+
+from fabric_align.modeling import hf_model
+
+_MASK32 = 0xFFFFFFFF
+
+
+@torch.no_grad()
+def unsharded_copy(fabric: Fabric, policy: nn.Module) -> nn.Module:
+    """A plain Hugging Face model on this rank's device holding the policy's current weights (adapters merged)."""
+    inner = policy.model  # PolicyLogprobs -> the (peft) model
+    sharded = any(hasattr(p, "full_tensor") for p in policy.parameters())
+    if not sharded and not hasattr(inner, "peft_config"):
+        clone = copy.deepcopy(hf_model(inner))
+    else:
+        state = _gather_full(fabric, policy) if sharded else {k: v for k, v in policy.state_dict().items()}
+        state = {k.removeprefix("model."): v for k, v in state.items()}
+        clone = _rebuild(inner, state)
+    clone.requires_grad_(False)
+    return clone.eval().to(fabric.device)
+
+
+def _gather_full(fabric: Fabric, policy: nn.Module) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # Every rank needs the whole model: one all-gather per parameter, once per generation phase.
+    return get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+
+
+def _rebuild(inner: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    base = hf_model(inner)
+    dtype = next(iter(state.values())).dtype
+    with torch.device("meta"):
+        clone = AutoModelForCausalLM.from_config(base.config, dtype=dtype)
+    if hasattr(inner, "peft_config"):
+        from peft import get_peft_model
+
+        clone = get_peft_model(clone, copy.deepcopy(inner.peft_config["default"]))
+        clone.load_state_dict(state, strict=True, assign=True)
+        clone = clone.merge_and_unload()
+    else:
+        clone.load_state_dict(state, strict=True, assign=True)
+    # Non-persistent buffers (rotary frequencies) are not in the state dict: take them from the live model.
+    live_buffers = dict(base.named_buffers())
+    for name, buffer in list(clone.named_buffers()):
+        if buffer.is_meta and name in live_buffers:
+            module_name, _, buffer_name = name.rpartition(".")
+            clone.get_submodule(module_name).register_buffer(
+                buffer_name, live_buffers[name].detach().clone(), persistent=False
+            )
+    return clone
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mix (lowbias32) on int64 tensors; products stay below 2^63."""
+    x = x & _MASK32
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _MASK32
+    x = ((x ^ (x >> 15)) * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def keyed_uniform(keys: torch.Tensor, position: int, vocab_size: int) -> torch.Tensor:
+    """Uniform (0, 1) noise of shape [B, V]: a pure function of (key_b, position, token)."""
+    token = torch.arange(vocab_size, device=keys.device, dtype=torch.int64)
+    h = _hash32(keys.unsqueeze(1) * 0x9E3779B1 + position)
+    h = _hash32(h ^ _hash32(token.unsqueeze(0) + 0x632BE5AB))
+    return (h.double() + 0.5) / 2**32
+
+
+def sample_next(
+    logits: torch.Tensor, keys: torch.Tensor, position: int, *, temperature: float, top_p: float
+) -> torch.Tensor:
+    """Next tokens from [B, V] fp32 logits: greedy at temperature 0, else Gumbel-max over the top-p nucleus."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    gumbel = -torch.log(-torch.log(keyed_uniform(keys, position, logits.shape[-1])))
+    return (logits.double() + gumbel).argmax(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    prompts: list[list[int]],
+    keys: list[int],
+    *,
+    eos_id: int,
+    pad_id: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    batch_size: int,
+    desc: str = "generate",
+    show_progress: bool = True,
+) -> list[list[int]]:
+    """One completion per prompt (token ids, ending with EOS unless ``max_new_tokens`` cut it)."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
+    results: list[list[int]] = [[] for _ in prompts]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc=desc, disable=not show_progress, leave=False):
+        width = max(len(prompts[i]) for i in batch)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):  # left padding: every prompt ends at the same column
+            input_ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+            mask[row, width - len(prompts[i]) :] = 1
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        batch_keys = torch.tensor([keys[i] for i in batch], dtype=torch.int64, device=device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        finished = torch.zeros(len(batch), dtype=torch.bool, device=device)
+        out = []
+        step_ids, step_positions = input_ids, positions
+        for t in range(max_new_tokens):
+            hidden = decoder(
+                input_ids=step_ids,
+                attention_mask=mask,
+                position_ids=step_positions,
+                past_key_values=cache,
+                use_cache=True,
+            ).last_hidden_state[:, -1]
+            logits = (hidden @ head.weight.T).float()  # [B, V] for the last position only
+            if head.bias is not None:
+                logits = logits + head.bias.float()
+            token = sample_next(logits, batch_keys, t, temperature=temperature, top_p=top_p)
+            token = torch.where(finished, torch.full_like(token, pad_id), token)
+            out.append(token)
+            finished |= token == eos_id
+            if bool(finished.all()):
+                break
+            step_ids = token.unsqueeze(1)
+            step_positions = step_positions[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
+        generated = torch.stack(out, dim=1).cpu()
+        for row, i in enumerate(batch):
+            tokens = generated[row].tolist()
+            results[i] = tokens[: tokens.index(eos_id) + 1] if eos_id in tokens else tokens
+    return results
+
+
+def rollout(
+    fabric: Fabric, model: nn.Module, prompts: list[list[int]], keys: list[int], **kwargs: Any
+) -> list[list[int]]:
+    """Each rank generates its share of ``prompts``; every rank gets all completions back, in order."""
+    world, rank = fabric.world_size, fabric.global_rank
+    per_rank = -(-len(prompts) // world)
+    mine = list(range(rank * per_rank, min(len(prompts), (rank + 1) * per_rank)))
+    local = generate(
+        model, [prompts[i] for i in mine], [keys[i] for i in mine], show_progress=fabric.is_global_zero, **kwargs
+    )
+    if world == 1:
+        return local
+    width = max([len(c) for c in local] + [1])
+    width = int(fabric.all_reduce(torch.tensor(width, device=fabric.device), reduce_op="max"))
+    packed = torch.full((per_rank, width), -1, dtype=torch.long)
+    for row, tokens in enumerate(local):
+        packed[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+    gathered = fabric.all_gather(packed.to(fabric.device)).reshape(world * per_rank, width).cpu()
+    return [[t for t in gathered[i].tolist() if t >= 0] for i in range(len(prompts))]

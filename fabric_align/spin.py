@@ -1,0 +1,576 @@
+"""SPIN: Self-Play Fine-Tuning (Chen et al., 2024) from SFT data alone.
+
+    fabric run fabric_align/spin.py [--config recipes/spin-tiny.yaml] [--group.field=value ...]
+    python fabric_align/spin.py          # two iterations on the embedded tiny model and the SFT demo data
+
+Iteration t: the opponent (and reference) is the policy at the start of t. It answers every prompt; the real
+(ground-truth) and generated answers are scored under it and saved to ``out_dir/iter-{t}/``. Then the policy
+trains on loss = -log sigmoid(beta_t ((log pi(y_real) - ref(y_real)) - (log pi(y_gen) - ref(y_gen)))).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from fabric_align.args import DataArgs, LoggerArgs, ModelArgs, SPINArgs, TrainArgs
+from fabric_align.data import (
+    ChatRenderer,
+    DataError,
+    Row,
+    fit_length,
+    pad_sequences,
+    read_rows,
+    require_dict,
+    require_field,
+    require_messages,
+    require_text,
+    shard_evenly,
+)
+from fabric_align.generation import rollout, unsharded_copy
+from fabric_align.kernels import spin_loss
+from fabric_align.modeling import PolicyLogprobs, load_tokenizer
+from fabric_align.trainer import (
+    ConfigError,
+    MetricSpec,
+    Run,
+    StepPlan,
+    build_policy,
+    configure_logging,
+    finish,
+    fit,
+    hparams,
+    log_validation,
+    make_fabric,
+    open_run,
+    prepare_launch,
+    reduce_metrics,
+    run_cli,
+    score_sequences,
+)
+
+log = logging.getLogger("fabric_align")
+
+Sequence = tuple[list[int], int]  # (prompt + answer token ids, prompt length)
+NEMO_ROLES = {"User": "user", "Assistant": "assistant", "System": "system", "human": "user", "gpt": "assistant"}
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+def parse_row(row: Row) -> tuple[str | list, str]:
+    """(prompt, ground-truth answer) from ``messages`` (last turn = the assistant's answer), plain
+    ``prompt``/``completion``, or NeMo-Aligner's ``system`` + ``conversations``."""
+    obj = require_dict(row)
+    if "messages" in obj or "conversations" in obj:
+        field = "messages" if "messages" in obj else "conversations"
+        if field == "messages":
+            messages = require_messages(row, obj["messages"], field)
+        else:
+            messages = require_messages(
+                row, obj["conversations"], field, key_role="from", key_content="value", role_map=NEMO_ROLES
+            )
+            system = require_text(row, obj.get("system", ""), "system", allow_empty=True)
+            messages = ([{"role": "system", "content": system}] if system.strip() else []) + messages
+        last = len(messages) - 1
+        if not messages or messages[-1]["role"] != "assistant":
+            raise row.error(field, "no assistant turn: the last message must be the assistant's answer")
+        if not any(m["role"] != "assistant" for m in messages[:-1]):
+            raise row.error(field, "no prompt: the assistant's answer must follow a user (or system) message")
+        if not messages[-1]["content"].strip():
+            raise row.error(f"{field}[{last}].{'content' if field == 'messages' else 'value'}", "is empty")
+        return messages[:-1], messages[-1]["content"]
+    if "prompt" not in obj and "completion" not in obj:
+        raise row.error(
+            "messages",
+            f"missing (expected 'messages', 'prompt'/'completion' or 'conversations'; the row has {sorted(obj)})",
+        )
+    prompt = require_text(row, require_field(row, obj, "prompt"), "prompt", allow_empty=True)
+    answer = require_text(row, require_field(row, obj, "completion"), "completion", allow_empty=False)
+    return prompt, answer
+
+
+@dataclass
+class SFTData:
+    """Prompts and their ground-truth answers as token ids (answers cut to fit ``max_length``, ending in EOS)."""
+
+    source: str
+    prompts: list[list[int]]
+    answers: list[list[int]]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def real(self, i: int) -> Sequence:
+        return self.prompts[i] + self.answers[i], len(self.prompts[i])
+
+
+def load_split(path: str, split: str, renderer: ChatRenderer, max_length: int) -> SFTData:
+    rows = read_rows(path, split)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    parsed = [parse_row(row) for row in rows]
+    prompts, answers = [], []
+    for row, (prompt, answer) in zip(rows, parsed, strict=True):
+        if not isinstance(prompt, str):
+            renderer.check_chat(row, "messages")
+        enc = renderer.encode(prompt, answer)
+        cut = fit_length(enc.prompt_ids, enc.completion_ids, max_length)
+        if cut is not None:
+            prompts.append(enc.prompt_ids)
+            answers.append(cut)
+    if len(prompts) < len(rows):
+        log.warning(
+            "%s: dropped %d of %d rows whose prompt alone does not fit data.max_length=%d",
+            rows[0].source,
+            len(rows) - len(prompts),
+            len(rows),
+            max_length,
+        )
+    if not prompts:
+        raise DataError(f"{rows[0].source}: no usable rows after dropping over-long prompts")
+    return SFTData(rows[0].source, prompts, answers)
+
+
+@dataclass
+class Pairs:
+    """Training pairs of one iteration: a real and a generated answer to the same prompt, with reference
+    (opponent) log-probs of both."""
+
+    real: list[Sequence]
+    generated: list[Sequence]
+    ref_real: torch.Tensor
+    ref_generated: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.real)
+
+
+# ------------------------------------------------------------------------------------------------- self-play phase
+class SelfPlay:
+    """Generates the opponent's answers and scores them, once per iteration; persisted in ``out_dir/iter-{t}/``."""
+
+    def __init__(
+        self,
+        fabric: Any,
+        policy: PolicyLogprobs,
+        tokenizer: Any,
+        args: SPINArgs,
+        train: SFTData,
+        val: SFTData | None,
+        max_length: int,
+        batch_size: int,
+        seed: int,
+        out_dir: Path,
+    ) -> None:
+        self.fabric, self.policy, self.tokenizer, self.args = fabric, policy, tokenizer, args
+        self.train, self.val = train, val
+        self.max_length, self.batch_size, self.seed, self.out_dir = max_length, batch_size, seed, out_dir
+
+    def keys(self, iteration: int, split: str, n: int) -> list[int]:
+        return [zlib.crc32(f"{self.seed}:{iteration}:{split}:{i}".encode()) for i in range(n)]
+
+    def iteration_data(self, t: int) -> dict[str, Any]:
+        """Generated ids and reference scores of iteration t: read back when saved, else made and saved."""
+        directory = self.out_dir / f"iter-{t}"
+        if (directory / "meta.json").is_file():
+            self.fabric.print(f"iteration {t}: reusing {directory}")
+            return torch.load(directory / "pairs.pt", weights_only=False)
+        data = self.make(t)
+        if self.fabric.is_global_zero:
+            self.save(t, data)
+        self.fabric.barrier()
+        return data
+
+    def make(self, t: int) -> dict[str, Any]:
+        opponent = unsharded_copy(self.fabric, self.policy)
+        splits = {"train": self.train} | ({"val": self.val} if self.val else {})
+        generated = {}
+        for name, split in splits.items():
+            generated[name] = rollout(
+                self.fabric,
+                opponent,
+                split.prompts,
+                self.keys(t, name, len(split)),
+                eos_id=self.tokenizer.eos_token_id,
+                pad_id=self.tokenizer.pad_token_id,
+                max_new_tokens=self.args.max_new_tokens,
+                temperature=self.args.temperature,
+                top_p=self.args.top_p,
+                batch_size=self.args.rollout_batch_size,
+                desc=f"iteration {t}: generate {name}",
+            )
+        if self.args.mix_previous and t > 0:
+            generated["previous"] = torch.load(self.out_dir / f"iter-{t - 1}" / "pairs.pt")["generated"]["train"]
+        sequences = []
+        for name, split in splits.items():
+            sequences += [split.real(i) for i in range(len(split))]
+            sequences += [self.sequence(split, i, generated[name][i]) for i in range(len(split))]
+        if "previous" in generated:
+            sequences += [self.sequence(self.train, i, g) for i, g in enumerate(generated["previous"])]
+        scorer = PolicyLogprobs(opponent)
+        scores = score_sequences(
+            self.fabric,
+            scorer,
+            sequences,
+            pad_id=self.tokenizer.pad_token_id,
+            batch_size=self.batch_size,
+            desc=f"iteration {t}: score",
+        )
+        del scorer, opponent
+        ref, offset = {}, 0
+        for name in [*splits, "previous"] if "previous" in generated else splits:
+            n = len(generated[name])
+            if name == "previous":
+                ref[name] = {"generated": scores[offset : offset + n]}
+            else:
+                ref[name] = {"real": scores[offset : offset + n], "generated": scores[offset + n : offset + 2 * n]}
+                n *= 2
+            offset += n
+        return {"generated": generated, "ref": ref}
+
+    def sequence(self, split: SFTData, i: int, generated: list[int]) -> Sequence:
+        prompt = split.prompts[i]
+        answer = fit_length(prompt, generated, self.max_length) or []
+        if not answer:  # an empty generation is still an answer: the opponent chose EOS right away
+            answer = [self.tokenizer.eos_token_id]
+        return prompt + answer, len(prompt)
+
+    def save(self, t: int, data: dict[str, Any]) -> None:
+        """``iter-{t}/generations.jsonl`` to read, ``pairs.pt`` to reuse, ``meta.json`` last; written under a
+        temporary name and renamed, so a crash never leaves a half-written iteration that would be reused."""
+        final, tmp = self.out_dir / f"iter-{t}", self.out_dir / f".tmp-iter-{t}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        splits = {"train": self.train} | ({"val": self.val} if self.val else {})
+        with (tmp / "generations.jsonl").open("w") as f:
+            for name, split in splits.items():
+                for i in range(len(split)):
+                    row = {
+                        "split": name,
+                        "index": i,
+                        "prompt": self.tokenizer.decode(split.prompts[i]),
+                        "real": decode(split.answers[i]),
+                        "generated": decode(data["generated"][name][i]),
+                        "generated_tokens": len(data["generated"][name][i]),
+                        "ref_logp_real": float(data["ref"][name]["real"][i]),
+                        "ref_logp_generated": float(data["ref"][name]["generated"][i]),
+                    }
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        torch.save(data, tmp / "pairs.pt")
+        lengths = [len(g) for g in data["generated"]["train"]]
+        meta = {
+            "iteration": t,
+            "examples": len(self.train),
+            "mean_generated_tokens": sum(lengths) / len(lengths),
+            "args": vars(self.args),
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        if final.exists():  # an incomplete directory (no meta.json) from a crash: set it aside, never delete
+            final.rename(self.out_dir / f".incomplete-iter-{t}-{zlib.crc32(str(final.stat()).encode())}")
+        tmp.rename(final)
+
+    def pairs(self, t: int, data: dict[str, Any], split: str) -> Pairs:
+        source = self.train if split == "train" else self.val
+        generated, ref = data["generated"][split], data["ref"][split]
+        pairs = Pairs(
+            [source.real(i) for i in range(len(source))],
+            [self.sequence(source, i, g) for i, g in enumerate(generated)],
+            ref["real"],
+            ref["generated"],
+        )
+        if split == "train" and "previous" in data["generated"]:
+            previous = [self.sequence(source, i, g) for i, g in enumerate(data["generated"]["previous"])]
+            pairs = Pairs(
+                pairs.real + pairs.real,
+                pairs.generated + previous,
+                torch.cat([ref["real"], ref["real"]]),
+                torch.cat([ref["generated"], data["ref"]["previous"]["generated"]]),
+            )
+        return pairs
+
+
+# ---------------------------------------------------------------------------------------------------- algorithm
+class SPIN:
+    """The SPIN step for the shared loop: real and generated answers in one forward, then the logistic loss."""
+
+    metric_spec = MetricSpec(
+        {
+            "loss": "_examples",
+            "rewards/real": "count/pairs",
+            "rewards/generated": "count/pairs",
+            "rewards/accuracy": "count/pairs",
+            "logps/real": "count/pairs",
+            "logps/generated": "count/pairs",
+            "nll": "_answer_tokens",
+        }
+    )
+
+    def __init__(self, fabric: Any, policy: PolicyLogprobs, pad_id: int, micro_batch_size: int) -> None:
+        self.fabric, self.policy, self.pad_id, self.micro_batch_size = fabric, policy, pad_id, micro_batch_size
+        self.beta = 0.0
+        self.train: Pairs | None = None
+        self.val: Pairs | None = None
+
+    def set_iteration(self, beta: float, train: Pairs, val: Pairs | None) -> None:
+        self.beta, self.train, self.val = beta, train, val
+
+    def prepare_step(self, micro_batches: list[list[int]]) -> None:
+        return None
+
+    def loss(self, pairs: Pairs, indices: list[int], normalizer: float) -> tuple[torch.Tensor, dict]:
+        sequences = [pairs.real[i] for i in indices] + [pairs.generated[i] for i in indices]
+        batch = self.fabric.to_device(pad_sequences(sequences, self.pad_id))
+        token_logps = self.policy(batch["input_ids"], batch["attention_mask"], batch["targets"])
+        real, generated = token_logps[: len(indices)], token_logps[len(indices) :]
+        device = token_logps.device
+        loss, metrics = spin_loss(
+            real,
+            generated,
+            pairs.ref_real[indices].to(device),
+            pairs.ref_generated[indices].to(device),
+            beta=self.beta,
+            normalizer=normalizer,
+        )
+        answer_tokens = (batch["targets"][: len(indices)] != -100).sum().float()
+        metrics = dict(metrics)
+        metrics["loss"] = loss.detach() * normalizer / len(indices)  # per-pair mean, weighted by _examples
+        metrics["_examples"] = torch.tensor(float(len(indices)))
+        metrics["nll"] = -real.detach().sum() / answer_tokens.clamp(min=1)
+        metrics["_answer_tokens"] = answer_tokens
+        metrics["tokens"] = batch["attention_mask"].sum().float()
+        return loss, metrics
+
+    def micro_step(self, indices: list[int], context: None, normalizer: float) -> tuple[torch.Tensor, dict]:
+        return self.loss(self.train, indices, normalizer)
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Ground-truth NLL per answer token and the pair metrics on held-out prompts with the opponent's answers."""
+        if self.val is None:
+            return {}
+        self.policy.eval()
+        shares = shard_evenly(len(self.val), self.fabric.global_rank, self.fabric.world_size, self.micro_batch_size)
+        parts = []
+        for indices in shares:
+            real = [i for i in indices if i >= 0]
+            _, metrics = self.loss(self.val, real or [0], float(max(len(real), 1)))
+            if not real:  # a padding-only share: ran the forward (FSDP collectives), contributes nothing
+                metrics = {k: torch.zeros(()) for k in metrics}
+            parts.append(metrics)
+        self.policy.train()
+        metrics = reduce_metrics(self.fabric, parts, self.metric_spec)
+        metrics.pop("tokens", None)
+        return self.finalize(metrics)
+
+    def finalize(self, metrics: dict[str, float]) -> dict[str, float]:
+        metrics["rewards/margins"] = metrics["rewards/real"] - metrics["rewards/generated"]
+        return metrics
+
+
+def iteration_bounds(args: SPINArgs, num_examples: int, global_batch_size: int) -> list[tuple[int, int]]:
+    """[start, end) optimizer steps of each iteration (mixing doubles the pairs after the first iteration)."""
+    bounds, start = [], 0
+    for t in range(args.iterations):
+        pairs = num_examples * (2 if args.mix_previous and t > 0 else 1)
+        steps = args.epochs_per_iteration * (pairs // global_batch_size)
+        bounds.append((start, start + steps))
+        start += steps
+    return bounds
+
+
+# ---------------------------------------------------------------------------------------------------------- entry
+def setup(
+    model: ModelArgs = ModelArgs(),
+    data: DataArgs = DataArgs(train_path="fabric-align/sft-demo", val_path="fabric-align/sft-demo-val", max_length=160),
+    train: TrainArgs = TrainArgs(
+        global_batch_size=16, micro_batch_size=8, lr=2e-3, warmup_steps=2, eval_interval=4, save_interval=4
+    ),
+    spin: SPINArgs = SPINArgs(epochs_per_iteration=2, max_new_tokens=48, rollout_batch_size=32),
+    logger: LoggerArgs = LoggerArgs(),
+    out_dir: Path = Path("out/spin"),
+    seed: int = 42,
+    devices: int | str = 1,
+    num_nodes: int = 1,
+    precision: str | None = None,
+    strategy: Literal["auto", "fsdp", "ddp"] = "auto",
+    resume: Literal["auto"] | Path | None = None,
+) -> None:
+    """Self-play fine-tuning of a causal LM from SFT data. The defaults run two iterations on the embedded tiny
+    model and the SFT demo data; recipes in ``recipes/`` hold settings for real models.
+
+    Args:
+        model: Which model, LoRA/QLoRA, activation checkpointing.
+        data: SFT data (``messages``, ``prompt``/``completion`` or NeMo ``conversations`` rows).
+        train: Batch sizes, optimizer, schedule (restarted each iteration), intervals. ``max_steps`` and
+            ``epochs`` are not used: ``spin.iterations`` and ``spin.epochs_per_iteration`` set the length.
+        spin: Iterations, beta, generation.
+        logger: Metric logging (W&B, CSV).
+        out_dir: Checkpoints, ``iter-{t}/`` generations and scores, the export (``final/``), logs.
+        seed: Seed for initialization, data order and sampling.
+        devices: Devices (processes) per node.
+        num_nodes: Number of nodes.
+        precision: ``32-true``, ``bf16-true``, ``bf16-mixed`` or ``16-mixed`` (default: bf16-true on GPUs with
+            bf16, else 32-true).
+        strategy: ``fsdp`` (FSDP2, one unit per decoder layer), ``ddp`` or ``auto``.
+        resume: ``auto`` continues from the newest complete checkpoint in out_dir; or a checkpoint directory.
+    """
+    configure_logging()
+    if spin.iterations < 1 or spin.epochs_per_iteration < 1:
+        raise ConfigError(
+            f"spin.iterations={spin.iterations}, spin.epochs_per_iteration="
+            f"{spin.epochs_per_iteration}: must be at least 1"
+        )
+    betas = spin.beta if isinstance(spin.beta, list) else [spin.beta]
+    if isinstance(spin.beta, list) and len(spin.beta) != spin.iterations:
+        raise ConfigError(f"spin.beta has {len(spin.beta)} values for spin.iterations={spin.iterations}")
+    if any(b <= 0 for b in betas):
+        raise ConfigError(f"spin.beta={spin.beta}: must be positive")
+    if spin.temperature < 0 or not 0 < spin.top_p <= 1:
+        raise ConfigError(
+            f"spin.temperature={spin.temperature}, spin.top_p={spin.top_p}: need temperature >= 0 and 0 < top_p <= 1"
+        )
+    if spin.max_new_tokens < 1 or spin.rollout_batch_size < 1:
+        raise ConfigError(
+            f"spin.max_new_tokens={spin.max_new_tokens}, spin.rollout_batch_size="
+            f"{spin.rollout_batch_size}: must be at least 1"
+        )
+    if data.max_length < 2:
+        raise ConfigError(f"data.max_length={data.max_length}: must be at least 2")
+    launch, resume_path = prepare_launch(train, devices, num_nodes, precision, strategy, out_dir, resume)
+    tokenizer = load_tokenizer(model)
+    renderer = ChatRenderer(tokenizer)
+    train_data = load_split(data.train_path, data.train_split, renderer, data.max_length)
+    val_data = load_split(data.val_path, data.val_split, renderer, data.max_length) if data.val_path else None
+    if len(train_data) < train.global_batch_size:
+        raise ConfigError(
+            f"{train_data.source}: {len(train_data)} examples, fewer than train.global_batch_size="
+            f"{train.global_batch_size}"
+        )
+    config = hparams(
+        model=model,
+        data=data,
+        train=train,
+        spin=spin,
+        logger=logger,
+        out_dir=out_dir,
+        seed=seed,
+        devices=devices,
+        num_nodes=num_nodes,
+        precision=launch["precision"],
+        strategy=strategy,
+    )
+    fabric = make_fabric(launch)
+    main(
+        fabric,
+        model,
+        data,
+        train,
+        spin,
+        logger,
+        out_dir,
+        seed,
+        launch["precision"],
+        tokenizer,
+        train_data,
+        val_data,
+        resume_path,
+        config,
+    )
+
+
+def main(
+    fabric: Any,
+    model_args: ModelArgs,
+    data: DataArgs,
+    train: TrainArgs,
+    spin: SPINArgs,
+    logger_args: LoggerArgs,
+    out_dir: Path,
+    seed: int,
+    precision: str,
+    tokenizer: Any,
+    train_data: SFTData,
+    val_data: SFTData | None,
+    resume_path: Path | None,
+    config: dict[str, Any],
+) -> None:
+    policy, optimizer = build_policy(fabric, model_args, train, precision, seed, out_dir)
+    bounds = iteration_bounds(spin, len(train_data), train.global_batch_size)
+    run = open_run(
+        fabric,
+        policy,
+        optimizer,
+        train,
+        out_dir,
+        logger_args,
+        config,
+        resume_path,
+        state={"iteration": 0},
+        meta={"method": "spin", "config": config},
+    )
+    self_play = SelfPlay(
+        fabric, policy, tokenizer, spin, train_data, val_data, data.max_length, train.micro_batch_size, seed, out_dir
+    )
+    recipe = SPIN(fabric, policy, tokenizer.pad_token_id, train.micro_batch_size)
+    for t, (start, end) in enumerate(bounds):
+        if run.state["step"] >= end:
+            continue  # finished before the checkpoint we resumed from
+        if run.state["step"] == start and t > 0:
+            # Each iteration is a fresh fine-tuning run from the new opponent (as in the SPIN authors' recipe).
+            optimizer.state.clear()
+        data_t = self_play.iteration_data(t)
+        pairs = self_play.pairs(t, data_t, "train")
+        val_pairs = self_play.pairs(t, data_t, "val") if val_data is not None else None
+        beta = spin.beta_at(t)
+        recipe.set_iteration(beta, pairs, val_pairs)
+        run.state["iteration"] = t
+        lengths = [len(g) for g in data_t["generated"]["train"]]
+        mean_length = sum(lengths) / len(lengths)
+        if run.state["step"] == start:
+            run.logger.log({"generation/mean_length": mean_length, "iteration": t, "beta": beta}, step=start)
+            log_samples(run, tokenizer, train_data, data_t, t, spin.num_logged_samples, start)
+        run.total_steps = end - start
+        plan = StepPlan(len(pairs), train.global_batch_size, seed + 1000 * t)
+        fit(
+            run,
+            recipe,
+            plan,
+            end_step=end,
+            plan_offset=start,
+            extra_metrics=lambda t=t, b=beta, m=mean_length: {
+                "train/iteration": t,
+                "train/beta": b,
+                "train/generation/mean_length": m,
+            },
+        )
+        log_validation(run, recipe, run.state["step"])  # each iteration's end, on its own validation pairs
+    finish(run, recipe, model_args, tokenizer)
+
+
+def log_samples(run: Run, tokenizer: Any, train: SFTData, data: dict[str, Any], t: int, n: int, step: int) -> None:
+    rows = [
+        [
+            t,
+            tokenizer.decode(train.prompts[i], skip_special_tokens=True),
+            tokenizer.decode(train.answers[i], skip_special_tokens=True),
+            tokenizer.decode(data["generated"]["train"][i], skip_special_tokens=True),
+        ]
+        for i in range(min(n, len(train)))
+    ]
+    run.logger.log_table(f"generations/iter-{t}", ["iteration", "prompt", "real", "generated"], rows, step=step)
+
+
+def cli(args: list[str] | None = None) -> None:
+    run_cli(setup, args)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,276 @@
+"""The real SPIN trainer on the tiny model: iterations, persisted generations, learning, resume, FSDP2, bad rows."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from fabric_align import checkpoints, spin, trainer
+from fabric_align.data import DataError
+from fabric_align.trainer import ConfigError
+
+from conftest import FAST, column, fabric_cli, load_safetensors, read_metrics, run_cli, run_script, write_jsonl
+
+SHORT = [*FAST, "--spin.max_new_tokens=16", "--spin.epochs_per_iteration=1", "--train.eval_interval=2"]
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded default (`python fabric_align/spin.py`), with one beta per iteration."""
+    out = tmp_path_factory.mktemp("spin") / "out"
+    run_cli(spin.setup, ["--logger.backend=csv", "--spin.beta=[0.1,0.3]", f"--out_dir={out}"])
+    return out
+
+
+def test_default_run_completes_two_iterations(default_run: Path) -> None:
+    for t in (0, 1):
+        directory = default_run / f"iter-{t}"
+        rows = [json.loads(line) for line in (directory / "generations.jsonl").read_text().splitlines()]
+        assert {r["split"] for r in rows} == {"train", "val"}
+        assert len([r for r in rows if r["split"] == "train"]) == 64
+        assert all(r["generated_tokens"] > 0 and r["real"] and r["prompt"] for r in rows)
+        assert all(isinstance(r["ref_logp_real"], float) and r["ref_logp_real"] < 0 for r in rows)
+        assert json.loads((directory / "meta.json").read_text())["iteration"] == t
+    data = torch.load(default_run / "iter-1" / "pairs.pt", weights_only=False)
+    assert data["ref"]["train"]["real"].shape == (64,)
+    assert (default_run / "final" / "model.safetensors").is_file()
+
+    rows = read_metrics(default_run)
+    for name in (
+        "loss",
+        "rewards/real",
+        "rewards/generated",
+        "rewards/margins",
+        "rewards/accuracy",
+        "logps/real",
+        "logps/generated",
+        "generation/mean_length",
+        "iteration",
+        "beta",
+        "lr",
+        "grad_norm",
+        "tokens_per_sec",
+    ):
+        assert column(rows, f"train/{name}"), name
+    assert column(rows, "val/nll") and column(rows, "val/rewards/accuracy")
+    assert column(rows, "iteration") == [0, 1] and len(column(rows, "generation/mean_length")) == 2
+    # 64 pairs / 16 per step x 2 epochs = 8 steps per iteration, each with its own beta.
+    steps, betas, iterations = (column(rows, f"train/{k}") for k in ("step", "beta", "iteration"))
+    assert steps == list(range(1, 17))
+    assert betas == [0.1] * 8 + [0.3] * 8 and iterations == [0] * 8 + [1] * 8
+
+
+def test_nll_falls_over_iterations_and_pairs_are_learned(default_run: Path) -> None:
+    rows = read_metrics(default_run)
+    nll = {int(float(r["step"])): float(r["val/nll"]) for r in rows if r.get("val/nll")}
+    assert nll[0] > nll[8] > nll[16]  # start, end of iteration 0, end of iteration 1
+    accuracy = column(rows, "train/rewards/accuracy")
+    assert max(accuracy[:8]) > 0.5 and max(accuracy[8:]) > 0.5  # within each iteration
+    margins = column(rows, "train/rewards/margins")
+    assert margins[7] > margins[0] and margins[15] > margins[8]
+
+
+def test_resume_in_iteration_one_reuses_generations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    args = [*SHORT, "--train.save_interval=3"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_cli(spin.setup, [*args, f"--out_dir={straight}"])
+
+    real_save = checkpoints.torch.save
+
+    def crash_at_step_6(obj: object, path: object, *a: object, **k: object) -> None:
+        if ".tmp-step-000006" in str(path):
+            raise RuntimeError("killed in iteration 1")
+        real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(checkpoints.torch, "save", crash_at_step_6)
+    with pytest.raises(RuntimeError, match="killed in iteration 1"):
+        run_cli(spin.setup, [*args, f"--out_dir={resumed}"])
+    monkeypatch.undo()
+    written = {t: (resumed / f"iter-{t}" / "pairs.pt").stat().st_mtime_ns for t in (0, 1)}
+
+    def no_generation(*a: object, **k: object) -> None:
+        raise AssertionError("generated again instead of reusing iter-*/")
+
+    monkeypatch.setattr(spin, "rollout", no_generation)
+    run_cli(spin.setup, [*args, f"--out_dir={resumed}", "--resume=auto"])  # from step 3, in iteration 0
+    assert {t: (resumed / f"iter-{t}" / "pairs.pt").stat().st_mtime_ns for t in (0, 1)} == written
+    a = load_safetensors(straight / "final" / "model.safetensors")
+    b = load_safetensors(resumed / "final" / "model.safetensors")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert column(read_metrics(resumed), "train/step") == list(range(1, 9))
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_generate_and_train_like_one(tmp_path: Path) -> None:
+    args = [*SHORT, "--train.save_interval=4", "--spin.rollout_batch_size=8"]
+    single, fsdp = tmp_path / "single", tmp_path / "fsdp"
+    run_cli(spin.setup, [*args, "--train.micro_batch_size=8", f"--out_dir={single}"])
+    run_script(
+        "spin.py",
+        [*args, "--train.micro_batch_size=4", "--strategy=fsdp", f"--out_dir={fsdp}"],
+        launcher=[*fabric_cli(), "--accelerator=cpu", "--devices=2"],
+    )
+    for t in (0, 1):
+        a = [json.loads(x) for x in (single / f"iter-{t}" / "generations.jsonl").read_text().splitlines()]
+        b = [json.loads(x) for x in (fsdp / f"iter-{t}" / "generations.jsonl").read_text().splitlines()]
+        assert [r["generated"] for r in a] == [r["generated"] for r in b]
+        torch.testing.assert_close(
+            torch.tensor([r["ref_logp_generated"] for r in a]),
+            torch.tensor([r["ref_logp_generated"] for r in b]),
+            rtol=1e-4,
+            atol=1e-3,
+        )
+    rows_a, rows_b = read_metrics(single), read_metrics(fsdp)
+    for key in ("train/loss", "train/rewards/margins", "val/nll"):
+        torch.testing.assert_close(
+            torch.tensor(column(rows_a, key)), torch.tensor(column(rows_b, key)), rtol=1e-4, atol=1e-4, msg=key
+        )
+
+
+def test_lora_spin_uses_a_merged_opponent(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run_cli(
+        spin.setup,
+        [
+            *SHORT,
+            "--model.lora.r=4",
+            "--train.lr=1e-2",
+            "--spin.iterations=2",
+            "--train.save_interval=null",
+            f"--out_dir={out}",
+        ],
+    )
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+    # Iteration 1's opponent is the adapted policy: its scores differ from iteration 0's (the base model).
+    ref0 = torch.load(out / "iter-0" / "pairs.pt", weights_only=False)["ref"]["train"]["real"]
+    ref1 = torch.load(out / "iter-1" / "pairs.pt", weights_only=False)["ref"]["train"]["real"]
+    assert (ref1 - ref0).abs().max() > 1e-3
+    nll = column(read_metrics(out), "val/nll")
+    assert nll[-1] < nll[0]
+
+
+def test_mix_previous_trains_on_both_iterations(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run_cli(spin.setup, [*SHORT, "--spin.mix_previous=true", "--train.save_interval=null", f"--out_dir={out}"])
+    data = torch.load(out / "iter-1" / "pairs.pt", weights_only=False)
+    assert len(data["generated"]["previous"]) == 64 and data["ref"]["previous"]["generated"].shape == (64,)
+    # 4 steps in iteration 0, 8 in iteration 1 (twice the pairs).
+    assert column(read_metrics(out), "train/iteration") == [0] * 4 + [1] * 8
+
+
+GOOD = [
+    {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]} for i in range(16)
+]
+
+
+def with_row(line: int, bad: object) -> list[object]:
+    rows: list[object] = list(GOOD)
+    rows[line - 1] = bad
+    return rows
+
+
+BAD = {
+    "no assistant turn": (
+        with_row(2, {"messages": [{"role": "user", "content": "q"}]}),
+        2,
+        "messages",
+        "no assistant turn",
+    ),
+    "empty answer": (
+        with_row(3, {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}),
+        3,
+        "messages[1].content",
+        "empty",
+    ),
+    "unknown role": (
+        with_row(4, {"messages": [{"role": "robot", "content": "q"}, {"role": "assistant", "content": "a"}]}),
+        4,
+        "messages[0].role",
+        "unknown role",
+    ),
+    "nemo unknown role": (
+        with_row(
+            5, {"system": "", "conversations": [{"from": "Alien", "value": "q"}, {"from": "Assistant", "value": "a"}]}
+        ),
+        5,
+        "conversations[0].from",
+        "unknown role",
+    ),
+    "plain empty completion": (with_row(6, {"prompt": "q", "completion": ""}), 6, "completion", "empty"),
+    "nothing usable": (with_row(7, {"text": "q"}), 7, "messages", "missing"),
+    "only an answer": (with_row(8, {"messages": [{"role": "assistant", "content": "a"}]}), 8, "messages", "no prompt"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_sft_rows(case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rows, line, field, problem = BAD[case]
+    path = write_jsonl(tmp_path / "sft.jsonl", rows)
+    monkeypatch.setattr(trainer, "load_model", lambda *a, **k: pytest.fail("model loaded despite bad input"))
+    with pytest.raises(DataError) as err:
+        run_cli(
+            spin.setup, [*SHORT, f"--data.train_path={path}", "--data.val_path=null", f"--out_dir={tmp_path / 'out'}"]
+        )
+    assert str(err.value).startswith(f"{path}, line {line}, field '{field}'"), str(err.value)
+    assert problem in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_sft_forms_agree(tmp_path: Path) -> None:
+    from fabric_align.args import ModelArgs
+    from fabric_align.data import ChatRenderer
+    from fabric_align.modeling import load_tokenizer
+
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": "Be kind."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"},
+            ]
+        },
+        {
+            "system": "Be kind.",
+            "conversations": [{"from": "User", "value": "Hi"}, {"from": "Assistant", "value": "Hello!"}],
+        },
+        {"prompt": "Hi", "completion": "Hello!"},
+    ]
+    renderer = ChatRenderer(load_tokenizer(ModelArgs()))
+    data = spin.load_split(str(write_jsonl(tmp_path / "d.jsonl", rows)), "train", renderer, 64)
+    assert data.prompts[0] == data.prompts[1] and data.answers[0] == data.answers[1] == data.answers[2]
+    assert renderer.tokenizer.decode(data.answers[0]) == "Hello!</s>"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--spin.beta=[0.1]"], "spin.beta has 1 values for spin.iterations=2"),
+        (["--spin.beta=0"], "spin.beta=0.0: must be positive"),
+        (["--spin.top_p=0"], "top_p=0.0"),
+        (["--spin.iterations=0"], "spin.iterations=0"),
+    ],
+)
+def test_bad_spin_flags(flags: list[str], message: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        run_cli(spin.setup, [*SHORT, *flags, f"--out_dir={tmp_path / 'out'}"])
+
+
+def test_incomplete_iteration_directory_is_not_reused(tmp_path: Path) -> None:
+    """An iter-{t}/ without meta.json (a crash while saving generations) is regenerated and set aside, not lost."""
+    out = tmp_path / "out"
+    run_cli(spin.setup, [*SHORT, "--spin.iterations=1", "--train.save_interval=null", f"--out_dir={out}"])
+    shutil.rmtree(out / "final")
+    (out / "iter-0" / "meta.json").unlink()
+    (out / "iter-0" / "note.txt").write_text("partial")
+    run_cli(
+        spin.setup, [*SHORT, "--spin.iterations=1", "--train.save_interval=null", f"--out_dir={out}", "--resume=auto"]
+    )
+    assert (out / "iter-0" / "meta.json").is_file()
+    kept = list(out.glob(".incomplete-iter-0-*/note.txt"))
+    assert len(kept) == 1 and kept[0].read_text() == "partial"
