@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,8 +75,8 @@ def read_rows(path: str, split: str = "train") -> list[Row]:
                 raise DataError(f"{path}, line {err.lineno}, field '<json>': malformed JSON ({err.msg})") from err
             return [Row(path, f"row {i}", r) for i, r in enumerate(records)]
         return _read_json_lines(path, text)
-    if local.is_dir():
-        import datasets
+    if local.is_dir() and ((local / "dataset_dict.json").is_file() or (local / "state.json").is_file()):
+        import datasets  # a `save_to_disk` directory
 
         loaded = datasets.load_from_disk(str(local))
         if isinstance(loaded, datasets.DatasetDict):
@@ -84,7 +84,7 @@ def read_rows(path: str, split: str = "train") -> list[Row]:
                 raise DataError(f"{path}: no split '{split}' (has {sorted(loaded)})")
             loaded = loaded[split]
         return [Row(f"{path}[{split}]", f"row {i}", r) for i, r in enumerate(loaded)]
-    if local.exists():
+    if local.is_file():
         raise DataError(f"{path}: unsupported file type (expected {', '.join(LOCAL_SUFFIXES)})")
     import datasets
 
@@ -294,9 +294,3 @@ def shard_evenly(num_items: int, rank: int, world_size: int, micro_batch_size: i
     per_rank = math.ceil(per_rank / micro_batch_size) * micro_batch_size
     mine = [i if i < num_items else -1 for i in range(rank * per_rank, (rank + 1) * per_rank)]
     return [mine[i : i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
-
-
-def map_real(indices: list[int], fn: Callable[[list[int]], Any]) -> Iterator[Any]:
-    """Helper for padded index lists: call ``fn`` with -1 replaced by a real index (its result is masked later)."""
-    real = [i if i >= 0 else 0 for i in indices]
-    yield fn(real)

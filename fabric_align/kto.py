@@ -47,6 +47,7 @@ from fabric_align.trainer import (
     make_fabric,
     open_run,
     prepare_launch,
+    reduce_metrics,
     run_cli,
     score_sequences,
 )
@@ -200,21 +201,17 @@ class KTO:
         token_logps = self.policy(batch["input_ids"], batch["attention_mask"], batch["targets"])
         return token_logps, batch["attention_mask"].sum()
 
+    @torch.no_grad()
     def kl_sum(self, data: KTOData, micro_batches: list[list[int]]) -> torch.Tensor:
-        """[sum of r over this rank's KL pairs, their count]; -1 indices (padding) are left out."""
+        """[sum of r(x_i, y_pi(i)) over this rank's KL pairs, their count]; -1 indices (padding) count for nothing."""
         totals = torch.zeros(2, dtype=torch.float64, device=self.fabric.device)
-        with torch.no_grad():
-            for indices in micro_batches:
-                real = [i for i in indices if i >= 0]
-                if not real:  # still run the forward: every rank must join FSDP's collectives
-                    real, keep = [0], False
-                else:
-                    keep = True
-                token_logps, _ = self._logps(data.kl_sequences, [i if i >= 0 else real[0] for i in indices])
-                rows = torch.tensor([i >= 0 for i in indices], device=token_logps.device)
-                r = token_logps.sum(-1) - data.ref_kl_logps[[max(i, 0) for i in indices]].to(token_logps.device)
-                if keep:
-                    totals += torch.stack([r[rows].double().sum(), rows.sum().double()])
+        for indices in micro_batches:
+            # Padding rows still run: every rank must join the same FSDP collectives.
+            safe = [max(i, 0) for i in indices]
+            token_logps, _ = self._logps(data.kl_sequences, safe)
+            keep = torch.tensor([i >= 0 for i in indices], dtype=torch.float64, device=token_logps.device)
+            r = token_logps.sum(-1).double() - data.ref_kl_logps[safe].to(token_logps.device).double()
+            totals += torch.stack([(r * keep).sum(), keep.sum()])
         return totals
 
     def z0(self, data: KTOData, micro_batches: list[list[int]]) -> torch.Tensor:
@@ -251,20 +248,17 @@ class KTO:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
+        """KTO's metrics on the validation set, with z0 from all of its KL pairs."""
         if self.val is None:
             return {}
-        from fabric_align.trainer import reduce_metrics
-
         self.policy.eval()
         shares = shard_evenly(len(self.val), self.fabric.global_rank, self.fabric.world_size, self.micro_batch_size)
         z0 = self.z0(self.val, shares)
         parts = []
         for indices in shares:
             real = [i for i in indices if i >= 0]
-            _, metrics = self.loss(
-                self.val, [i if i >= 0 else 0 for i in indices] if not real else real, z0, float(max(len(real), 1))
-            )
-            if not real:  # padding-only share: ran the forwards, contributes nothing
+            _, metrics = self.loss(self.val, real or [0], z0, float(max(len(real), 1)))
+            if not real:  # a padding-only share ran its forward (FSDP collectives) and contributes nothing
                 metrics = {k: torch.zeros(()) for k in metrics}
             parts.append(metrics)
         self.policy.train()

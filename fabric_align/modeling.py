@@ -94,14 +94,29 @@ def load_model(args: ModelArgs, *, dtype: torch.dtype, seed: int) -> nn.Module:
         if args.quantize == "4bit":
             from transformers import BitsAndBytesConfig
 
+            # NF4 with double quantization (QLoRA). The matmuls run in the training dtype (bf16 with bf16-true; fp32
+            # with 32-true, the CPU default), and the packed 4-bit bytes are stored in that same dtype: a uniform
+            # parameter dtype is what FSDP needs, and Fabric's bf16-true plugin casts the whole module with
+            # `module.to(dtype)`, which would turn uint8 storage into numbers.
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True,
                 bnb_4bit_quant_type="nf4",
                 bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.float32,
+                bnb_4bit_compute_dtype=dtype,
                 bnb_4bit_quant_storage=dtype,
             )
         model = AutoModelForCausalLM.from_pretrained(path, revision=args.revision, dtype=dtype, **kwargs)
+        if args.quantize == "4bit":
+            import bitsandbytes as bnb
+
+            # On CPUs with AVX512-BF16, a Linear4bit called in eval mode without grad (our reference and scoring
+            # passes) rewrites its own weight in place into a CPU-only tiled layout with bf16 block scales: the
+            # reference log-probs would then come from rounded weights, and layers whose output size is not a
+            # multiple of 32 fail an assertion. Training never needs that layout (GPUs never take it): keep the
+            # NF4 layout the training forward uses.
+            for module in model.modules():
+                if isinstance(module, bnb.nn.Linear4bit):
+                    module.support_avx512bf16_for_cpu = False
     check_supported(model)
     model.config.use_cache = False
     if args.activation_checkpointing:

@@ -126,3 +126,17 @@ def test_dataset_directory_through_datasets(tmp_path: Path, renderer: ChatRender
     datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "ds"))
     data = load_split(str(tmp_path / "ds"), "train", renderer, 64, seed=0, train=True)
     assert len(data) == 4 and data.source.endswith("[train]")
+
+
+def test_dataset_folder_and_split_through_load_dataset(tmp_path: Path, renderer: ChatRenderer) -> None:
+    """A folder of data files goes through `datasets.load_dataset`, the same path as a hub id."""
+    folder = tmp_path / "my-dataset"
+    folder.mkdir()
+    write_jsonl(
+        folder / "train.jsonl", [{"prompt": f"p{i}", "completion": f"c{i}", "label": i % 2 == 0} for i in range(6)]
+    )
+    write_jsonl(
+        folder / "test.jsonl", [{"prompt": f"t{i}", "completion": f"c{i}", "label": i % 2 == 0} for i in range(3)]
+    )
+    assert len(load_split(str(folder), "train", renderer, 64, seed=0, train=True)) == 6
+    assert len(load_split(str(folder), "test", renderer, 64, seed=0, train=False)) == 3

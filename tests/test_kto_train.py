@@ -195,3 +195,18 @@ def test_weight_ratio_warning_suggests_weights(caplog: pytest.LogCaptureFixture)
     with caplog.at_level(logging.WARNING, logger="fabric_align"):
         kto.warn_weight_ratio(data, KTOArgs(desirable_weight=0.4))
     assert caplog.text == ""
+
+
+def test_activation_checkpointing_and_bf16(tmp_path: Path) -> None:
+    """Recomputing activations changes nothing but memory; bf16-true trains and exports bf16 weights."""
+    args = [*FAST, "--train.max_steps=3", "--train.save_interval=null", "--train.eval_interval=3"]
+    run_cli(kto.setup, [*args, f"--out_dir={tmp_path / 'plain'}"])
+    run_cli(kto.setup, [*args, "--model.activation_checkpointing=true", f"--out_dir={tmp_path / 'ckpt'}"])
+    plain, ckpt = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "ckpt")
+    assert column(plain, "train/loss") == pytest.approx(column(ckpt, "train/loss"), rel=1e-6, abs=1e-7)
+    run_cli(kto.setup, [*args, "--precision=bf16-true", f"--out_dir={tmp_path / 'bf16'}"])
+    from conftest import load_safetensors
+
+    weights = load_safetensors(tmp_path / "bf16" / "final" / "model.safetensors")
+    assert {w.dtype for w in weights.values()} == {torch.bfloat16}
+    assert column(read_metrics(tmp_path / "bf16"), "train/loss")[-1] < 0.5
