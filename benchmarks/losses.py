@@ -98,9 +98,7 @@ def _max_diff(a: tuple, b: tuple) -> float:
 
 
 def run_gpu(shapes: list[tuple[int, int]], dtype: torch.dtype, warmup: int, reps: int) -> None:
-    print(
-        f"device: {torch.cuda.get_device_name()}  dtype: {dtype}  (fwd+bwd, median of {reps}, microseconds)"
-    )
+    print(f"device: {torch.cuda.get_device_name()}  dtype: {dtype}  (fwd+bwd, median of {reps}, microseconds)")
     print("| loss | B x T | impl | GPU ops / step | time (us) | max abs diff vs reference |")
     print("| --- | --- | --- | --- | --- | --- |")
     for loss in ("kto", "spin"):
@@ -137,16 +135,12 @@ def _shape(text: str) -> tuple[int, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", type=_shape, default=[(8, 1024), (16, 2048), (64, 4096)])
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--reps", type=int, default=200)
-    parser.add_argument(
-        "--interpret", action="store_true", help="CPU only: also run Triton via its interpreter"
-    )
+    parser.add_argument("--interpret", action="store_true", help="CPU only: also run Triton via its interpreter")
     args = parser.parse_args()
     if torch.cuda.is_available():
         run_gpu(args.shapes, getattr(torch, args.dtype), args.warmup, args.reps)

@@ -73,15 +73,23 @@ def save_checkpoint(fabric: Fabric, out_dir: Path, state: dict[str, Any], meta: 
     fabric.barrier()
     if fabric.is_global_zero:
         (tmp / META).write_text(json.dumps({**meta, "step": step, "world_size": fabric.world_size}, indent=2))
-        if final.exists():  # the same step saved again (a resumed run): swap, then drop the old copy
-            old = out_dir / f".old-step-{step:06d}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(final)
+        publish(tmp, final)
     fabric.barrier()
     return final
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Move a completely written ``tmp`` directory to ``final``. An existing ``final`` (the same step saved again
+    by a resumed run, a re-export) is swapped out first and removed only once the new one is in place."""
+    if not final.exists():
+        tmp.rename(final)
+        return
+    old = final.with_name(f".old-{final.name}")
+    if old.exists():
+        shutil.rmtree(old)
+    final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old)
 
 
 def load_checkpoint(fabric: Fabric, path: Path, state: dict[str, Any]) -> dict[str, Any]:
@@ -125,15 +133,7 @@ def export_hf(fabric: Fabric, policy: nn.Module, tokenizer: Any, out_dir: Path, 
             model = hf_model(inner)
             model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if final.exists():
-            old = out_dir / ".old-final"
-            if old.exists():
-                shutil.rmtree(old)
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(final)
+        publish(tmp, final)
     fabric.barrier()
     return final
 

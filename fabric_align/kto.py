@@ -34,20 +34,21 @@ from fabric_align.data import (
     shard_evenly,
 )
 from fabric_align.kernels import kto_loss
-from fabric_align.modeling import PolicyLogprobs, load_tokenizer, model_fingerprint
+from fabric_align.modeling import PolicyLogprobs, model_fingerprint
 from fabric_align.trainer import (
     ConfigError,
+    Job,
     MetricSpec,
     StepPlan,
     build_policy,
     configure_logging,
     finish,
     fit,
-    hparams,
     make_fabric,
     open_run,
-    prepare_launch,
+    prepare_job,
     reduce_metrics,
+    require_batches,
     run_cli,
     score_sequences,
 )
@@ -315,128 +316,62 @@ def setup(
             f"kto.desirable_weight={kto.desirable_weight}, kto.undesirable_weight="
             f"{kto.undesirable_weight}: must be positive"
         )
-    if data.max_length < 2:
-        raise ConfigError(f"data.max_length={data.max_length}: must be at least 2")
-    launch, resume_path = prepare_launch(train, devices, num_nodes, precision, strategy, out_dir, resume)
-    tokenizer = load_tokenizer(model)
-    renderer = ChatRenderer(tokenizer)
-    train_data = load_split(data.train_path, data.train_split, renderer, data.max_length, seed, train=True)
-    val_data = (
-        load_split(data.val_path, data.val_split, renderer, data.max_length, seed + 1, train=False)
-        if data.val_path
-        else None
-    )
-    if len(train_data) < train.global_batch_size:
-        raise ConfigError(
-            f"{train_data.source}: {len(train_data)} examples, fewer than train.global_batch_size="
-            f"{train.global_batch_size}"
-        )
-    warn_weight_ratio(train_data, kto)
-    config = hparams(
+    job = prepare_job(
         model=model,
         data=data,
         train=train,
-        kto=kto,
         logger=logger,
         out_dir=out_dir,
         seed=seed,
         devices=devices,
         num_nodes=num_nodes,
-        precision=launch["precision"],
+        precision=precision,
         strategy=strategy,
+        resume=resume,
+        method={"kto": kto},
     )
-    fabric = make_fabric(launch)
-    main(
-        fabric,
-        model,
-        train,
-        kto,
-        logger,
-        out_dir,
-        seed,
-        launch["precision"],
-        tokenizer,
-        train_data,
-        val_data,
-        resume_path,
-        config,
-    )
+    renderer = ChatRenderer(job.tokenizer)
+    train_data = load_split(data.train_path, data.train_split, renderer, data.max_length, seed, train=True)
+    val_data = None
+    if data.val_path:
+        val_data = load_split(data.val_path, data.val_split, renderer, data.max_length, seed + 1, train=False)
+    require_batches(len(train_data), train_data.source, train)
+    warn_weight_ratio(train_data, kto)
+    main(make_fabric(job.launch), job, kto, train_data, val_data)
 
 
-def main(
-    fabric: Any,
-    model_args: ModelArgs,
-    train: TrainArgs,
-    kto: KTOArgs,
-    logger_args: LoggerArgs,
-    out_dir: Path,
-    seed: int,
-    precision: str,
-    tokenizer: Any,
-    train_data: KTOData,
-    val_data: KTOData | None,
-    resume_path: Path | None,
-    config: dict[str, Any],
-) -> None:
-    policy, optimizer = build_policy(fabric, model_args, train, precision, seed, out_dir)
+def main(fabric: Any, job: Job, kto: KTOArgs, train_data: KTOData, val_data: KTOData | None) -> None:
+    policy, optimizer = build_policy(fabric, job)
     fabric.print(f"{len(train_data)} training examples, {len(val_data) if val_data else 0} validation examples")
-
     # Reference log-probs before any update (and before loading a checkpoint): no reference model is kept.
-    reference_logps(
-        fabric,
-        policy,
-        model_args,
-        precision,
-        seed,
-        train_data,
-        val_data,
-        tokenizer.pad_token_id,
-        train.micro_batch_size,
-        out_dir,
-    )
-
-    plan = StepPlan(len(train_data), train.global_batch_size, seed)
-    total_steps = train.max_steps or train.epochs * plan.steps_per_epoch
-    run = open_run(
-        fabric,
-        policy,
-        optimizer,
-        train,
-        out_dir,
-        logger_args,
-        config,
-        resume_path,
-        meta={"method": "kto", "config": config},
-        total_steps=total_steps,
-    )
-    recipe = KTO(fabric, policy, kto, train_data, val_data, tokenizer.pad_token_id, train.micro_batch_size)
+    reference_logps(fabric, policy, job, train_data, val_data)
+    plan = StepPlan(len(train_data), job.train.global_batch_size, job.seed)
+    total_steps = job.train.max_steps or job.train.epochs * plan.steps_per_epoch
+    run = open_run(fabric, job, policy, optimizer, method="kto", total_steps=total_steps)
+    pad_id = job.tokenizer.pad_token_id
+    recipe = KTO(fabric, policy, kto, train_data, val_data, pad_id, job.train.micro_batch_size)
     fit(run, recipe, plan, end_step=total_steps)
-    finish(run, recipe, model_args, tokenizer)
+    finish(run, recipe, job)
 
 
-def reference_logps(
-    fabric: Any,
-    policy: PolicyLogprobs,
-    model_args: ModelArgs,
-    precision: str,
-    seed: int,
-    train: KTOData,
-    val: KTOData | None,
-    pad_id: int,
-    batch_size: int,
-    out_dir: Path,
-) -> None:
+def reference_logps(fabric: Any, policy: PolicyLogprobs, job: Job, train: KTOData, val: KTOData | None) -> None:
     """Fill ``ref_logps`` / ``ref_kl_logps`` of both splits from the cache, or compute them in one no-grad pass."""
     splits = [train] + ([val] if val is not None else [])
     sequences = [s for d in splits for s in d.sequences + d.kl_sequences]
-    key = content_hash(model_fingerprint(model_args, seed), precision, sequences)
-    cache = out_dir / "cache" / f"kto-reference-{key}.pt"
+    key = content_hash(model_fingerprint(job.model, job.seed), job.precision, sequences)
+    cache = job.out_dir / "cache" / f"kto-reference-{key}.pt"
     if cache.is_file():
         logps = torch.load(cache)
         fabric.print(f"reference log-probs from {cache}")
     else:
         logps = score_sequences(
-            fabric, policy, sequences, pad_id=pad_id, batch_size=batch_size, desc="reference log-probs", reference=True
+            fabric,
+            policy,
+            sequences,
+            pad_id=job.tokenizer.pad_token_id,
+            batch_size=job.train.micro_batch_size,
+            desc="reference log-probs",
+            reference=True,
         )
         if fabric.is_global_zero:
             cache.parent.mkdir(parents=True, exist_ok=True)

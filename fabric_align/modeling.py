@@ -107,6 +107,8 @@ def load_model(args: ModelArgs, *, dtype: torch.dtype, seed: int) -> nn.Module:
             )
         model = AutoModelForCausalLM.from_pretrained(path, revision=args.revision, dtype=dtype, **kwargs)
         if args.quantize == "4bit":
+            import re
+
             import bitsandbytes as bnb
 
             # On CPUs with AVX512-BF16, a Linear4bit called in eval mode without grad (our reference and scoring
@@ -117,6 +119,19 @@ def load_model(args: ModelArgs, *, dtype: torch.dtype, seed: int) -> nn.Module:
             for module in model.modules():
                 if isinstance(module, bnb.nn.Linear4bit):
                     module.support_avx512bf16_for_cpu = False
+            # A Linear4bit's state dict also holds its quantization statistics (``weight.absmax``,
+            # ``weight.quant_map``, ``weight.quant_state.bitsandbytes__nf4``...), which load_state_dict does not
+            # take back and strict loading (resume) reports as unexpected. The base is frozen and re-quantized
+            # from the same weights at load, so those entries are equal to the loaded ones: let them pass.
+            quant_state_key = re.compile(
+                r"\.weight\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\.bitsandbytes__\w+)$"
+            )
+
+            def ignore_quant_state_keys(module: nn.Module, incompatible_keys: Any) -> None:
+                unexpected = incompatible_keys.unexpected_keys
+                unexpected[:] = [k for k in unexpected if not quant_state_key.search(k)]
+
+            model.register_load_state_dict_post_hook(ignore_quant_state_keys)
     check_supported(model)
     model.config.use_cache = False
     if args.activation_checkpointing:

@@ -36,9 +36,10 @@ from fabric_align.data import (
 )
 from fabric_align.generation import rollout, unsharded_copy
 from fabric_align.kernels import spin_loss
-from fabric_align.modeling import PolicyLogprobs, load_tokenizer
+from fabric_align.modeling import PolicyLogprobs
 from fabric_align.trainer import (
     ConfigError,
+    Job,
     MetricSpec,
     Run,
     StepPlan,
@@ -46,12 +47,12 @@ from fabric_align.trainer import (
     configure_logging,
     finish,
     fit,
-    hparams,
     log_validation,
     make_fabric,
     open_run,
-    prepare_launch,
+    prepare_job,
     reduce_metrics,
+    require_batches,
     run_cli,
     score_sequences,
 )
@@ -442,84 +443,44 @@ def setup(
             f"spin.max_new_tokens={spin.max_new_tokens}, spin.rollout_batch_size="
             f"{spin.rollout_batch_size}: must be at least 1"
         )
-    if data.max_length < 2:
-        raise ConfigError(f"data.max_length={data.max_length}: must be at least 2")
-    launch, resume_path = prepare_launch(train, devices, num_nodes, precision, strategy, out_dir, resume)
-    tokenizer = load_tokenizer(model)
-    renderer = ChatRenderer(tokenizer)
-    train_data = load_split(data.train_path, data.train_split, renderer, data.max_length)
-    val_data = load_split(data.val_path, data.val_split, renderer, data.max_length) if data.val_path else None
-    if len(train_data) < train.global_batch_size:
-        raise ConfigError(
-            f"{train_data.source}: {len(train_data)} examples, fewer than train.global_batch_size="
-            f"{train.global_batch_size}"
-        )
-    config = hparams(
+    job = prepare_job(
         model=model,
         data=data,
         train=train,
-        spin=spin,
         logger=logger,
         out_dir=out_dir,
         seed=seed,
         devices=devices,
         num_nodes=num_nodes,
-        precision=launch["precision"],
+        precision=precision,
         strategy=strategy,
+        resume=resume,
+        method={"spin": spin},
     )
-    fabric = make_fabric(launch)
-    main(
-        fabric,
-        model,
-        data,
-        train,
-        spin,
-        logger,
-        out_dir,
-        seed,
-        launch["precision"],
-        tokenizer,
-        train_data,
-        val_data,
-        resume_path,
-        config,
-    )
+    renderer = ChatRenderer(job.tokenizer)
+    train_data = load_split(data.train_path, data.train_split, renderer, data.max_length)
+    val_data = load_split(data.val_path, data.val_split, renderer, data.max_length) if data.val_path else None
+    require_batches(len(train_data), train_data.source, train)
+    main(make_fabric(job.launch), job, spin, train_data, val_data)
 
 
-def main(
-    fabric: Any,
-    model_args: ModelArgs,
-    data: DataArgs,
-    train: TrainArgs,
-    spin: SPINArgs,
-    logger_args: LoggerArgs,
-    out_dir: Path,
-    seed: int,
-    precision: str,
-    tokenizer: Any,
-    train_data: SFTData,
-    val_data: SFTData | None,
-    resume_path: Path | None,
-    config: dict[str, Any],
-) -> None:
-    policy, optimizer = build_policy(fabric, model_args, train, precision, seed, out_dir)
-    bounds = iteration_bounds(spin, len(train_data), train.global_batch_size)
-    run = open_run(
+def main(fabric: Any, job: Job, spin: SPINArgs, train_data: SFTData, val_data: SFTData | None) -> None:
+    policy, optimizer = build_policy(fabric, job)
+    bounds = iteration_bounds(spin, len(train_data), job.train.global_batch_size)
+    run = open_run(fabric, job, policy, optimizer, method="spin", state={"iteration": 0})
+    self_play = SelfPlay(
         fabric,
         policy,
-        optimizer,
-        train,
-        out_dir,
-        logger_args,
-        config,
-        resume_path,
-        state={"iteration": 0},
-        meta={"method": "spin", "config": config},
+        job.tokenizer,
+        spin,
+        train_data,
+        val_data,
+        job.data.max_length,
+        job.train.micro_batch_size,
+        job.seed,
+        job.out_dir,
     )
-    self_play = SelfPlay(
-        fabric, policy, tokenizer, spin, train_data, val_data, data.max_length, train.micro_batch_size, seed, out_dir
-    )
-    recipe = SPIN(fabric, policy, tokenizer.pad_token_id, train.micro_batch_size)
+    recipe = SPIN(fabric, policy, job.tokenizer.pad_token_id, job.train.micro_batch_size)
     for t, (start, end) in enumerate(bounds):
         if run.state["step"] >= end:
             continue  # finished before the checkpoint we resumed from
@@ -536,23 +497,13 @@ def main(
         mean_length = sum(lengths) / len(lengths)
         if run.state["step"] == start:
             run.logger.log({"generation/mean_length": mean_length, "iteration": t, "beta": beta}, step=start)
-            log_samples(run, tokenizer, train_data, data_t, t, spin.num_logged_samples, start)
+            log_samples(run, job.tokenizer, train_data, data_t, t, spin.num_logged_samples, start)
         run.total_steps = end - start
-        plan = StepPlan(len(pairs), train.global_batch_size, seed + 1000 * t)
-        fit(
-            run,
-            recipe,
-            plan,
-            end_step=end,
-            plan_offset=start,
-            extra_metrics=lambda t=t, b=beta, m=mean_length: {
-                "train/iteration": t,
-                "train/beta": b,
-                "train/generation/mean_length": m,
-            },
-        )
+        plan = StepPlan(len(pairs), job.train.global_batch_size, job.seed + 1000 * t)
+        per_step = {"train/iteration": t, "train/beta": beta, "train/generation/mean_length": mean_length}
+        fit(run, recipe, plan, end_step=end, plan_offset=start, extra_metrics=lambda m=per_step: m)
         log_validation(run, recipe, run.state["step"])  # each iteration's end, on its own validation pairs
-    finish(run, recipe, model_args, tokenizer)
+    finish(run, recipe, job)
 
 
 def log_samples(run: Run, tokenizer: Any, train: SFTData, data: dict[str, Any], t: int, n: int, step: int) -> None:

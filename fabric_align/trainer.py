@@ -19,7 +19,7 @@ from lightning.fabric.connector import _is_using_cli
 from torch import nn
 from tqdm import tqdm
 
-from fabric_align.args import LoggerArgs, ModelArgs, TrainArgs
+from fabric_align.args import DataArgs, LoggerArgs, ModelArgs, TrainArgs
 from fabric_align.checkpoints import export_hf, find_resume_path, load_checkpoint, save_checkpoint
 from fabric_align.data import StepPlan, pad_sequences, shard_evenly
 from fabric_align.loggers import MetricLogger
@@ -27,6 +27,7 @@ from fabric_align.modeling import (
     PolicyLogprobs,
     fsdp2_parallelize,
     load_model,
+    load_tokenizer,
     parameter_counts,
     trainable_parameters,
 )
@@ -156,6 +157,13 @@ def make_optimizer(name: str, params: list[nn.Parameter], args: TrainArgs) -> to
     if name == "adamw":
         fused = all(p.is_cuda for p in params) and not any(hasattr(p, "full_tensor") for p in params)
         return torch.optim.AdamW(params, fused=fused or None, **kwargs)
+    if any(hasattr(p, "full_tensor") for p in params):
+        # bitsandbytes' update kernels take plain tensors: on FSDP2's DTensor shards they fail at the first step
+        # ("got mixed torch.Tensor and DTensor" / "no sharding strategy registered").
+        raise ConfigError(
+            f"train.optimizer={name} (bitsandbytes) does not work with strategy=fsdp (FSDP2 shards parameters as "
+            "DTensors); use train.optimizer=adamw with fsdp, or strategy=ddp/auto with a bitsandbytes optimizer"
+        )
     import bitsandbytes as bnb
 
     classes = {
@@ -361,76 +369,118 @@ def log_validation(run: Run, recipe: Recipe, step: int) -> dict[str, float]:
     return metrics
 
 
-def prepare_launch(
+@dataclass
+class Job:
+    """What ``setup`` checked and prepared for ``main``: the argument groups, launch settings, tokenizer, the
+    checkpoint to resume and the hyperparameters to log."""
+
+    model: ModelArgs
+    data: DataArgs
+    train: TrainArgs
+    logger: LoggerArgs
+    out_dir: Path
+    seed: int
+    launch: dict[str, Any]
+    resume_path: Path | None
+    tokenizer: Any
+    config: dict[str, Any]
+
+    @property
+    def precision(self) -> str:
+        return self.launch["precision"]
+
+
+def prepare_job(
+    *,
+    model: ModelArgs,
+    data: DataArgs,
     train: TrainArgs,
+    logger: LoggerArgs,
+    out_dir: Path,
+    seed: int,
     devices: int | str,
     num_nodes: int,
     precision: str | None,
     strategy: str,
-    out_dir: Path,
     resume: Any,
-) -> tuple[dict[str, Any], Path | None]:
-    """Checks that need no data or model: launch settings, batch sizes, the resume target, out_dir's contents."""
+    method: dict[str, Any],
+) -> Job:
+    """Checks that need no data or model (flags, batch sizes, the resume target, out_dir's contents), then the
+    tokenizer. ``method`` holds the algorithm's argument group, for the logged hyperparameters."""
+    if data.max_length < 2:
+        raise ConfigError(f"data.max_length={data.max_length}: must be at least 2")
     launch = resolve_launch(devices, num_nodes, precision, strategy)
     check_batch_sizes(train, launch["world_size"])
     resume_path = find_resume_path(out_dir, resume)
     if resume_path is None:
         check_out_dir(out_dir, resume)
-    return launch, resume_path
+    config = hparams(
+        model=model,
+        data=data,
+        train=train,
+        **method,
+        logger=logger,
+        out_dir=out_dir,
+        seed=seed,
+        devices=devices,
+        num_nodes=num_nodes,
+        precision=launch["precision"],
+        strategy=strategy,
+    )
+    return Job(model, data, train, logger, out_dir, seed, launch, resume_path, load_tokenizer(model), config)
 
 
-def build_policy(
-    fabric: Fabric, model_args: ModelArgs, train: TrainArgs, precision: str, seed: int, out_dir: Path
-) -> tuple[PolicyLogprobs, torch.optim.Optimizer]:
+def require_batches(num_examples: int, source: str, train: TrainArgs) -> None:
+    if num_examples < train.global_batch_size:
+        raise ConfigError(
+            f"{source}: {num_examples} examples, fewer than train.global_batch_size={train.global_batch_size}"
+        )
+
+
+def build_policy(fabric: Fabric, job: Job) -> tuple[PolicyLogprobs, torch.optim.Optimizer]:
     """Load the model, wrap it for log-probs, shard it (per the strategy), and build the optimizer on the sharded
     trainable parameters."""
-    fabric.seed_everything(seed)
+    fabric.seed_everything(job.seed)
     if fabric.is_global_zero:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        job.out_dir.mkdir(parents=True, exist_ok=True)
     fabric.barrier()
-    model = load_model(model_args, dtype=param_dtype(precision), seed=seed)
+    model = load_model(job.model, dtype=param_dtype(job.precision), seed=job.seed)
     total, trainable = parameter_counts(model)
     policy = fabric.setup_module(PolicyLogprobs(model))
-    optimizer = fabric.setup_optimizers(make_optimizer(train.optimizer, trainable_parameters(policy), train))
+    optimizer = fabric.setup_optimizers(make_optimizer(job.train.optimizer, trainable_parameters(policy), job.train))
     fabric.print(f"model: {total:,} parameters, {trainable:,} trainable")
     return policy, optimizer
 
 
 def open_run(
     fabric: Fabric,
+    job: Job,
     policy: nn.Module,
     optimizer: torch.optim.Optimizer,
-    train: TrainArgs,
-    out_dir: Path,
-    logger_args: LoggerArgs,
-    config: dict[str, Any],
-    resume_path: Path | None,
     *,
-    meta: dict[str, Any],
+    method: str,
     state: dict[str, Any] | None = None,
     total_steps: int = 0,
 ) -> Run:
-    """The run's state (restored from ``resume_path`` when given) and its logger."""
+    """The run's state (restored from the checkpoint to resume, if any) and its logger."""
     full_state = {"model": policy, "optimizer": optimizer, "step": 0, **(state or {})}
-    if resume_path is not None:
-        load_checkpoint(fabric, resume_path, full_state)
-        fabric.print(f"resumed from {resume_path} at step {full_state['step']}")
-    logger = MetricLogger(logger_args, out_dir, is_global_zero=fabric.is_global_zero, config=config)
+    if job.resume_path is not None:
+        load_checkpoint(fabric, job.resume_path, full_state)
+        fabric.print(f"resumed from {job.resume_path} at step {full_state['step']}")
+    logger = MetricLogger(job.logger, job.out_dir, is_global_zero=fabric.is_global_zero, config=job.config)
     logger.resumed_at(full_state["step"])
-    return Run(fabric, policy, optimizer, train, out_dir, logger, full_state, total_steps, meta)
+    meta = {"method": method, "config": job.config}
+    return Run(fabric, policy, optimizer, job.train, job.out_dir, logger, full_state, total_steps, meta)
 
 
-def finish(run: Run, recipe: Recipe, model_args: ModelArgs, tokenizer: Any) -> Path:
+def finish(run: Run, recipe: Recipe, job: Job) -> Path:
     """Final validation, a last checkpoint, and the Hugging Face export to ``out_dir/final``."""
     log_validation(run, recipe, run.state["step"])
     if run.args.save_interval and not (run.out_dir / f"step-{run.state['step']:06d}").exists():
         save_checkpoint(run.fabric, run.out_dir, run.state, run.meta)
+    lora = job.model.lora
     final = export_hf(
-        run.fabric,
-        run.policy,
-        tokenizer,
-        run.out_dir,
-        merge_lora=bool(model_args.lora and model_args.lora.merge_on_export),
+        run.fabric, run.policy, job.tokenizer, run.out_dir, merge_lora=bool(lora and lora.merge_on_export)
     )
     run.fabric.print(f"exported {final}")
     run.logger.finish()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from fabric_align.kernels._dispatch import use_triton
 
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
@@ -81,9 +82,7 @@ def _normalizer(normalizer: Normalizer, batch: int, device: torch.device) -> flo
         return float(batch)
     if isinstance(normalizer, torch.Tensor):
         if normalizer.numel() != 1:
-            raise ValueError(
-                f"normalizer must be a number or a 0-dim tensor, got shape {tuple(normalizer.shape)}"
-            )
+            raise ValueError(f"normalizer must be a number or a 0-dim tensor, got shape {tuple(normalizer.shape)}")
         return normalizer.detach().reshape(()).to(device=device, dtype=torch.float32)
     return float(normalizer)
 

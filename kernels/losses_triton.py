@@ -508,9 +508,7 @@ def _broadcast_rows_kernel(
     tl.store(out1_ptr + rows64 * T1 + cols[None, :], (tile * sign1).to(out1_ptr.dtype.element_ty), mask=mask1)
     if HAS_SECOND:
         mask2 = row_mask[:, None] & (cols[None, :] < T2)
-        tl.store(
-            out2_ptr + rows64 * T2 + cols[None, :], (tile * sign2).to(out2_ptr.dtype.element_ty), mask=mask2
-        )
+        tl.store(out2_ptr + rows64 * T2 + cols[None, :], (tile * sign2).to(out2_ptr.dtype.element_ty), mask=mask2)
 
 
 def broadcast_rows(

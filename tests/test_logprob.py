@@ -72,6 +72,17 @@ def _assert_all_close(got, want, atol, rtol):
         torch.testing.assert_close(g, w, atol=atol, rtol=rtol, msg=lambda m, name=name: f"{name}: {m}")
 
 
+def _assert_within_naive_error(got, naive, want):
+    """Each output's max error vs float64 may exceed the naive op's (same dtype) only by a small margin."""
+    for name, g, nv, w in zip(("logp", "d_hidden", "d_weight", "d_bias"), got, naive, want, strict=True):
+        if w is None:
+            continue
+        naive_err = (nv - w).abs().max().item()
+        err = (g - w).abs().max().item()
+        tol = 1.25 * naive_err + 2**-10 * w.abs().max().item()
+        assert err <= tol, f"{name}: max error {err:.3e} > {tol:.3e} (naive error {naive_err:.3e})"
+
+
 CASES = [
     # (bias, temperature, w_scale): w_scale=5 gives logits ~ +-100, past exp() overflow without a max shift.
     (False, 1.0, 0.3),
@@ -342,17 +353,6 @@ def test_triton_interpreter_fp16_within_naive_error(triton_interpreter):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _assert_within_naive_error(got, naive, want):
-    """Each output's max error vs float64 may exceed the naive op's (same dtype) only by a small margin."""
-    for name, g, nv, w in zip(("logp", "d_hidden", "d_weight", "d_bias"), got, naive, want, strict=True):
-        if w is None:
-            continue
-        naive_err = (nv - w).abs().max().item()
-        err = (g - w).abs().max().item()
-        tol = 1.25 * naive_err + 2**-10 * w.abs().max().item()
-        assert err <= tol, f"{name}: max error {err:.3e} > {tol:.3e} (naive bf16 error {naive_err:.3e})"
-
-
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -386,6 +386,9 @@ def test_gpu_bf16_within_naive_error(monkeypatch, path, bias, temperature, chunk
         with logprob_triton.override_config(CHUNK_COLS=chunk_cols):
             got = _run(fused_linear_logprob, *problem, temperature, torch.bfloat16)
     else:
+        if chunk_cols is not None:  # torch path: all valid rows x several vocabulary chunks
+            monkeypatch.setattr(logprob_mod, "TORCH_CHUNK_ELEMENTS", 1029 * chunk_cols)
+            monkeypatch.setattr(logprob_mod, "TORCH_MIN_COLS", 1)
         got = _run(fused_linear_logprob, *problem, temperature, torch.bfloat16)
     _assert_within_naive_error(got, naive, want)
 

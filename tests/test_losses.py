@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
+
 from fabric_align.kernels import losses  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -261,9 +262,7 @@ def test_kto_extreme_inputs(impl: str) -> None:
     length, beta = 40, 5.0
     tokens = torch.full((6, length), -250.0)  # rows sum to exactly -1e4 in any order
     tokens[3] = 0.0
-    ref = torch.tensor(
-        [-20.0, -2e4, -1e4, 1e4, -1e4 + 0.5, -9999.875]
-    )  # r = -9980, 1e4, 0, -1e4, -0.5, -0.125
+    ref = torch.tensor([-20.0, -2e4, -1e4, 1e4, -1e4 + 0.5, -9999.875])  # r = -9980, 1e4, 0, -1e4, -0.5, -0.125
     labels = torch.tensor([True, True, False, False, True, False])
     for loss_type in ("kto", "apo_zero_unpaired"):
         x = tokens.clone().to(device).requires_grad_()
@@ -382,9 +381,7 @@ def test_spin_matches_float64(impl: str, case: str) -> None:
     real = _tokens(gen, batch, t_real, empty_row=None)
     generated = _tokens(gen, batch, t_gen, empty_row=1)  # an empty generation (e.g. immediate EOS masked)
     ref_real = (real.double().sum(-1) + 3 * torch.randn(batch, generator=gen, dtype=torch.float64)).float()
-    ref_gen = (
-        generated.double().sum(-1) + 3 * torch.randn(batch, generator=gen, dtype=torch.float64)
-    ).float()
+    ref_gen = (generated.double().sum(-1) + 3 * torch.randn(batch, generator=gen, dtype=torch.float64)).float()
     if batch >= 3:
         # an exact tie (dyadic values, so every summation order agrees): not counted as accurate
         real[2] = 0.0
@@ -454,9 +451,7 @@ def test_spin_gradient_into_one_side_only(kernel: str, monkeypatch) -> None:
     x_gen = generated.clone().to(device).requires_grad_()
     loss, _ = losses.spin_loss(real.to(device), x_gen, ref_real.to(device), ref_gen.to(device), beta=0.5)
     loss.backward()
-    _, (_, exp_gg), _ = spin_expected(
-        real, generated, ref_real, ref_gen, beta=0.5, normalizer=None, upstream=1.0
-    )
+    _, (_, exp_gg), _ = spin_expected(real, generated, ref_real, ref_gen, beta=0.5, normalizer=None, upstream=1.0)
     _close(x_gen.grad, exp_gg, rtol=1e-5, atol=1e-8, what=lambda m: f"generated grad: {m}")
 
 
@@ -502,9 +497,7 @@ def test_bf16_on_cpu(kernel: str, monkeypatch) -> None:
 @pytest.mark.parametrize("batch", [8, 37])  # one program (one launch) / several programs + finishing kernel
 def test_bf16_on_gpu_matches_float64(batch: int, monkeypatch) -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip(
-            "the Triton interpreter is on in this process (it mishandles bf16); run `pytest -m gpu` alone"
-        )
+        pytest.skip("the Triton interpreter is on in this process (it mishandles bf16); run `pytest -m gpu` alone")
     monkeypatch.delenv("FABRIC_ALIGN_KERNELS", raising=False)  # CUDA tensors -> Triton by default
     gen = torch.Generator().manual_seed(batch)
     tokens = _tokens(gen, batch, 777).bfloat16()
@@ -532,9 +525,7 @@ def test_bf16_on_gpu_matches_float64(batch: int, monkeypatch) -> None:
 
     real, generated = _tokens(gen, batch, 513, None).bfloat16(), _tokens(gen, batch, 300).bfloat16()
     ref_real = (real.double().sum(-1) + 2 * torch.randn(batch, generator=gen, dtype=torch.float64)).float()
-    ref_gen = (
-        generated.double().sum(-1) + 2 * torch.randn(batch, generator=gen, dtype=torch.float64)
-    ).float()
+    ref_gen = (generated.double().sum(-1) + 2 * torch.randn(batch, generator=gen, dtype=torch.float64)).float()
     x_real, x_gen = real.cuda().requires_grad_(), generated.cuda().requires_grad_()
     loss, metrics = losses.spin_loss(x_real, x_gen, ref_real.cuda(), ref_gen.cuda(), beta=0.3)
     loss.backward()
