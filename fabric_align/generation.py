@@ -1,7 +1,7 @@
 """Sampling from the policy, for SPIN's self-play phase.
 
-- ``unsharded_copy``: one plain (unsharded, LoRA-merged) copy of the policy per rank, gathered once per
-  generation phase, so decoding never triggers FSDP all-gathers per step.
+- ``opponent_model``: the policy as one plain model per rank (for FSDP2 and LoRA a copy, gathered once per
+  generation phase and merged), so decoding never triggers FSDP all-gathers per step.
 - ``generate``: batched decoding with a KV cache, left padding, stop at EOS, temperature and top-p. The random
   draw for prompt ``i`` at position ``t`` is a hash of ``(seed, i, t, token)``, so a prompt's sample does not
   depend on which rank or batch it lands in: 1 and N processes generate the same answers.
@@ -23,16 +23,20 @@ _MASK32 = 0xFFFFFFFF
 
 
 @torch.no_grad()
-def unsharded_copy(fabric: Fabric, policy: nn.Module) -> nn.Module:
-    """A plain Hugging Face model on this rank's device holding the policy's current weights (adapters merged)."""
+def opponent_model(fabric: Fabric, policy: nn.Module) -> nn.Module:
+    """A plain, whole Hugging Face model with the policy's current weights, for generation and scoring.
+
+    Sharded (FSDP2) or LoRA policies get a copy on this rank's device: gathered once, adapters merged, so
+    decoding runs without per-step all-gathers or adapter overhead. A policy that is already whole is used as it
+    is (no copy, no extra memory); the caller puts it back in train mode afterwards.
+    """
     inner = policy.model  # PolicyLogprobs -> the (peft) model
     sharded = any(hasattr(p, "full_tensor") for p in policy.parameters())
     if not sharded and not hasattr(inner, "peft_config"):
-        clone = copy.deepcopy(hf_model(inner))
-    else:
-        state = _gather_full(fabric, policy) if sharded else {k: v for k, v in policy.state_dict().items()}
-        state = {k.removeprefix("model."): v for k, v in state.items()}
-        clone = _rebuild(inner, state)
+        return hf_model(inner).eval()
+    state = _gather_full(fabric, policy) if sharded else dict(policy.state_dict())
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    clone = _rebuild(inner, state)
     clone.requires_grad_(False)
     return clone.eval().to(fabric.device)
 

@@ -34,7 +34,7 @@ from fabric_align.data import (
     require_text,
     shard_evenly,
 )
-from fabric_align.generation import rollout, unsharded_copy
+from fabric_align.generation import opponent_model, rollout
 from fabric_align.kernels import spin_loss
 from fabric_align.modeling import PolicyLogprobs
 from fabric_align.trainer import (
@@ -189,7 +189,7 @@ class SelfPlay:
         return data
 
     def make(self, t: int) -> dict[str, Any]:
-        opponent = unsharded_copy(self.fabric, self.policy)
+        opponent = opponent_model(self.fabric, self.policy)
         splits = {"train": self.train} | ({"val": self.val} if self.val else {})
         generated = {}
         for name, split in splits.items():
@@ -224,6 +224,7 @@ class SelfPlay:
             desc=f"iteration {t}: score",
         )
         del scorer, opponent
+        self.policy.train()
         ref, offset = {}, 0
         for name in [*splits, "previous"] if "previous" in generated else splits:
             n = len(generated[name])
