@@ -48,6 +48,7 @@ import platform
 import random
 import resource
 import shutil
+import statistics
 import string
 import subprocess
 import sys
@@ -121,6 +122,7 @@ class StepClock:
     def __init__(self, device: str) -> None:
         self.device = device
         self.ends: list[float] = []
+        self.cpu_ends: list[float] = []  # CPU seconds of this process (all threads)
         self.tokens: list[int] = []
         self.peak_mib = 0.0
 
@@ -130,6 +132,7 @@ class StepClock:
 
             torch.cuda.synchronize()
         self.ends.append(time.perf_counter())
+        self.cpu_ends.append(time.process_time())
         self.tokens.append(int(tokens))
         if self.device == "cuda":
             import torch
@@ -142,6 +145,7 @@ class StepClock:
         if len(self.ends) < 2:
             raise RuntimeError(f"need at least 2 steps to time steps 2..N, got {len(self.ends)}")
         train_s = self.ends[-1] - self.ends[0]
+        cpu_s = self.cpu_ends[-1] - self.cpu_ends[0]
         timed_tokens = sum(self.tokens[1:])
         return {
             "steps": len(self.ends),
@@ -150,6 +154,8 @@ class StepClock:
             "timed_tokens": timed_tokens,
             "train_s": train_s,
             "tokens_per_s": timed_tokens / train_s,
+            "cpu_s": cpu_s,
+            "tokens_per_cpu_s": timed_tokens / cpu_s,
             "step_s": [b - a for a, b in zip(self.ends, self.ends[1:], strict=False)],
             "tokens_per_step": self.tokens,
         }
@@ -288,8 +294,9 @@ def worker_trl(cfg: dict[str, Any], *, precompute: bool) -> dict[str, Any]:
         adam_beta1=0.9,
         adam_beta2=0.95,
         max_grad_norm=1.0,
-        # Same optimizer as fabric-align: torch AdamW, fused on CUDA, the default (foreach) implementation on CPU.
-        optim="adamw_torch_fused" if cfg["device"] == "cuda" else "adamw_torch",
+        # TRL's default optimizer, torch AdamW (fused implementation, on CPU too); fabric-align uses torch AdamW as
+        # well (fused on CUDA, the default for-loop implementation on CPU). Same algorithm and hyperparameters.
+        optim="adamw_torch_fused",
         bf16=cfg["bf16"],
         gradient_checkpointing=cfg["activation_checkpointing"],
         max_length=cfg["seq_len"],
@@ -323,6 +330,10 @@ def worker_trl(cfg: dict[str, Any], *, precompute: bool) -> dict[str, Any]:
 
 
 def run_worker(name: str, cfg: dict[str, Any]) -> None:
+    if cfg.get("threads"):
+        import torch
+
+        torch.set_num_threads(cfg["threads"])
     if name == "fabric-align":
         result = worker_fabric_align(cfg)
     else:
@@ -397,8 +408,12 @@ def environment(device: str) -> dict[str, str]:
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
     try:
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "fabric_align", "kernels"], capture_output=True, text=True)
+        commit = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "fabric_align", "kernels"], capture_output=True, text=True
+        )
         info["commit"] = commit.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
     except OSError:
         pass
@@ -410,13 +425,16 @@ def _cpu_model() -> str:
         with open("/proc/cpuinfo") as f:
             fields = dict(line.split(":", 1) for line in f if ":" in line)
         fields = {k.strip(): v.strip() for k, v in fields.items()}
-        return f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
+        family, model = fields.get("cpu family", "?"), fields.get("model", "?")
+        return f"{fields.get('model name', '?')} (family {family}, model {model})"
     except OSError:
         return platform.processor() or "unknown"
 
 
 def launch(name: str, cfg: dict[str, Any], log_path: Path) -> dict[str, Any]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false"
+    )
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--worker-config", json.dumps(cfg)]
     t = time.perf_counter()
     with log_path.open("w") as log:
@@ -431,56 +449,70 @@ def launch(name: str, cfg: dict[str, Any], log_path: Path) -> dict[str, Any]:
     return result
 
 
-def print_table(results: list[dict[str, Any]], device: str) -> str:
+def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median over rounds of every per-run figure (a framework's runs are its rounds)."""
+    out: dict[str, Any] = {"framework": runs[0]["framework"], "rounds": len(runs)}
+    for key in ("tokens_per_s", "tokens_per_cpu_s", "peak_mib", "baseline_mib", "time_to_first_step_s", "ref_pass_s"):
+        values = [r[key] for r in runs if r.get(key) is not None]
+        out[key] = statistics.median(values) if values else None
+    out["tokens_per_s_runs"] = [r["tokens_per_s"] for r in runs]
+    return out
+
+
+def table(results: list[dict[str, Any]], device: str) -> str:
     base = next((r for r in results if r["framework"] == "fabric-align"), None)
-    mem_label = "peak mem (MiB, HWM - after imports)" if device == "cpu" else "peak mem (MiB, max allocated)"
+    cpu = device == "cpu"
 
     def mem(r: dict[str, Any]) -> float:
-        return r["peak_mib"] - r["baseline_mib"] if device == "cpu" else r["peak_mib"]
+        return r["peak_mib"] - r["baseline_mib"] if cpu else r["peak_mib"]
 
-    header = ["framework", "tokens/s", mem_label]
-    if device == "cpu":
-        header.append("raw HWM (MiB)")
-    header += ["time to 1st step (s)", "ref pass (s)", "tok/s vs fabric-align", "mem vs fabric-align"]
+    header = ["framework", "tokens/s (median)", "tokens/s per round"]
+    header += ["tokens per CPU-second"] if cpu else []
+    header += (
+        ["peak memory, MiB (HWM - after imports)", "raw HWM, MiB"] if cpu else ["peak memory, MiB (max allocated)"]
+    )
+    header += ["time to 1st step, s", "of which reference pass, s"]
+    if base:
+        header += ["fabric-align / this: tokens/s"]
+        header += ["fabric-align / this: tokens per CPU-s"] if cpu else []
+        header += ["fabric-align / this: memory", "fabric-align / this: 1st step"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
-        row = [r["framework"], f"{r['tokens_per_s']:.0f}", f"{mem(r):.0f}"]
-        if device == "cpu":
-            row.append(f"{r['peak_mib']:.0f}")
-        row += [f"{r['time_to_first_step_s']:.1f}", "-" if r.get("ref_pass_s") is None else f"{r['ref_pass_s']:.1f}"]
+        row = [r["framework"], f"{r['tokens_per_s']:.0f}", ", ".join(f"{v:.0f}" for v in r["tokens_per_s_runs"])]
+        row += [f"{r['tokens_per_cpu_s']:.0f}"] if cpu else []
+        row += [f"{mem(r):.0f}", f"{r['peak_mib']:.0f}"] if cpu else [f"{mem(r):.0f}"]
+        row += [f"{r['time_to_first_step_s']:.1f}", "-" if r["ref_pass_s"] is None else f"{r['ref_pass_s']:.1f}"]
         if base:
-            row += [f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x", f"{mem(r) / mem(base):.2f}x"]
-        else:
-            row += ["-", "-"]
+            row += [f"{base['tokens_per_s'] / r['tokens_per_s']:.2f}x"]
+            row += [f"{base['tokens_per_cpu_s'] / r['tokens_per_cpu_s']:.2f}x"] if cpu else []
+            row += [
+                f"{mem(base) / mem(r):.2f}x",
+                f"{base['time_to_first_step_s'] / r['time_to_first_step_s']:.2f}x",
+            ]
         lines.append("| " + " | ".join(row) + " |")
-    if base:
-        lines.append("")
-        lines.append("fabric-align / TRL:")
-        for r in results:
-            if r is base:
-                continue
-            lines.append(
-                f"- vs {r['framework']}: tokens/s {base['tokens_per_s'] / r['tokens_per_s']:.2f}x, "
-                f"peak memory {mem(base) / mem(r):.2f}x (raw HWM {base['peak_mib'] / r['peak_mib']:.2f}x), "
-                f"time to first step {base['time_to_first_step_s'] / r['time_to_first_step_s']:.2f}x"
-            )
-    text = "\n".join(lines)
-    print(text)
-    return text
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--config", choices=sorted(CONFIGS), default=None, help="default: llama-small on CPU, qwen0.5b on CUDA")
+    parser.add_argument(
+        "--config", choices=sorted(CONFIGS), default=None, help="default: llama-small on CPU, qwen0.5b on CUDA"
+    )
     parser.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS, default=list(FRAMEWORKS))
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 5 on CPU, 12 on CUDA)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="optimizer steps per run (default: 4 on CPU, 12 on CUDA)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="runs per framework, in alternating order; the table shows medians"
+    )
     parser.add_argument("--global-batch", type=int, default=None, help="default: 8 on CPU, 32 on CUDA")
     parser.add_argument("--micro-batch", type=int, default=None, help="default: 4 on CPU, 8 on CUDA")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--activation-checkpointing", action="store_true", help="recompute layers in both frameworks")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--work-dir", type=Path, default=None, help="default: a temporary directory, removed after")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
@@ -493,11 +525,11 @@ def main() -> None:
 
     cuda = args.device == "cuda"
     config = args.config or ("qwen0.5b" if cuda else "llama-small")
-    steps = args.steps or (12 if cuda else 5)
+    steps = args.steps or (12 if cuda else 4)
     global_batch = args.global_batch or (32 if cuda else 8)
     micro_batch = args.micro_batch or (8 if cuda else 4)
-    if steps < 2 or global_batch % micro_batch or micro_batch < 2:
-        parser.error("need --steps >= 2, --micro-batch >= 2 (TRL's KL term) dividing --global-batch")
+    if steps < 2 or global_batch % micro_batch or micro_batch < 2 or args.rounds < 1:
+        parser.error("need --steps >= 2, --rounds >= 1, --micro-batch >= 2 (TRL's KL term) dividing --global-batch")
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="kto-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -513,43 +545,56 @@ def main() -> None:
         data_trl.write_text("".join(json.dumps(rows[i]) + "\n" for i in order))
 
         env = environment(args.device)
+        env["torch_threads"] = str(args.threads) if args.threads else f"{env['torch_threads']} (default)"
         setting = (
             f"{config} ({n_params / 1e6:.1f}M parameters), {'bf16' if cuda else 'fp32'}, {args.device}, "
             f"global batch {global_batch}, micro-batch {micro_batch}, max length {args.seq_len}, {steps} steps "
             f"(tokens/s over steps 2..{steps}), {n} examples, activation checkpointing "
-            f"{'on' if args.activation_checkpointing else 'off'}"
+            f"{'on' if args.activation_checkpointing else 'off'}, {args.rounds} round(s), torch threads "
+            f"{args.threads or 'default'}"
         )
         print(setting)
         print(json.dumps(env))
-        results = []
-        for name in args.frameworks:
-            cfg = {
-                "device": args.device,
-                "bf16": cuda,
-                "model_dir": str(model_dir),
-                "data": str(data),
-                "data_trl": str(data_trl),
-                "out_dir": str(work / f"out-{name}"),
-                "seq_len": args.seq_len,
-                "global_batch": global_batch,
-                "micro_batch": micro_batch,
-                "steps": steps,
-                "lr": args.lr,
-                "seed": args.seed,
-                "activation_checkpointing": args.activation_checkpointing,
-            }
-            print(f"running {name} ...", flush=True)
-            result = launch(name, cfg, work / f"{name}.log")
-            print(
-                f"  {name}: {result['tokens_per_s']:.0f} tokens/s, step times "
-                + ", ".join(f"{s:.1f}" for s in result["step_s"])
-                + f" s, tokens/step {result['tokens_per_step']}, process {result['process_wall_s']:.0f} s",
-                flush=True,
-            )
-            results.append(result)
-        table = print_table(results, args.device)
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in args.frameworks}
+        for round_index in range(args.rounds):
+            names = list(args.frameworks) if round_index % 2 == 0 else list(reversed(args.frameworks))
+            for name in names:
+                cfg = {
+                    "device": args.device,
+                    "bf16": cuda,
+                    "model_dir": str(model_dir),
+                    "data": str(data),
+                    "data_trl": str(data_trl),
+                    "out_dir": str(work / f"out-{name}-{round_index}"),  # fresh: no reference cache, no checkpoints
+                    "seq_len": args.seq_len,
+                    "global_batch": global_batch,
+                    "micro_batch": micro_batch,
+                    "steps": steps,
+                    "lr": args.lr,
+                    "seed": args.seed,
+                    "activation_checkpointing": args.activation_checkpointing,
+                    "threads": args.threads,
+                }
+                load_before = os.getloadavg()[0]
+                result = launch(name, cfg, work / f"{name}-{round_index}.log")
+                result["loadavg_1min"] = [load_before, os.getloadavg()[0]]
+                print(
+                    f"round {round_index} {name}: {result['tokens_per_s']:.0f} tokens/s, steps 2..{steps}: "
+                    + ", ".join(f"{s:.1f}" for s in result["step_s"])
+                    + f" s; tokens/step {result['tokens_per_step']}; first step at "
+                    f"{result['time_to_first_step_s']:.1f} s; {result['tokens_per_cpu_s']:.0f} tokens per CPU-s; "
+                    f"process {result['process_wall_s']:.0f} s; "
+                    f"1-min load average {load_before:.1f} -> {result['loadavg_1min'][1]:.1f}",
+                    flush=True,
+                )
+                runs[name].append(result)
+        results = [aggregate(runs[name]) for name in args.frameworks]
+        text = table(results, args.device)
+        print(text)
         if args.json:
-            args.json.write_text(json.dumps({"setting": setting, "env": env, "results": results, "table": table}, indent=2))
+            args.json.write_text(
+                json.dumps({"setting": setting, "env": env, "runs": runs, "results": results, "table": text}, indent=2)
+            )
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)

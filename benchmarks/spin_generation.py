@@ -120,7 +120,9 @@ def timed(fn: Callable[[], list[list[int]]], device: str) -> tuple[float, list[l
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--config", choices=sorted(CONFIGS), default=None, help="default: llama-small on CPU, qwen0.5b on CUDA")
+    parser.add_argument(
+        "--config", choices=sorted(CONFIGS), default=None, help="default: llama-small on CPU, qwen0.5b on CUDA"
+    )
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--min-prompt", type=int, default=32)
@@ -129,9 +131,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=["sample", "greedy"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cuda = args.device == "cuda"
     config = args.config or ("qwen0.5b" if cuda else "llama-small")
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -139,10 +144,11 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     prompts = make_prompts(args.prompts, args.min_prompt, args.max_prompt, args.seed)
     env = environment(args.device)
+    env["torch_threads"] = str(torch.get_num_threads())
     setting = (
         f"{config} ({n_params / 1e6:.1f}M parameters), {str(dtype).removeprefix('torch.')}, {args.device}, "
         f"{args.prompts} prompts of {args.min_prompt}-{args.max_prompt} tokens, batch size {args.batch_size}, "
-        f"max_new_tokens {args.max_new_tokens}, {args.rounds} rounds"
+        f"max_new_tokens {args.max_new_tokens}, {args.rounds} rounds, torch threads {torch.get_num_threads()}"
     )
     print(setting)
     print(json.dumps(env))
@@ -162,7 +168,8 @@ def main() -> None:
             for name in names:
                 fn = METHODS[name]
                 seconds, out = timed(
-                    lambda fn=fn: fn(model, prompts, MODES[mode], args.batch_size, args.max_new_tokens), args.device
+                    lambda fn=fn, mode=mode: fn(model, prompts, MODES[mode], args.batch_size, args.max_new_tokens),
+                    args.device,
                 )
                 times[name].append(seconds)
                 tokens[name] = sum(len(o) for o in out)
@@ -171,7 +178,12 @@ def main() -> None:
         row = {}
         for name in METHODS:
             median = statistics.median(times[name])
-            row[name] = {"seconds": median, "tokens": tokens[name], "tokens_per_s": tokens[name] / median, "all": times[name]}
+            row[name] = {
+                "seconds": median,
+                "tokens": tokens[name],
+                "tokens_per_s": tokens[name] / median,
+                "all": times[name],
+            }
         if mode == "greedy":
             a, b = outputs["fabric-align"], outputs["hf"]
             same = sum(x == y for x, y in zip(a, b, strict=True))

@@ -94,10 +94,11 @@ def load_model(args: ModelArgs, *, dtype: torch.dtype, seed: int) -> nn.Module:
         if args.quantize == "4bit":
             from transformers import BitsAndBytesConfig
 
-            # NF4 with double quantization (QLoRA). The matmuls run in the training dtype (bf16 with bf16-true; fp32
-            # with 32-true, the CPU default), and the packed 4-bit bytes are stored in that same dtype: a uniform
-            # parameter dtype is what FSDP needs, and Fabric's bf16-true plugin casts the whole module with
-            # `module.to(dtype)`, which would turn uint8 storage into numbers.
+            # NF4 with double quantization (QLoRA). The matmuls run in the parameter dtype (bf16 with bf16-true; fp32
+            # with 32-true and the mixed precisions, whose autocast then lowers them to bf16/fp16), and the packed
+            # 4-bit bytes are stored in that same dtype: a uniform parameter dtype is what FSDP needs, and Fabric's
+            # bf16-true plugin casts the whole module with `module.to(dtype)`, which would turn uint8 storage into
+            # numbers.
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True,
                 bnb_4bit_quant_type="nf4",
