@@ -111,7 +111,8 @@ def full_state_dict(fabric: Fabric, module: nn.Module) -> dict[str, torch.Tensor
     if fabric.world_size > 1 and any(hasattr(p, "full_tensor") for p in module.parameters()):
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_model_state_dict(module, options=options)
-    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    # Copies, also on CPU: the export merges LoRA into these tensors and must not touch the live weights.
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
 def export_hf(fabric: Fabric, policy: nn.Module, tokenizer: Any, out_dir: Path, *, merge_lora: bool) -> Path:

@@ -1,7 +1,7 @@
 """Sampling from the policy, for SPIN's self-play phase.
 
-- ``opponent_model``: the policy as one plain model per rank (for FSDP2 and LoRA a copy, gathered once per
-  generation phase and merged), so decoding never triggers FSDP all-gathers per step.
+- ``opponent_model``: the policy as one whole model per rank (under FSDP2 a copy gathered once per generation
+  phase, LoRA merged), so decoding never triggers FSDP all-gathers per step.
 - ``generate``: batched decoding with a KV cache, left padding, stop at EOS, temperature and top-p. The random
   draw for prompt ``i`` at position ``t`` is a hash of ``(seed, i, t, token)``, so a prompt's sample does not
   depend on which rank or batch it lands in: 1 and N processes generate the same answers.
@@ -24,18 +24,18 @@ _MASK32 = 0xFFFFFFFF
 
 @torch.no_grad()
 def opponent_model(fabric: Fabric, policy: nn.Module) -> nn.Module:
-    """A plain, whole Hugging Face model with the policy's current weights, for generation and scoring.
+    """A whole Hugging Face model with the policy's current weights, for generation and scoring.
 
-    Sharded (FSDP2) or LoRA policies get a copy on this rank's device: gathered once, adapters merged, so
-    decoding runs without per-step all-gathers or adapter overhead. A policy that is already whole is used as it
-    is (no copy, no extra memory); the caller puts it back in train mode afterwards.
+    An FSDP2-sharded policy is gathered once into a plain copy on this rank's device (LoRA merged into the copy),
+    so decoding runs without an all-gather per step. A policy that is already whole (single device, DDP; full,
+    LoRA or QLoRA) is used as it is, adapters active: no copy, no extra memory, and nothing is ever merged into
+    the frozen base. The caller puts it back in train mode afterwards.
     """
     inner = policy.model  # PolicyLogprobs -> the (peft) model
-    sharded = any(hasattr(p, "full_tensor") for p in policy.parameters())
-    if not sharded and not hasattr(inner, "peft_config"):
+    if not any(hasattr(p, "full_tensor") for p in policy.parameters()):
         return hf_model(inner).eval()
-    state = _gather_full(fabric, policy) if sharded else dict(policy.state_dict())
-    state = {k.removeprefix("model."): v for k, v in state.items()}
+    # Freshly gathered tensors: merging into the copy cannot touch the policy's own shards.
+    state = {k.removeprefix("model."): v for k, v in _gather_full(fabric, policy).items()}
     clone = _rebuild(inner, state)
     clone.requires_grad_(False)
     return clone.eval().to(fabric.device)

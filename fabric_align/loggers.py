@@ -102,6 +102,8 @@ class MetricLogger:
                 resume="allow",
                 mode=wandb_mode(),
             )
+            # Under a sweep agent W&B picks the run id itself: remember the real one for resuming.
+            id_file.write_text(self.wandb_run.id)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if not self.active:

@@ -419,7 +419,7 @@ def setup(
         seed: Seed for initialization, data order and sampling.
         devices: Devices (processes) per node.
         num_nodes: Number of nodes.
-        precision: ``32-true``, ``bf16-true``, ``bf16-mixed`` or ``16-mixed`` (default: bf16-true on GPUs with
+        precision: ``32-true``, ``bf16-true``, ``bf16-mixed`` or ``16-mixed`` (default: bf16-mixed on GPUs with
             bf16, else 32-true).
         strategy: ``fsdp`` (FSDP2, one unit per decoder layer), ``ddp`` or ``auto``.
         resume: ``auto`` continues from the newest complete checkpoint in out_dir; or a checkpoint directory.

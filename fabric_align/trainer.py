@@ -44,7 +44,9 @@ class ConfigError(ValueError):
 
 # ------------------------------------------------------------------------------------------------------- setup
 def default_precision() -> str:
-    return "bf16-true" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+    # Mixed, not bf16-true: with bf16 weights most AdamW updates at alignment learning rates (5e-7..5e-6) round
+    # to nothing; bf16-mixed keeps fp32 master weights and computes in bf16.
+    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
 
 
 def resolve_launch(devices: int | str, num_nodes: int, precision: str | None, strategy: str) -> dict[str, Any]:
@@ -411,6 +413,11 @@ def prepare_job(
         raise ConfigError(f"data.max_length={data.max_length}: must be at least 2")
     launch = resolve_launch(devices, num_nodes, precision, strategy)
     check_batch_sizes(train, launch["world_size"])
+    if launch["strategy"] == "fsdp" and train.optimizer != "adamw":
+        raise ConfigError(
+            f"train.optimizer={train.optimizer}: bitsandbytes optimizers cannot step FSDP2's sharded "
+            "(DTensor) parameters; use train.optimizer=adamw with strategy=fsdp, or strategy=ddp"
+        )
     resume_path = find_resume_path(out_dir, resume)
     if resume_path is None:
         check_out_dir(out_dir, resume)

@@ -173,12 +173,6 @@ def test_qlora_resume_continues_exactly(tiny_with_weights: Path, qlora_run: tupl
         assert torch.equal(got[key], value), key
 
 
-@pytest.mark.xfail(
-    raises=RuntimeError,
-    strict=True,
-    reason="SPIN's self-play phase copies a LoRA policy into a plain model to merge the adapter "
-    "(generation.opponent_model), which cannot take a 4-bit base's state dict",
-)
 def test_spin_qlora_trains(tiny_with_weights: Path, tmp_path: Path) -> None:
     run_cli(
         spin.setup,

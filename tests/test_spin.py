@@ -133,19 +133,12 @@ def test_fsdp2_two_processes_generate_and_train_like_one(tmp_path: Path) -> None
         )
 
 
-def test_lora_spin_uses_a_merged_opponent(tmp_path: Path) -> None:
+def test_lora_spin_trains_the_adapter_and_keeps_the_base(tmp_path: Path) -> None:
+    from fabric_align.args import ModelArgs
+    from fabric_align.modeling import load_model
+
     out = tmp_path / "out"
-    run_cli(
-        spin.setup,
-        [
-            *SHORT,
-            "--model.lora.r=4",
-            "--train.lr=1e-2",
-            "--spin.iterations=2",
-            "--train.save_interval=null",
-            f"--out_dir={out}",
-        ],
-    )
+    run_cli(spin.setup, [*SHORT, "--model.lora.r=4", "--train.lr=1e-2", "--train.save_interval=8", f"--out_dir={out}"])
     assert (out / "final" / "adapter_model.safetensors").is_file()
     # Iteration 1's opponent is the adapted policy: its scores differ from iteration 0's (the base model).
     ref0 = torch.load(out / "iter-0" / "pairs.pt", weights_only=False)["ref"]["train"]["real"]
@@ -153,6 +146,13 @@ def test_lora_spin_uses_a_merged_opponent(tmp_path: Path) -> None:
     assert (ref1 - ref0).abs().max() > 1e-3
     nll = column(read_metrics(out), "val/nll")
     assert nll[-1] < nll[0]
+    # Generating with the adapted policy never merged the adapter into the frozen base.
+    state = torch.load(out / "step-000008" / "state", weights_only=False)["model"]
+    base = load_model(ModelArgs(), dtype=torch.float32, seed=42).state_dict()
+    for key, value in state.items():
+        if "lora_" not in key:
+            plain = key.removeprefix("model.base_model.model.").replace(".base_layer", "")
+            assert torch.equal(value, base[plain]), key
 
 
 def test_mix_previous_trains_on_both_iterations(tmp_path: Path) -> None:
