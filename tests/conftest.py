@@ -10,8 +10,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # The Triton kernels run under Triton's interpreter on CPU. The switch must be set before anything imports
+    # triton (transformers, peft and lightning do, through the trainer's imports): @triton.jit reads it when a
+    # function is defined. `import torch` alone does not import triton. On a GPU the kernels run compiled.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# One thread: the tiny model gains nothing from two, and with any other busy process on a 2-core machine two
+# OpenMP threads make small matmuls tens of times slower. Subprocess runs get OMP_NUM_THREADS=1 below.
+torch.set_num_threads(1)
+
+import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # Small, fast settings for the tiny model; tests add what they check.
