@@ -9,8 +9,12 @@ the workers and prints one table, so the ratios come from one run.
 Same for every framework: the weights (loaded from the same directory), the data rows and the order in which
 optimizer steps visit them (TRL reads the rows in the order fabric-align's seeded plan visits them, so step s
 trains on the same examples in both), global and micro batch (gradient accumulation), maximum length, precision,
-attention implementation (sdpa), optimizer (torch AdamW, same lr, betas, weight decay 0, clipping at 1.0), no
-activation checkpointing (``--activation-checkpointing`` turns it on in both), KTO loss ``kto`` with beta 0.1.
+attention implementation (sdpa), torch AdamW with the same lr, betas, weight decay 0 and clipping at 1.0 (each
+framework's own choice of implementation: TRL's default ``adamw_torch_fused``; fabric-align fused on CUDA and the
+default for-loop implementation on CPU), no activation checkpointing (``--activation-checkpointing`` turns it on in
+both; TRL's own default would turn it on), KTO loss ``kto`` with beta 0.1. Everything else is each framework's
+default: in particular TRL's fused LM head, which on devices without Triton scores every position (prompt and
+padding included), and fabric-align's, which scores completion tokens only.
 
 What is measured, identically for every framework:
 
@@ -22,17 +26,25 @@ What is measured, identically for every framework:
 - peak memory: CPU: the process's resident-set high-water mark (``VmHWM``) at the end of step N, minus the resident
   set right after imports (before any model is built), since the libraries each framework imports differ; the raw
   high-water mark is printed too. CUDA: ``torch.cuda.max_memory_allocated()`` at the end of step N.
+- tokens per CPU-second (CPU only): the same tokens divided by the process's CPU time (all threads) over the same
+  window; less sensitive to other jobs on a shared machine, best read with ``--threads 1`` (no spinning threads).
 - time to first step: wall time from calling the framework's entry (imports done) to the end of optimizer step 1:
-  model loading, tokenization, the reference pass where there is one, and step 1 itself.
+  model loading, tokenization, the reference pass where there is one, and step 1 itself. Time to last step: the
+  same to the end of step N (the whole run but the final export).
+
+Every framework runs ``--rounds`` times (default 2), in alternating order; the table shows the median of each
+figure over the rounds, the per-round tokens/s, and the ratios fabric-align / framework. Each run's step times and
+the 1-minute load average before and after it are printed, since other jobs on the machine distort timings.
 
 fabric-align computes the reference log-probs of every example and every KL pair once, before training (and keeps
 no reference model); TRL by default keeps a reference model and runs it on every micro-batch (``trl`` row);
 ``trl-precompute`` is TRL with ``precompute_ref_log_probs=True``, which, like fabric-align, scores the whole data
 set with the reference first and keeps no reference model.
 
-    python benchmarks/kto_step.py                                  # CPU: llama-small (44.6M), fp32, 5 steps
-    python benchmarks/kto_step.py --device cuda --config qwen0.5b  # GPU: Qwen2.5-0.5B shapes, bf16
-    python benchmarks/kto_step.py --frameworks fabric-align trl --steps 4 --json results.json
+    python benchmarks/kto_step.py                                  # CPU: llama-small (44.6M), fp32, 4 steps x 2 rounds
+    python benchmarks/kto_step.py --threads 1                      # the same with one torch thread per process
+    python benchmarks/kto_step.py --device cuda --config qwen0.5b  # GPU: Qwen2.5-0.5B shapes, bf16, 12 steps
+    python benchmarks/kto_step.py --frameworks fabric-align trl --rounds 1 --json results.json
 
 The data set has ``steps * global_batch`` examples, so the reference pass scores exactly the data the timed run
 trains on (2 * steps * global_batch sequences).
@@ -150,6 +162,7 @@ class StepClock:
         return {
             "steps": len(self.ends),
             "time_to_first_step_s": self.ends[0] - t_entry,
+            "time_to_last_step_s": self.ends[-1] - t_entry,
             "timed_steps": len(self.ends) - 1,
             "timed_tokens": timed_tokens,
             "train_s": train_s,
@@ -452,7 +465,8 @@ def launch(name: str, cfg: dict[str, Any], log_path: Path) -> dict[str, Any]:
 def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Median over rounds of every per-run figure (a framework's runs are its rounds)."""
     out: dict[str, Any] = {"framework": runs[0]["framework"], "rounds": len(runs)}
-    for key in ("tokens_per_s", "tokens_per_cpu_s", "peak_mib", "baseline_mib", "time_to_first_step_s", "ref_pass_s"):
+    keys = ("tokens_per_s", "tokens_per_cpu_s", "peak_mib", "baseline_mib", "time_to_first_step_s", "ref_pass_s")
+    for key in (*keys, "time_to_last_step_s"):
         values = [r[key] for r in runs if r.get(key) is not None]
         out[key] = statistics.median(values) if values else None
     out["tokens_per_s_runs"] = [r["tokens_per_s"] for r in runs]
@@ -471,7 +485,7 @@ def table(results: list[dict[str, Any]], device: str) -> str:
     header += (
         ["peak memory, MiB (HWM - after imports)", "raw HWM, MiB"] if cpu else ["peak memory, MiB (max allocated)"]
     )
-    header += ["time to 1st step, s", "of which reference pass, s"]
+    header += ["time to 1st step, s", "of which reference pass, s", "time to last step, s"]
     if base:
         header += ["fabric-align / this: tokens/s"]
         header += ["fabric-align / this: tokens per CPU-s"] if cpu else []
@@ -482,6 +496,7 @@ def table(results: list[dict[str, Any]], device: str) -> str:
         row += [f"{r['tokens_per_cpu_s']:.0f}"] if cpu else []
         row += [f"{mem(r):.0f}", f"{r['peak_mib']:.0f}"] if cpu else [f"{mem(r):.0f}"]
         row += [f"{r['time_to_first_step_s']:.1f}", "-" if r["ref_pass_s"] is None else f"{r['ref_pass_s']:.1f}"]
+        row += [f"{r['time_to_last_step_s']:.1f}"]
         if base:
             row += [f"{base['tokens_per_s'] / r['tokens_per_s']:.2f}x"]
             row += [f"{base['tokens_per_cpu_s'] / r['tokens_per_cpu_s']:.2f}x"] if cpu else []

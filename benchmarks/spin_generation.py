@@ -9,7 +9,12 @@ Generated tokens/s = generated tokens (up to and including EOS; with random weig
 nearly every answer is ``max_new_tokens`` long) / wall time of the whole call. Methods alternate within each
 round; the table shows the median over rounds. Greedy outputs are compared token by token as a sanity check.
 
-    python benchmarks/spin_generation.py                          # CPU: llama-small, fp32
+Wall time of the whole call includes the prefill (prompts of 32-128 tokens) as well as the decode steps. Small
+decode steps are sensitive to other jobs on a shared CPU (threads waiting for each other); ``--threads 1`` gives
+steadier numbers there.
+
+    python benchmarks/spin_generation.py                          # CPU: llama-small, fp32, 32 prompts x 128 tokens
+    python benchmarks/spin_generation.py --threads 1              # one torch thread
     python benchmarks/spin_generation.py --device cuda --config qwen0.5b --prompts 256 --batch-size 64
 """
 
