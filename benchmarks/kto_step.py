@@ -545,6 +545,14 @@ def main() -> None:
     micro_batch = args.micro_batch or (8 if cuda else 4)
     if steps < 2 or global_batch % micro_batch or micro_batch < 2 or args.rounds < 1:
         parser.error("need --steps >= 2, --rounds >= 1, --micro-batch >= 2 (TRL's KL term) dividing --global-batch")
+    if any(name.startswith("trl") for name in args.frameworks):
+        import importlib.util
+
+        if importlib.util.find_spec("trl") is None:
+            parser.error(
+                "TRL is not installed (it is not a dependency of fabric-align): `pip install --no-deps trl` into "
+                "this environment (then `pip check`), or pass --frameworks fabric-align"
+            )
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="kto-bench-"))
     work.mkdir(parents=True, exist_ok=True)
