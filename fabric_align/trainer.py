@@ -104,8 +104,9 @@ def _count_devices(devices: int | str, accelerator: str) -> int:
     return devices
 
 
-def make_fabric(launch: dict[str, Any], loggers: Sequence[Any] = ()) -> Fabric:
-    fabric = Fabric(**launch["fabric"], loggers=list(loggers))
+def make_fabric(launch: dict[str, Any]) -> Fabric:
+    # Metrics go through MetricLogger (rank 0 only), not Fabric's loggers.
+    fabric = Fabric(**launch["fabric"])
     if not _is_using_cli():
         fabric.launch()
     return fabric
