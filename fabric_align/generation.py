@@ -23,29 +23,50 @@ _MASK32 = 0xFFFFFFFF
 
 
 @torch.no_grad()
-def opponent_model(fabric: Fabric, policy: nn.Module) -> nn.Module:
+def opponent_model(fabric: Fabric, policy: nn.Module, compute_dtype: torch.dtype | None = None) -> nn.Module:
     """A whole Hugging Face model with the policy's current weights, for generation and scoring.
 
-    An FSDP2-sharded policy is gathered once into a plain copy on this rank's device (LoRA merged into the copy),
-    so decoding runs without an all-gather per step. A policy that is already whole (single device, DDP; full,
-    LoRA or QLoRA) is used as it is, adapters active: no copy, no extra memory, and nothing is ever merged into
-    the frozen base. The caller puts it back in train mode afterwards.
+    ``compute_dtype`` is the dtype the training forward computes in (the autocast dtype under mixed precision).
+    An FSDP2-sharded policy is gathered once, one parameter at a time, into a plain copy on this rank's device in
+    that dtype (LoRA merged into the copy first), so decoding runs without an all-gather per step. A whole full
+    model in wider weights (fp32 masters under bf16-mixed) is copied into that dtype too: under autocast, decoding
+    with the fp32 weights would re-cast every weight matrix at every token. Otherwise (single device or DDP with
+    weights already in that dtype, and whole LoRA/QLoRA models, whose frozen base must never be merged into) the
+    policy is used as it is, adapters active, with no extra memory. The caller puts it back in train mode.
     """
     inner = policy.model  # PolicyLogprobs -> the (peft) model
-    if not any(hasattr(p, "full_tensor") for p in policy.parameters()):
-        return hf_model(inner).eval()
-    # Freshly gathered tensors: merging into the copy cannot touch the policy's own shards.
-    state = {k.removeprefix("model."): v for k, v in _gather_full(fabric, policy).items()}
-    clone = _rebuild(inner, state)
+    base = hf_model(inner)
+    sharded = any(hasattr(p, "full_tensor") for p in policy.parameters())
+    whole_full_model = not hasattr(inner, "peft_config") and not getattr(base, "is_quantized", False)
+    narrower = compute_dtype is not None and any(
+        p.is_floating_point() and p.dtype != compute_dtype for p in policy.parameters()
+    )
+    if not sharded and not (whole_full_model and narrower):
+        return base.eval()
+    clone = _rebuild(inner, _full_state(fabric, inner, None if hasattr(inner, "peft_config") else compute_dtype))
+    if compute_dtype is not None:  # LoRA clones are merged in the master dtype, then narrowed
+        for parameter in clone.parameters():  # not .to(): rotary frequencies (buffers) stay in fp32
+            parameter.data = parameter.data.to(compute_dtype)
     clone.requires_grad_(False)
     return clone.eval().to(fabric.device)
 
 
-def _gather_full(fabric: Fabric, policy: nn.Module) -> dict[str, torch.Tensor]:
+def _full_state(fabric: Fabric, model: nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """``model``'s whole state dict as fresh tensors on this rank's device, cast to ``dtype`` one tensor at a time
+    so that the peak is the narrow copy plus one wide tensor."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    # Every rank needs the whole model: one all-gather per parameter, once per generation phase.
-    return get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+    live = {t.data_ptr() for t in [*model.parameters(), *model.buffers()] if not hasattr(t, "full_tensor")}
+    # Sharded DTensors with clean names; every rank gathers every parameter (one all-gather each, once per phase).
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=False))
+    full = {}
+    for name, tensor in state.items():
+        tensor = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor.detach().to(fabric.device)
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        # Always a fresh tensor: merging LoRA into the copy must not touch the policy's own weights.
+        full[name] = tensor.clone() if tensor.data_ptr() in live else tensor
+    return full
 
 
 def _rebuild(inner: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:

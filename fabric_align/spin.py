@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch import nn
 
 from fabric_align.args import DataArgs, LoggerArgs, ModelArgs, SPINArgs, TrainArgs
 from fabric_align.data import (
@@ -188,11 +189,36 @@ class SelfPlay:
         self.fabric.barrier()
         return data
 
+    def splits(self) -> dict[str, SFTData]:
+        return {"train": self.train} | ({"val": self.val} if self.val else {})
+
     def make(self, t: int) -> dict[str, Any]:
-        opponent = opponent_model(self.fabric, self.policy)
-        splits = {"train": self.train} | ({"val": self.val} if self.val else {})
+        # The opponent decodes in the training forward's compute precision (autocast under the mixed precisions, its
+        # weights in the autocast dtype): fast, and any sampler is a valid opponent. The reference log-probs come
+        # from the policy itself, the opponent at this point, so they are exactly what its training forward gives.
+        with self.fabric.autocast():
+            device = self.fabric.device.type
+            compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+            opponent = opponent_model(self.fabric, self.policy, compute_dtype)
+            generated = self.generate(t, opponent)
+        del opponent
+        self.policy.train()
+        scores = self.score(t, generated)
+        ref, offset = {}, 0
+        for name in generated:  # score() lays out the scores in this order
+            n = len(generated[name])
+            if name == "previous":
+                ref[name] = {"generated": scores[offset : offset + n]}
+            else:
+                ref[name] = {"real": scores[offset : offset + n], "generated": scores[offset + n : offset + 2 * n]}
+                n *= 2
+            offset += n
+        return {"generated": generated, "ref": ref}
+
+    def generate(self, t: int, opponent: nn.Module) -> dict[str, list[list[int]]]:
+        """The opponent's answers to every prompt of each split (and, with mix_previous, last iteration's)."""
         generated = {}
-        for name, split in splits.items():
+        for name, split in self.splits().items():
             generated[name] = rollout(
                 self.fabric,
                 opponent,
@@ -208,33 +234,25 @@ class SelfPlay:
             )
         if self.args.mix_previous and t > 0:
             generated["previous"] = torch.load(self.out_dir / f"iter-{t - 1}" / "pairs.pt")["generated"]["train"]
+        return generated
+
+    def score(self, t: int, generated: dict[str, list[list[int]]]) -> torch.Tensor:
+        """Reference log-probs under the policy as it stands (the opponent): per split, its real answers, then its
+        generated ones; then last iteration's generations (mix_previous)."""
         sequences = []
-        for name, split in splits.items():
+        for name, split in self.splits().items():
             sequences += [split.real(i) for i in range(len(split))]
             sequences += [self.sequence(split, i, generated[name][i]) for i in range(len(split))]
         if "previous" in generated:
             sequences += [self.sequence(self.train, i, g) for i, g in enumerate(generated["previous"])]
-        scorer = PolicyLogprobs(opponent)
-        scores = score_sequences(
+        return score_sequences(
             self.fabric,
-            scorer,
+            self.policy,
             sequences,
             pad_id=self.tokenizer.pad_token_id,
             batch_size=self.batch_size,
             desc=f"iteration {t}: score",
         )
-        del scorer, opponent
-        self.policy.train()
-        ref, offset = {}, 0
-        for name in [*splits, "previous"] if "previous" in generated else splits:
-            n = len(generated[name])
-            if name == "previous":
-                ref[name] = {"generated": scores[offset : offset + n]}
-            else:
-                ref[name] = {"real": scores[offset : offset + n], "generated": scores[offset + n : offset + 2 * n]}
-                n *= 2
-            offset += n
-        return {"generated": generated, "ref": ref}
 
     def sequence(self, split: SFTData, i: int, generated: list[int]) -> Sequence:
         prompt = split.prompts[i]
@@ -251,9 +269,8 @@ class SelfPlay:
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-        splits = {"train": self.train} | ({"val": self.val} if self.val else {})
         with (tmp / "generations.jsonl").open("w") as f:
-            for name, split in splits.items():
+            for name, split in self.splits().items():
                 for i in range(len(split)):
                     row = {
                         "split": name,

@@ -88,3 +88,36 @@ def test_keyed_sampling_follows_the_distribution() -> None:
     assert abs((nucleus == 0).double().mean().item() - 0.625) < 0.03
     u = keyed_uniform(keys[:3], 5, 7)
     assert torch.equal(u, keyed_uniform(keys[:3], 5, 7)) and bool(((u > 0) & (u < 1)).all())
+
+
+def test_opponent_decodes_in_the_compute_dtype_without_touching_the_policy() -> None:
+    from lightning.fabric import Fabric
+
+    from fabric_align.args import LoRAArgs
+    from fabric_align.generation import opponent_model
+    from fabric_align.modeling import PolicyLogprobs
+
+    fabric = Fabric(accelerator="cpu", devices=1)
+    model = load_model(ModelArgs(), dtype=torch.float32, seed=7)
+    policy = PolicyLogprobs(model)
+    # Weights already in the compute dtype (32-true): the policy itself, no copy.
+    assert opponent_model(fabric, policy, None) is model
+    assert opponent_model(fabric, policy, torch.float32) is model
+
+    # fp32 masters under bf16 autocast: a bf16 copy, rounded from the masters; rotary frequencies stay fp32.
+    opponent = opponent_model(fabric, policy, torch.bfloat16)
+    assert opponent is not model and not opponent.training
+    clone, live = dict(opponent.named_parameters()), dict(model.named_parameters())
+    assert clone.keys() == live.keys()
+    for name, parameter in clone.items():
+        assert parameter.dtype == torch.bfloat16 and not parameter.requires_grad
+        assert torch.equal(parameter, live[name].detach().to(torch.bfloat16)), name
+        assert parameter.data_ptr() != live[name].data_ptr()
+    buffers = dict(opponent.named_buffers())
+    assert buffers and all(b.dtype == torch.float32 for n, b in buffers.items() if "inv_freq" in n)
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in model.parameters())
+
+    # A whole LoRA model is never copied nor merged: its adapters run live, in place.
+    lora_model = load_model(ModelArgs(lora=LoRAArgs(r=2)), dtype=torch.float32, seed=7)
+    lora_policy = PolicyLogprobs(lora_model)
+    assert opponent_model(fabric, lora_policy, torch.bfloat16) is lora_model.get_base_model()

@@ -106,6 +106,23 @@ def test_resume_in_iteration_one_reuses_generations(tmp_path: Path, monkeypatch:
     assert column(read_metrics(resumed), "train/step") == list(range(1, 9))
 
 
+def test_bf16_mixed_reference_is_the_policys_own_forward(tmp_path: Path) -> None:
+    """Under bf16-mixed the opponent decodes from a bf16 copy, but the reference log-probs come from the policy's own
+    autocast forward: at the first step of each iteration, before any update, every reward is ~0. (Scored by a
+    differently-rounded model, they were off by 1e-4 to 1e-3 here.)"""
+    out = tmp_path / "out"
+    run_cli(spin.setup, [*SHORT, "--precision=bf16-mixed", f"--out_dir={out}"])
+    rows = read_metrics(out)
+    iterations = column(rows, "train/iteration")
+    first = [i for i, t in enumerate(iterations) if i == 0 or iterations[i - 1] != t]
+    assert len(first) == 2
+    rewards = [column(rows, f"train/rewards/{k}")[i] for k in ("real", "generated") for i in first]
+    rewards += [column(rows, f"val/rewards/{k}")[0] for k in ("real", "generated")]  # at step 0
+    assert max(abs(x) for x in rewards) < 5e-5, rewards
+    margins = column(rows, "train/rewards/margins")
+    assert margins[first[1] - 1] > 0.1  # and it still learns
+
+
 @pytest.mark.slow
 def test_fsdp2_two_processes_generate_and_train_like_one(tmp_path: Path) -> None:
     args = [*SHORT, "--train.save_interval=4", "--spin.rollout_batch_size=8"]
