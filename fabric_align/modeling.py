@@ -74,15 +74,26 @@ def model_fingerprint(args: ModelArgs, seed: int) -> dict[str, Any]:
     }
 
 
-def load_model(args: ModelArgs, *, dtype: torch.dtype, seed: int) -> nn.Module:
-    """The Hugging Face causal LM, with LoRA adapters when ``args.lora`` is set (base frozen)."""
+def load_model(args: ModelArgs, *, dtype: torch.dtype, seed: int, on_meta: bool = False) -> nn.Module:
+    """The Hugging Face causal LM, with LoRA adapters when ``args.lora`` is set (base frozen).
+
+    ``on_meta``: build the same modules on the meta device without reading any weights (the FSDP2 ranks other
+    than 0, which get their shards from rank 0 after sharding: see ``broadcast_from_rank0``).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = resolve_model_path(args.name_or_path)
     kwargs: dict[str, Any] = {"trust_remote_code": args.trust_remote_code}
     if args.attn_implementation:
         kwargs["attn_implementation"] = args.attn_implementation
-    if is_random_init(args):
+    if on_meta:
+        if args.quantize:
+            raise ValueError("a quantized model cannot be built on the meta device")
+        config = AutoConfig.from_pretrained(path, revision=args.revision, trust_remote_code=args.trust_remote_code)
+        log.info("building %s on the meta device: its shards will come from rank 0", path)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+    elif is_random_init(args):
         config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
         if args.quantize:
             raise ValueError(f"model.quantize needs pretrained weights; {path} holds only a config")
@@ -235,7 +246,33 @@ def fsdp2_parallelize(module: nn.Module, device_mesh: Any) -> nn.Module:
         if isinstance(submodule, layer_classes):
             fully_shard(submodule, mesh=mesh)
     fully_shard(module, mesh=mesh)
+    if any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
+        # Built on the meta device (ranks other than 0): allocate the shards without initializing them, since the
+        # values come from rank 0 (``broadcast_from_rank0``). Fabric would run each module's reset_parameters,
+        # whose DTensor random ops synchronize with rank 0, which has nothing to initialize: a deadlock.
+        device_type = mesh.device_type
+        index = torch.cuda.current_device() if device_type == "cuda" else None
+        module.to_empty(device=torch.device(device_type, index))
     return module
+
+
+def parameter_signature(model: nn.Module) -> list[tuple[str, str, tuple[int, ...]]]:
+    """Name, dtype and shape of every parameter: what must agree between a loaded and a meta-built model."""
+    return [(name, str(p.dtype), tuple(p.shape)) for name, p in model.named_parameters()]
+
+
+def broadcast_from_rank0(module: nn.Module, full_state: dict[str, torch.Tensor] | None) -> None:
+    """Fill an FSDP2-sharded module whose ranks other than 0 were built on the meta device: every rank takes its
+    shard of rank 0's full state dict (``full_state``, None elsewhere), and the buffers (rotary frequencies, which
+    state dicts leave out) are copied from rank 0. One tensor at a time, so no rank holds more than its shards
+    plus one full tensor."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
+    set_model_state_dict(module, full_state if dist.get_rank() == 0 else {}, options=options)
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=0)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

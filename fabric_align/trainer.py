@@ -25,10 +25,12 @@ from fabric_align.data import StepPlan, pad_sequences, shard_evenly
 from fabric_align.loggers import MetricLogger
 from fabric_align.modeling import (
     PolicyLogprobs,
+    broadcast_from_rank0,
     fsdp2_parallelize,
     load_model,
     load_tokenizer,
     parameter_counts,
+    parameter_signature,
     trainable_parameters,
 )
 
@@ -452,9 +454,28 @@ def build_policy(fabric: Fabric, job: Job) -> tuple[PolicyLogprobs, torch.optim.
     if fabric.is_global_zero:
         job.out_dir.mkdir(parents=True, exist_ok=True)
     fabric.barrier()
-    model = load_model(job.model, dtype=param_dtype(job.precision), seed=job.seed)
+    # Under FSDP2 with several processes only rank 0 reads the weights: the others build the model on the meta
+    # device and take their shards from rank 0 once it is sharded, so a node holds one full copy in CPU memory, not
+    # one per GPU. (A 4-bit model is quantized as it loads, so every rank loads that one.)
+    from_rank0 = fabric.world_size > 1 and job.launch["strategy"] == "fsdp" and not job.model.quantize
+    model = load_model(
+        job.model, dtype=param_dtype(job.precision), seed=job.seed, on_meta=from_rank0 and not fabric.is_global_zero
+    )
     total, trainable = parameter_counts(model)
-    policy = fabric.setup_module(PolicyLogprobs(model))
+    policy = PolicyLogprobs(model)
+    full_state = None
+    if from_rank0:
+        signature = fabric.broadcast(parameter_signature(policy), src=0)
+        if signature != parameter_signature(policy):
+            raise RuntimeError(
+                f"rank {fabric.global_rank} built {job.model.name_or_path} with other parameters than rank 0 "
+                "loaded (names, dtypes or shapes differ)"
+            )
+        full_state = policy.state_dict() if fabric.is_global_zero else None  # keeps rank 0's tensors alive
+    policy = fabric.setup_module(policy)
+    if from_rank0:
+        broadcast_from_rank0(policy.module, full_state)
+        del full_state
     optimizer = fabric.setup_optimizers(make_optimizer(job.train.optimizer, trainable_parameters(policy), job.train))
     fabric.print(f"model: {total:,} parameters, {trainable:,} trainable")
     return policy, optimizer

@@ -93,3 +93,49 @@ def test_z0_does_not_depend_on_the_micro_batch_split(single: Path, tmp_path: Pat
     # Sequence log-probs are sums of ~100 fp32 terms around -300: batches padded to other widths differ by ~1e-5.
     assert max(kl_a) > 0.05  # the runs moved away from the reference, so z0 is not trivially 0
     torch.testing.assert_close(torch.tensor(kl_a), torch.tensor(kl_b), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_fsdp2_rank0_reads_the_weights_of_a_tied_pretrained_model(tmp_path: Path) -> None:
+    """A local pretrained model with tied embeddings and attention biases (Qwen2-style): under FSDP2 only rank 0
+    reads it, rank 1 builds on the meta device and gets its shards and rotary buffers from rank 0; training then
+    matches 1 process, and the export keeps the tie."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from fabric_align.args import ModelArgs
+    from fabric_align.modeling import load_tokenizer
+
+    model_dir = tmp_path / "tiny-qwen2"
+    config = Qwen2Config(
+        vocab_size=264,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=256,
+        eos_token_id=257,
+        pad_token_id=258,
+    )
+    torch.manual_seed(3)
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    load_tokenizer(ModelArgs()).save_pretrained(model_dir)
+
+    args = [*ARGS, "--train.max_steps=3", "--train.save_interval=null", f"--model.name_or_path={model_dir}"]
+    single, fsdp = tmp_path / "single", tmp_path / "fsdp"
+    run_cli(kto.setup, [*args, "--train.micro_batch_size=4", f"--out_dir={single}"])
+    result = run_script(
+        "kto.py", [*args, "--train.micro_batch_size=2", "--strategy=fsdp", f"--out_dir={fsdp}"], launcher=FSDP_LAUNCH
+    )
+    assert (result.stdout + result.stderr).count("on the meta device: its shards will come from rank 0") == 1
+    assert_same_curves(single, fsdp)
+    a = load_safetensors(single / "final" / "model.safetensors")
+    b = load_safetensors(fsdp / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+    exported = AutoModelForCausalLM.from_pretrained(fsdp / "final")
+    assert exported.lm_head.weight.data_ptr() == exported.model.embed_tokens.weight.data_ptr()
+    assert any(k.endswith("q_proj.bias") for k in b)
