@@ -101,7 +101,8 @@ def fused_linear_logprob(
     if bias is not None and bias.dtype != dtype:
         bias = bias.to(dtype)
 
-    triton_path = use_triton(hidden2d, weight, targets1d)
+    # The Triton kernels take 16-bit and fp32 inputs (tl.dot has no fp64 form on GPUs); fp64 goes to torch.
+    triton_path = dtype in (torch.float32, torch.bfloat16, torch.float16) and use_triton(hidden2d, weight, targets1d)
     with torch.autocast(device_type, enabled=False):
         logp = _FusedLinearLogprob.apply(hidden2d, weight, bias, targets1d, int(ignore_index), temperature, triton_path)
     return logp.reshape(out_shape)
@@ -129,8 +130,7 @@ class _FusedLinearLogprob(torch.autograd.Function):
         logp = torch.zeros(n, dtype=torch.float32, device=hidden.device)
         stats = torch.empty(0, dtype=torch.float32, device=hidden.device)
         if nv > 0:
-            lo, hi = torch.aminmax(t_valid)
-            lo, hi = int(lo), int(hi)
+            lo, hi = torch.stack(torch.aminmax(t_valid)).tolist()  # one host sync for both bounds
             if lo < 0 or hi >= vocab:
                 raise IndexError(f"targets out of range [0, {vocab}): min {lo}, max {hi} (ignore_index={ignore_index})")
             if triton_path:

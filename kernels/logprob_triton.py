@@ -97,24 +97,33 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    # Only matters for fp32 inputs: honour torch's TF32 switch so fp32 results match torch matmul.
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    """``tl.dot``'s input precision. Only fp32 inputs care (16-bit inputs ignore it): follow torch's matmul
+    setting, so fp32 results match torch's. Torch 2.9+ has ``fp32_precision`` ("tf32"/"ieee"/"none"); reading
+    the legacy ``allow_tf32`` raises once the new API has been used, so ask the new one first."""
+    if dtype != torch.float32:
+        return "tf32"
+    matmul = torch.backends.cuda.matmul
+    setting = getattr(matmul, "fp32_precision", None)
+    if setting is not None and setting != "none":
+        return "tf32" if setting == "tf32" else "ieee"
+    try:
+        return "tf32" if matmul.allow_tf32 else "ieee"
+    except RuntimeError:
         return "ieee"
-    return "tf32"
 
 
-# Tile configs for H100/H200 (228 KB shared memory per SM); bf16 tiles take (BN + BV) * BK * 2 B per stage.
-# Configs that do not fit (e.g. fp32 inputs with BLOCK_K=128) fail to compile and the autotuner drops them.
-def _configs(with_group: bool) -> list[triton.Config]:
-    shapes = [
-        (128, 128, 64, 8, 3),
-        (128, 128, 64, 8, 4),
-        (128, 256, 64, 8, 3),
-        (256, 128, 64, 8, 3),
-        (64, 256, 64, 4, 3),
-        (128, 128, 128, 8, 2),
-        (64, 128, 64, 4, 4),
-    ]
+# Tile configs for H100/H200 (227 KB of shared memory per block); a tile stage takes (BN + BV) * BK * element
+# bytes. Compiled for sm_90a (without a GPU, through Triton's AOT path): with 16-bit inputs the 256-wide tiles spill
+# registers in the forward (its online-LSE epilogue holds more state) but not in the gradient kernel; fp32 inputs
+# need BLOCK_K=64 to fit shared memory on tensor cores (tf32), and BLOCK_K=32 without them (ieee: FMA dots, whose
+# 128x128 tiles spill at BLOCK_K=64). ``_prune`` keeps the configs that suit the launch's dtype and precision.
+_WIDE = [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 256, 64, 4, 3)]
+_TENSOR_CORE = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 128, 8, 2), (64, 128, 64, 4, 4)]
+_FMA = [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3)]
+_SHARED_MEMORY = 227 * 1024
+
+
+def _configs(shapes: list[tuple[int, int, int, int, int]], with_group: bool) -> list[triton.Config]:
     out = []
     for bn, bv, bk, warps, stages in shapes:
         meta = {"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_K": bk}
@@ -124,7 +133,19 @@ def _configs(with_group: bool) -> list[triton.Config]:
     return out
 
 
-@triton.jit
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    element = named_args["h_ptr"].element_size()
+    fma = kwargs.get("DOT_PRECISION") == "ieee" and element == 4
+    kept = []
+    for config in configs:
+        meta = config.kwargs
+        tile = (meta["BLOCK_N"] + meta["BLOCK_V"]) * meta["BLOCK_K"] * element * config.num_stages
+        if tile <= _SHARED_MEMORY and (meta["BLOCK_K"] <= 32) == fma:
+            kept.append(config)
+    return kept or configs[:1]
+
+
+@triton.jit(do_not_specialize=["N", "span", "N_BUCKET"])
 def _fwd_kernel(
     h_ptr,
     w_ptr,
@@ -159,7 +180,7 @@ def _fwd_kernel(
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     tgt = tl.load(t_ptr + rows, mask=row_mask, other=-1)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
     h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_hn
 
     m_run = tl.full([BLOCK_N], float("-inf"), tl.float32)
@@ -195,7 +216,7 @@ def _fwd_kernel(
     tl.store(tgt_ptr + out, t_run, mask=row_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "VC", "v_start", "N_BUCKET"])
 def _grad_logits_kernel(
     h_ptr,
     w_ptr,
@@ -238,7 +259,7 @@ def _grad_logits_kernel(
     local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = local < VC
     cols = v_start + local
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
     h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_hn
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wv
 
@@ -263,19 +284,31 @@ def _grad_logits_kernel(
     tl.store(out, grad.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-_fwd_tuned = triton.autotune(configs=_configs(False), key=["K", "V", "N_BUCKET", "HAS_BIAS"])(_fwd_kernel)
-_grad_tuned = triton.autotune(configs=_configs(True), key=["K", "N_BUCKET", "HAS_BIAS"])(_grad_logits_kernel)
+_fwd_tuned = triton.autotune(
+    configs=_configs(_TENSOR_CORE + _FMA, with_group=False),
+    key=["K", "V", "N_BUCKET", "HAS_BIAS", "DOT_PRECISION"],
+    prune_configs_by={"early_config_prune": _prune},
+)(_fwd_kernel)
+_grad_tuned = triton.autotune(
+    configs=_configs(_TENSOR_CORE + _WIDE + _FMA, with_group=True),
+    key=["K", "N_BUCKET", "HAS_BIAS", "DOT_PRECISION"],
+    prune_configs_by={"early_config_prune": _prune},
+)(_grad_logits_kernel)
 
 
 def _launch(tuned, raw, grid, args: tuple, constexprs: dict, group: bool) -> None:
+    # Triton launches on the current CUDA device, not the tensors': make them the same.
+    device = args[0].device
+    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     meta = _meta()
-    if meta is None:
-        tuned[grid](*args, **constexprs)
-        return
-    launch = {k: meta[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_K", "num_warps", "num_stages")}
-    if group:
-        launch["GROUP_N"] = meta["GROUP_N"]
-    raw[grid](*args, **constexprs, **launch)
+    with guard:
+        if meta is None:
+            tuned[grid](*args, **constexprs)
+            return
+        launch = {k: meta[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_K", "num_warps", "num_stages")}
+        if group:
+            launch["GROUP_N"] = meta["GROUP_N"]
+        raw[grid](*args, **constexprs, **launch)
 
 
 def _splits(nv: int, vocab: int, device: torch.device) -> int:

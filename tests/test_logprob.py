@@ -348,6 +348,41 @@ def test_triton_interpreter_fp16_within_naive_error(triton_interpreter):
     _assert_within_naive_error(got, naive, want)
 
 
+def test_float64_takes_the_torch_path_even_when_triton_is_forced(triton_interpreter, monkeypatch):
+    """tl.dot has no fp64 form on GPUs (the compiled kernel would not build): fp64 inputs always go to torch."""
+    from fabric_align.kernels import logprob_triton
+
+    def no_triton(*args, **kwargs):
+        raise AssertionError("fp64 reached the Triton kernel")
+
+    monkeypatch.setattr(logprob_triton, "forward", no_triton)
+    problem = _problem(19, 12, 29, bias=True)
+    want = _run(_ref64_fn, *problem, 0.7, torch.float64)
+    got = _run(fused_linear_logprob, *problem, 0.7, torch.float64)
+    _assert_all_close(got, want, atol=1e-5, rtol=1e-5)  # the torch path's logits are fp32
+
+
+def test_dot_precision_follows_torchs_fp32_matmul_setting(monkeypatch):
+    """Torch's new ``fp32_precision`` API makes reading the legacy ``allow_tf32`` raise; both must be understood."""
+    pytest.importorskip("triton")
+    from fabric_align.kernels import logprob_triton
+
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision
+    try:
+        for setting, expected in (("tf32", "tf32"), ("ieee", "ieee")):
+            matmul.fp32_precision = setting
+            assert logprob_triton._dot_precision(torch.float32) == expected
+            assert logprob_triton._dot_precision(torch.bfloat16) == "tf32"  # ignored by 16-bit dots
+        torch.set_float32_matmul_precision("highest")
+        assert logprob_triton._dot_precision(torch.float32) == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert logprob_triton._dot_precision(torch.float32) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision("highest")
+        matmul.fp32_precision = saved
+
+
 # ----------------------------------------------------------------------------------------------------------
 # GPU
 # ----------------------------------------------------------------------------------------------------------
