@@ -280,6 +280,12 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """(all, trainable) parameter counts; a 4-bit weight counts the values it packs, not its storage elements."""
+
+    def count(p: torch.Tensor) -> int:
+        quant_state = getattr(p, "quant_state", None)
+        return int(torch.Size(quant_state.shape).numel()) if quant_state is not None else p.numel()
+
+    total = sum(count(p) for p in model.parameters())
+    trainable = sum(count(p) for p in model.parameters() if p.requires_grad)
     return total, trainable

@@ -217,3 +217,14 @@ def test_bitsandbytes_optimizers_refuse_fsdp2_parameters() -> None:
     with pytest.raises(ConfigError, match="adamw8bit .*strategy=fsdp"):
         make_optimizer("adamw8bit", params, TrainArgs())
     assert isinstance(make_optimizer("adamw", params, TrainArgs()), torch.optim.AdamW)
+
+
+def test_parameter_counts_count_4bit_values_not_storage(tiny_with_weights: Path) -> None:
+    from fabric_align.modeling import parameter_counts
+
+    full = load_model(
+        ModelArgs(name_or_path=str(tiny_with_weights), lora=LoRAArgs(r=4, alpha=8)), dtype=torch.float32, seed=0
+    )
+    quantized = load_model(qlora_args(tiny_with_weights), dtype=torch.float32, seed=0)
+    assert parameter_counts(quantized) == parameter_counts(full)
+    assert parameter_counts(full)[1] < parameter_counts(full)[0]  # only the adapter trains
