@@ -103,6 +103,12 @@ def fused_linear_logprob(
 
     # The Triton kernels take 16-bit and fp32 inputs (tl.dot has no fp64 form on GPUs); fp64 goes to torch.
     triton_path = dtype in (torch.float32, torch.bfloat16, torch.float16) and use_triton(hidden2d, weight, targets1d)
+    if triton_path and dtype == torch.bfloat16 and not hidden2d.is_cuda:
+        # Forced Triton on CPU tensors runs in the interpreter, whose bf16 tl.dot returns garbage (not an error).
+        raise ValueError(
+            "FABRIC_ALIGN_KERNELS=triton with bf16 CPU tensors: the Triton interpreter computes bf16 dots wrongly; "
+            "use fp32/fp16 inputs, or the torch path on CPU"
+        )
     with torch.autocast(device_type, enabled=False):
         logp = _FusedLinearLogprob.apply(hidden2d, weight, bias, targets1d, int(ignore_index), temperature, triton_path)
     return logp.reshape(out_shape)

@@ -362,6 +362,13 @@ def test_float64_takes_the_torch_path_even_when_triton_is_forced(triton_interpre
     _assert_all_close(got, want, atol=1e-5, rtol=1e-5)  # the torch path's logits are fp32
 
 
+def test_bf16_in_the_interpreter_is_refused_not_miscomputed(triton_interpreter):
+    """The interpreter's bf16 tl.dot returns garbage rather than failing: refuse that combination clearly."""
+    hidden, weight, _, targets, _ = _problem(5, 16, 32)
+    with pytest.raises(ValueError, match="interpreter computes bf16 dots wrongly"):
+        fused_linear_logprob(hidden.bfloat16(), weight.bfloat16(), targets)
+
+
 def test_dot_precision_follows_torchs_fp32_matmul_setting(monkeypatch):
     """Torch's new ``fp32_precision`` API makes reading the legacy ``allow_tf32`` raise; both must be understood."""
     pytest.importorskip("triton")
