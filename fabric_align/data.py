@@ -67,7 +67,7 @@ def read_rows(path: str, split: str = "train") -> list[Row]:
             except Exception as err:  # pyarrow raises several types for corrupt files
                 raise DataError(f"{path}: not a readable parquet file ({err})") from err
             return [Row(path, f"row {i}", r) for i, r in enumerate(records)]
-        text = local.read_text(encoding="utf-8")
+        text = local.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first row
         if local.suffix == ".json" and text.lstrip().startswith("["):
             try:
                 records = json.loads(text)
@@ -97,7 +97,10 @@ def read_rows(path: str, split: str = "train") -> list[Row]:
 
 def _read_json_lines(path: str, text: str) -> list[Row]:
     rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" only (and "\r\n"): str.splitlines() would also split at U+2028, U+0085 or \x1c..\x1e,
+    # which JSON allows raw inside strings (json.dumps(..., ensure_ascii=False) writes them so).
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:
@@ -139,10 +142,15 @@ def require_messages(
     key_role: str = "role",
     key_content: str = "content",
     role_map: dict[str, str] | None = None,
+    or_string: bool = False,
 ) -> Messages:
-    """A list of chat messages with known roles and string contents (``field[i].role`` in errors)."""
+    """A non-empty list of chat messages with known roles and string contents (``field[i].role`` in errors);
+    ``or_string``: the field also takes a plain string (only the message wording depends on it)."""
     if not isinstance(value, list):
-        raise row.error(field, f"expected a string or a list of messages, got {type(value).__name__}")
+        expected = "a string or a list of messages" if or_string else "a list of messages"
+        raise row.error(field, f"expected {expected}, got {type(value).__name__}")
+    if not value:
+        raise row.error(field, "is an empty list of messages")
     messages = []
     for i, message in enumerate(value):
         where = f"{field}[{i}]"
@@ -203,11 +211,21 @@ class ChatRenderer:
             else:  # templates that rewrite earlier turns: fall back to the raw contents
                 completion_text = "".join(m["content"] for m in completion_msgs)
         completion_ids = tok(completion_text, add_special_tokens=False)["input_ids"]
-        # Some templates close a turn with EOS plus a newline; the answer ends at EOS.
-        eos = tok.eos_token_id
-        if eos in completion_ids:
-            completion_ids = completion_ids[: completion_ids.index(eos)]
-        return Encoded(list(prompt_ids), [*completion_ids, eos])
+        return Encoded(list(prompt_ids), [*strip_final_eos(tok, completion_ids), tok.eos_token_id])
+
+
+def strip_final_eos(tokenizer: Any, ids: list[int]) -> list[int]:
+    """The completion without the EOS that closes it (templates often add EOS plus a newline), so that exactly one
+    EOS ends it. Only the last EOS counts: an earlier one closes an earlier message of a multi-turn completion, or
+    is ``</s>`` written inside the text, and cutting there would silently drop the rest of the answer."""
+    eos = tokenizer.eos_token_id
+    if eos not in ids:
+        return ids
+    last = len(ids) - 1 - ids[::-1].index(eos)
+    tail = ids[last + 1 :]
+    if tail and tokenizer.decode(tail).strip():
+        return ids  # something other than whitespace follows: not a closing EOS
+    return ids[:last]
 
 
 def fit_length(prompt_ids: list[int], completion_ids: list[int], max_length: int) -> list[int] | None:

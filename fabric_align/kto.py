@@ -49,7 +49,7 @@ from fabric_align.trainer import (
     prepare_job,
     reduce_metrics,
     require_batches,
-    run_cli,
+    run_program,
     score_sequences,
 )
 
@@ -75,11 +75,11 @@ def parse_row(row: Row) -> tuple[str | list, str | list, bool]:
     if isinstance(prompt, str):
         completion = require_text(row, completion, "completion", allow_empty=False)
     else:
-        prompt = require_messages(row, prompt, "prompt")
+        prompt = require_messages(row, prompt, "prompt", or_string=True)
         if isinstance(completion, str):
             completion = require_text(row, completion, "completion", allow_empty=False)
         else:
-            completion = require_messages(row, completion, "completion")
+            completion = require_messages(row, completion, "completion", or_string=True)
             if not any(m["content"].strip() for m in completion):
                 raise row.error("completion", "is empty")
     if isinstance(label, bool):
@@ -109,13 +109,8 @@ def load_split(path: str, split: str, renderer: ChatRenderer, max_length: int, s
     if not rows:
         raise DataError(f"{path}: no rows")
     parsed = [parse_row(row) for row in rows]
-    labels = [label for _, _, label in parsed]
-    if train and (all(labels) or not any(labels)):
-        kind = "desirable" if all(labels) else "undesirable"
-        raise DataError(
-            f"{rows[0].source}, all {len(rows)} rows, field 'label': every example is {kind}; KTO needs "
-            "both desirable and undesirable examples"
-        )
+    if train:
+        require_both_labels(rows[0].source, [label for _, _, label in parsed], "rows")
     encoded, kept = [], []
     for row, (prompt, completion, label) in zip(rows, parsed, strict=True):
         if not isinstance(prompt, str):
@@ -135,7 +130,12 @@ def load_split(path: str, split: str, renderer: ChatRenderer, max_length: int, s
             max_length,
         )
     if len(encoded) < 2:
-        raise DataError(f"{rows[0].source}: {len(encoded)} usable rows after dropping over-long prompts; need 2")
+        why = f" (after dropping {dropped} whose prompt does not fit)" if dropped else ""
+        raise DataError(
+            f"{rows[0].source}: {len(encoded)} usable row{'s' * (len(encoded) != 1)}{why}; the KL pairs need at least 2"
+        )
+    if train and dropped:
+        require_both_labels(rows[0].source, kept, f"rows left after dropping {dropped} whose prompt does not fit")
     pairing = derangement(len(encoded), seed)
     sequences, kl_sequences = [], []
     for i, (prompt_ids, completion_ids) in enumerate(encoded):
@@ -143,6 +143,15 @@ def load_split(path: str, split: str, renderer: ChatRenderer, max_length: int, s
         other = fit_length(prompt_ids, encoded[pairing[i]][1], max_length)
         kl_sequences.append((prompt_ids + other, len(prompt_ids)))
     return KTOData(rows[0].source, sequences, kl_sequences, torch.tensor(kept, dtype=torch.bool))
+
+
+def require_both_labels(source: str, labels: list[bool], what: str) -> None:
+    if all(labels) or not any(labels):
+        kind = "desirable" if all(labels) else "undesirable"
+        raise DataError(
+            f"{source}, all {len(labels)} {what}, field 'label': every example is {kind}; KTO needs both "
+            "desirable and undesirable examples"
+        )
 
 
 def warn_weight_ratio(data: KTOData, args: KTOArgs) -> None:
@@ -289,8 +298,10 @@ def setup(
     strategy: Literal["auto", "fsdp", "ddp"] = "auto",
     resume: Literal["auto"] | Path | None = None,
 ) -> None:
-    """Align a causal LM with KTO. The defaults train the embedded tiny model on the demo data; recipes in
-    ``recipes/`` hold settings for real models.
+    """Align a causal LM with KTO from unpaired desirable/undesirable feedback.
+
+    The defaults train the embedded tiny model on the demo data; recipes in ``recipes/`` hold settings for real
+    models.
 
     Args:
         model: Which model, LoRA/QLoRA, activation checkpointing.
@@ -360,8 +371,8 @@ def reference_logps(fabric: Any, policy: PolicyLogprobs, job: Job, train: KTODat
     sequences = [s for d in splits for s in d.sequences + d.kl_sequences]
     key = content_hash(model_fingerprint(job.model, job.seed), job.precision, sequences)
     cache = job.out_dir / "cache" / f"kto-reference-{key}.pt"
-    if cache.is_file():
-        logps = torch.load(cache)
+    logps = read_cache(cache, len(sequences))
+    if logps is not None:
         fabric.print(f"reference log-probs from {cache}")
     else:
         logps = score_sequences(
@@ -386,8 +397,24 @@ def reference_logps(fabric: Any, policy: PolicyLogprobs, job: Job, train: KTODat
         offset += 2 * n
 
 
+def read_cache(path: Path, expected: int) -> torch.Tensor | None:
+    """The cached reference log-probs, or None when there are none or the file is unreadable (then they are
+    computed again and the file replaced: the cache only ever holds what this function can recompute)."""
+    if not path.is_file():
+        return None
+    try:
+        logps = torch.load(path, weights_only=True)
+    except Exception as err:  # truncated or corrupted files raise several types
+        log.warning("%s is unreadable (%s): computing the reference log-probs again", path, err)
+        return None
+    if not isinstance(logps, torch.Tensor) or logps.shape != (expected,):
+        log.warning("%s does not hold %d reference log-probs: computing them again", path, expected)
+        return None
+    return logps
+
+
 def cli(args: list[str] | None = None) -> None:
-    run_cli(setup, args)
+    run_program(setup, args)
 
 
 if __name__ == "__main__":

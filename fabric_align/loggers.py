@@ -42,8 +42,16 @@ class CSVMetrics:
                 csv.DictWriter(f, self.columns).writerow(row)
 
     def drop_after(self, step: int) -> None:
-        """On resume: forget rows logged after the checkpoint, which the resumed run logs again."""
-        kept = [r for r in self.rows if int(float(r.get("step") or 0)) <= step]
+        """On resume from the checkpoint at ``step``: forget what the resumed run logs again, the rows after that
+        step and the validation at it (a resumed run validates at its first step when validation is due there,
+        and a finished run validates at its end)."""
+
+        def kept_row(row: dict[str, Any]) -> bool:
+            row_step = int(float(row.get("step") or 0))
+            validation = any(v not in (None, "") for k, v in row.items() if k.startswith("val/"))
+            return row_step < step or (row_step == step and not validation)
+
+        kept = [r for r in self.rows if kept_row(r)]
         if len(kept) != len(self.rows):
             self.rows = kept
             self._write_all()

@@ -54,7 +54,7 @@ from fabric_align.trainer import (
     prepare_job,
     reduce_metrics,
     require_batches,
-    run_cli,
+    run_program,
     score_sequences,
 )
 
@@ -78,8 +78,9 @@ def parse_row(row: Row) -> tuple[str | list, str]:
                 row, obj["conversations"], field, key_role="from", key_content="value", role_map=NEMO_ROLES
             )
             system = require_text(row, obj.get("system", ""), "system", allow_empty=True)
-            messages = ([{"role": "system", "content": system}] if system.strip() else []) + messages
-        last = len(messages) - 1
+        last = len(messages) - 1  # index in the row's own list, for the error message
+        if field == "conversations" and system.strip():
+            messages = [{"role": "system", "content": system}, *messages]
         if not messages or messages[-1]["role"] != "assistant":
             raise row.error(field, "no assistant turn: the last message must be the assistant's answer")
         if not any(m["role"] != "assistant" for m in messages[:-1]):
@@ -422,8 +423,10 @@ def setup(
     strategy: Literal["auto", "fsdp", "ddp"] = "auto",
     resume: Literal["auto"] | Path | None = None,
 ) -> None:
-    """Self-play fine-tuning of a causal LM from SFT data. The defaults run two iterations on the embedded tiny
-    model and the SFT demo data; recipes in ``recipes/`` hold settings for real models.
+    """Self-play fine-tuning (SPIN) of a causal LM from SFT data.
+
+    The defaults run two iterations on the embedded tiny model and the SFT demo data; recipes in ``recipes/`` hold
+    settings for real models.
 
     Args:
         model: Which model, LoRA/QLoRA, activation checkpointing.
@@ -538,7 +541,7 @@ def log_samples(run: Run, tokenizer: Any, train: SFTData, data: dict[str, Any], 
 
 
 def cli(args: list[str] | None = None) -> None:
-    run_cli(setup, args)
+    run_program(setup, args)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, is_dataclass
@@ -414,6 +415,7 @@ def prepare_job(
     tokenizer. ``method`` holds the algorithm's argument group, for the logged hyperparameters."""
     if data.max_length < 2:
         raise ConfigError(f"data.max_length={data.max_length}: must be at least 2")
+    check_model_path(model)
     launch = resolve_launch(devices, num_nodes, precision, strategy)
     check_batch_sizes(train, launch["world_size"])
     if launch["strategy"] == "fsdp" and train.optimizer != "adamw":
@@ -438,6 +440,14 @@ def prepare_job(
         strategy=strategy,
     )
     return Job(model, data, train, logger, out_dir, seed, launch, resume_path, load_tokenizer(model), config)
+
+
+def check_model_path(model: ModelArgs) -> None:
+    """A path that names a local directory (absolute, or starting with . or ~) must exist: otherwise transformers
+    would try it as a hub id and fail with a message about repo id syntax."""
+    name = model.name_or_path
+    if name.startswith(("/", ".", "~")) and not Path(name).expanduser().exists():
+        raise ConfigError(f"model.name_or_path={name}: no such directory")
 
 
 def require_batches(num_examples: int, source: str, train: TrainArgs) -> None:
@@ -514,6 +524,18 @@ def finish(run: Run, recipe: Recipe, job: Job) -> Path:
     run.fabric.print(f"exported {final}")
     run.logger.finish()
     return final
+
+
+def run_program(setup: Callable[..., Any], args: list[str] | None = None) -> None:
+    """The program entry: ``run_cli``, with bad input (a ``DataError`` or ``ConfigError``, which already names the
+    file, line and field or the flag) reported as one line on stderr and exit status 1 instead of a traceback."""
+    from fabric_align.data import DataError
+
+    try:
+        run_cli(setup, args)
+    except (DataError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 def run_cli(setup: Callable[..., Any], args: list[str] | None = None) -> None:

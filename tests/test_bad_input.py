@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ from fabric_align import kto, trainer
 from fabric_align.data import DataError
 from fabric_align.trainer import ConfigError
 
-from conftest import FAST, run_cli, write_jsonl
+from conftest import FAST, REPO, run_cli, write_jsonl
 
 GOOD = [{"prompt": f"q{i}", "completion": f"a{i}", "label": i % 2 == 0} for i in range(16)]
 
@@ -92,6 +94,12 @@ CASES = {
         "empty",
     ),
     "row not an object": (rows_with(10, "[1, 2]"), 10, "<row>", "JSON object"),
+    "empty conversational prompt": (
+        rows_with(7, {"prompt": [], "completion": [{"role": "assistant", "content": "y"}], "label": True}),
+        7,
+        "prompt",
+        "empty list of messages",
+    ),
 }
 
 
@@ -189,6 +197,7 @@ def test_missing_file(tmp_path: Path, guarded_out_dir: Path) -> None:
         (["--data.max_length=1"], "data.max_length=1"),
         (["--precision=8-true"], "precision='8-true'"),
         (["--train.global_batch_size=512"], "fewer than train.global_batch_size=512"),
+        (["--model.name_or_path=/no/such/model"], "model.name_or_path=/no/such/model: no such directory"),
     ],
 )
 def test_out_of_range_flags(flags: list[str], message: str, tmp_path: Path, guarded_out_dir: Path) -> None:
@@ -207,3 +216,35 @@ def test_unknown_flag_is_rejected_by_the_cli(guarded_out_dir: Path) -> None:
     with pytest.raises(SystemExit):
         run_cli(kto.setup, [*FAST, "--kto.betta=0.2", f"--out_dir={guarded_out_dir}"])
     assert_untouched(guarded_out_dir)
+
+
+def test_dropping_long_prompts_that_leaves_one_label_is_named(tmp_path: Path, guarded_out_dir: Path) -> None:
+    """The one-label check also runs on what is left once rows whose prompt does not fit are dropped."""
+    rows = [{"prompt": "q" if i % 2 else "long " * 40, "completion": f"a{i}", "label": i % 2 == 0} for i in range(16)]
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    expected = (
+        rf"{re.escape(str(path))}, all 8 rows left after dropping 8 .*field 'label': every example is undesirable"
+    )
+    with pytest.raises(DataError, match=expected):
+        run_cli(
+            kto.setup,
+            [
+                *FAST,
+                f"--data.train_path={path}",
+                "--data.val_path=null",
+                f"--out_dir={guarded_out_dir}",
+                "--resume=auto",
+            ],
+        )
+    assert_untouched(guarded_out_dir)
+
+
+def test_the_program_reports_bad_input_in_one_line(tmp_path: Path) -> None:
+    """As a program (not called in-process), bad input ends with one 'error:' line and exit status 1, no traceback."""
+    path = write_jsonl(tmp_path / "train.jsonl", rows_with(3, {"prompt": "x", "completion": "y", "label": 1}))
+    command = [sys.executable, str(REPO / "fabric_align" / "kto.py"), f"--data.train_path={path}"]
+    result = subprocess.run(command + [f"--out_dir={tmp_path / 'out'}"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert f"error: {path}, line 3, field 'label': expected true/false" in result.stderr
+    assert not (tmp_path / "out").exists()

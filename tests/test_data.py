@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,48 @@ def test_dataset_folder_and_split_through_load_dataset(tmp_path: Path, renderer:
     )
     assert len(load_split(str(folder), "train", renderer, 64, seed=0, train=True)) == 6
     assert len(load_split(str(folder), "test", renderer, 64, seed=0, train=False)) == 3
+
+
+def test_eos_written_inside_the_text_and_multi_message_completions_are_kept_whole(
+    tmp_path: Path, renderer: ChatRenderer
+) -> None:
+    """Only the EOS that closes the completion is replaced: a ``</s>`` inside the text, or the EOS that closes an
+    earlier message of a multi-message completion, must not cut the rest of the answer away."""
+    tok = renderer.tokenizer
+    eos = tok.eos_token
+    inside = f"The token {eos} ends it; the rest matters."
+    multi = [
+        {"role": "assistant", "content": "first part"},
+        {"role": "user", "content": "and?"},
+        {"role": "assistant", "content": "second part"},
+    ]
+    single = [{"role": "assistant", "content": "first part"}]
+    prompt = [{"role": "user", "content": "q"}]
+    rows = [
+        {"prompt": "p", "completion": inside, "label": True},
+        {"prompt": prompt, "completion": multi, "label": False},
+        {"prompt": prompt, "completion": single, "label": False},
+    ]
+    data = load_split(str(write_jsonl(tmp_path / "d.jsonl", rows)), "train", renderer, 200, seed=0, train=True)
+    ids, start = data.sequences[0]
+    assert tok.decode(ids[start:], skip_special_tokens=True).endswith("the rest matters.")
+    assert ids[-1] == tok.eos_token_id and ids[-2] != tok.eos_token_id
+    multi_ids, multi_start = data.sequences[1]
+    single_ids, single_start = data.sequences[2]
+    assert "second part" in tok.decode(multi_ids[multi_start:])
+    assert len(multi_ids) > len(single_ids) and multi_ids[-1] == tok.eos_token_id
+
+
+def test_json_lines_split_only_at_newlines(tmp_path: Path, renderer: ChatRenderer) -> None:
+    """JSON allows U+2028, U+0085 and \\x1c raw inside strings (json.dumps(ensure_ascii=False) writes them):
+    they are not line breaks. A byte-order mark and CRLF line ends are accepted too."""
+    rows = [
+        {"prompt": f"q{i}", "completion": f"line one\u2028two\x85three\x1c{i}", "label": i % 2 == 0} for i in range(4)
+    ]
+    text = "\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\r\n"
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    data = load_split(str(path), "train", renderer, 64, seed=0, train=True)
+    assert len(data) == 4
+    ids, start = data.sequences[3]
+    assert renderer.tokenizer.decode(ids[start:], skip_special_tokens=True) == "line one\u2028two\x85three\x1c3"

@@ -68,6 +68,11 @@ def test_resume_from_an_explicit_path_and_the_final_step(tmp_path: Path, monkeyp
     short = [a for a in ARGS if not a.startswith("--train.max_steps")] + ["--train.max_steps=4"]
     run_cli(kto.setup, [*short, f"--out_dir={out}"])
     before = load_safetensors(out / "final" / "model.safetensors")
+    validation = read_metrics(out)
+    # A damaged reference cache is computed again (from the initial weights, as before), not a crash.
+    (cache,) = (out / "cache").glob("kto-reference-*.pt")
+    cached = torch.load(cache, weights_only=True)
+    cache.write_bytes(b"not a tensor file")
     # Resuming a finished run trains no further step and re-exports the same weights.
     calls = []
     monkeypatch.setattr(trainer, "lr_at", lambda *a: calls.append(a) or 1.0)
@@ -75,5 +80,9 @@ def test_resume_from_an_explicit_path_and_the_final_step(tmp_path: Path, monkeyp
     assert calls == []
     after = load_safetensors(out / "final" / "model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(torch.load(cache, weights_only=True), cached)
+    # Its final validation replaces the one at that step instead of adding a second row.
+    assert column(read_metrics(out), "val/step") == column(validation, "val/step") == [0, 4]
+    assert column(read_metrics(out), "val/loss") == column(validation, "val/loss")
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         run_cli(kto.setup, [*short, f"--out_dir={out}", f"--resume={out / 'logs'}"])

@@ -222,6 +222,20 @@ BAD = {
     "plain empty completion": (with_row(6, {"prompt": "q", "completion": ""}), 6, "completion", "empty"),
     "nothing usable": (with_row(7, {"text": "q"}), 7, "messages", "missing"),
     "only an answer": (with_row(8, {"messages": [{"role": "assistant", "content": "a"}]}), 8, "messages", "no prompt"),
+    "nemo empty answer after a system prompt": (
+        with_row(
+            9, {"system": "s", "conversations": [{"from": "User", "value": "q"}, {"from": "Assistant", "value": ""}]}
+        ),
+        9,
+        "conversations[1].value",  # the row's own index: the system prompt is not in that list
+        "empty",
+    ),
+    "messages not a list": (
+        with_row(10, {"messages": "hello"}),
+        10,
+        "messages",
+        "expected a list of messages, got str",
+    ),
 }
 
 
