@@ -42,6 +42,13 @@ def assert_untouched(out: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == ["cache", "step-000004"]
 
 
+def train_on(path: Path, out_dir: Path) -> None:
+    """A KTO run on ``path`` (no validation data) into ``out_dir``, resuming whatever is there."""
+    run_cli(
+        kto.setup, [*FAST, f"--data.train_path={path}", "--data.val_path=null", f"--out_dir={out_dir}", "--resume=auto"]
+    )
+
+
 def rows_with(line: int, bad: object) -> list[object]:
     rows: list[object] = list(GOOD)
     rows[line - 1] = bad
@@ -108,16 +115,7 @@ def test_bad_training_rows(case: str, tmp_path: Path, guarded_out_dir: Path) -> 
     rows, line, field, problem = CASES[case]
     path = write_jsonl(tmp_path / "train.jsonl", rows)
     with pytest.raises(DataError) as err:
-        run_cli(
-            kto.setup,
-            [
-                *FAST,
-                f"--data.train_path={path}",
-                "--data.val_path=null",
-                f"--out_dir={guarded_out_dir}",
-                "--resume=auto",
-            ],
-        )
+        train_on(path, guarded_out_dir)
     message = str(err.value)
     assert message.startswith(f"{path}, line {line}, field '{field}'"), message
     assert problem in message
@@ -148,16 +146,7 @@ def test_one_sided_labels(label: bool, tmp_path: Path, guarded_out_dir: Path) ->
     kind = "desirable" if label else "undesirable"
     expected = rf"{re.escape(str(path))}, all 16 rows, field 'label': every example is {kind}"
     with pytest.raises(DataError, match=expected):
-        run_cli(
-            kto.setup,
-            [
-                *FAST,
-                f"--data.train_path={path}",
-                "--data.val_path=null",
-                f"--out_dir={guarded_out_dir}",
-                "--resume=auto",
-            ],
-        )
+        train_on(path, guarded_out_dir)
     assert_untouched(guarded_out_dir)
 
 
@@ -165,16 +154,7 @@ def test_json_array_and_parquet_rows_are_named(tmp_path: Path, guarded_out_dir: 
     path = tmp_path / "train.json"
     path.write_text(json.dumps(GOOD[:5] + [{"prompt": "x", "completion": "y", "label": "yes"}]))
     with pytest.raises(DataError, match=re.escape(f"{path}, row 5, field 'label'")):
-        run_cli(
-            kto.setup,
-            [
-                *FAST,
-                f"--data.train_path={path}",
-                "--data.val_path=null",
-                f"--out_dir={guarded_out_dir}",
-                "--resume=auto",
-            ],
-        )
+        train_on(path, guarded_out_dir)
 
 
 def test_missing_file(tmp_path: Path, guarded_out_dir: Path) -> None:
@@ -226,16 +206,7 @@ def test_dropping_long_prompts_that_leaves_one_label_is_named(tmp_path: Path, gu
         rf"{re.escape(str(path))}, all 8 rows left after dropping 8 .*field 'label': every example is undesirable"
     )
     with pytest.raises(DataError, match=expected):
-        run_cli(
-            kto.setup,
-            [
-                *FAST,
-                f"--data.train_path={path}",
-                "--data.val_path=null",
-                f"--out_dir={guarded_out_dir}",
-                "--resume=auto",
-            ],
-        )
+        train_on(path, guarded_out_dir)
     assert_untouched(guarded_out_dir)
 
 
