@@ -4,6 +4,7 @@ validation cadence, checkpoints and metric reduction. An algorithm plugs in thro
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -504,12 +505,38 @@ def open_run(
     """The run's state (restored from the checkpoint to resume, if any) and its logger."""
     full_state = {"model": policy, "optimizer": optimizer, "step": 0, **(state or {})}
     if job.resume_path is not None:
-        load_checkpoint(fabric, job.resume_path, full_state)
+        saved = load_checkpoint(fabric, job.resume_path, full_state)
         fabric.print(f"resumed from {job.resume_path} at step {full_state['step']}")
+        warn_changed_settings(saved.get("config", {}), job.config)
     logger = MetricLogger(job.logger, job.out_dir, is_global_zero=fabric.is_global_zero, config=job.config)
     logger.resumed_at(full_state["step"])
     meta = {"method": method, "config": job.config}
     return Run(fabric, policy, optimizer, job.train, job.out_dir, logger, full_state, total_steps, meta)
+
+
+# Settings that change what a resumed run computes (data, objective, batch, model), unlike e.g. intervals or steps.
+RESUME_SENSITIVE = ("model", "data", "kto", "spin", "seed", "precision", "train.global_batch_size", "train.lr")
+
+
+def warn_changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Resuming with other data, objective or batch settings than the checkpoint's run is allowed (a deliberate
+    change) but not silent."""
+
+    def flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out = {}
+        for key, value in config.items():
+            name = f"{prefix}{key}"
+            out.update(flat(value, f"{name}.") if isinstance(value, dict) else {name: value})
+        return out
+
+    before, after = flat(saved), flat(json.loads(json.dumps(current, default=str)))  # as meta.json holds it
+    changed = [
+        f"{name}: {before.get(name)!r} -> {after.get(name)!r}"
+        for name in sorted(set(before) | set(after))
+        if before.get(name) != after.get(name) and any(name == k or name.startswith(f"{k}.") for k in RESUME_SENSITIVE)
+    ]
+    if saved and changed:
+        log.warning("resuming with settings that differ from the checkpoint's run: %s", "; ".join(changed))
 
 
 def finish(run: Run, recipe: Recipe, job: Job) -> Path:

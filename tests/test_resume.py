@@ -63,7 +63,9 @@ def test_stop_and_resume_is_bit_identical(tmp_path: Path, monkeypatch: pytest.Mo
     assert [s for s, _ in checkpoint_dirs(resumed)] == [3, 6, 9, 10]
 
 
-def test_resume_from_an_explicit_path_and_the_final_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_from_an_explicit_path_and_the_final_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     out = tmp_path / "out"
     short = [a for a in ARGS if not a.startswith("--train.max_steps")] + ["--train.max_steps=4"]
     run_cli(kto.setup, [*short, f"--out_dir={out}"])
@@ -84,5 +86,10 @@ def test_resume_from_an_explicit_path_and_the_final_step(tmp_path: Path, monkeyp
     # Its final validation replaces the one at that step instead of adding a second row.
     assert column(read_metrics(out), "val/step") == column(validation, "val/step") == [0, 4]
     assert column(read_metrics(out), "val/loss") == column(validation, "val/loss")
+    assert "differ from the checkpoint" not in caplog.text
+    # Other data or objective settings than the checkpoint's are allowed, but said.
+    run_cli(kto.setup, [*short, f"--out_dir={out}", "--resume=auto", "--kto.beta=0.3", "--train.eval_interval=2"])
+    assert "differ from the checkpoint's run: kto.beta: 0.1 -> 0.3" in caplog.text
+    assert "eval_interval" not in caplog.text
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         run_cli(kto.setup, [*short, f"--out_dir={out}", f"--resume={out / 'logs'}"])
