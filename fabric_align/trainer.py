@@ -4,6 +4,7 @@ validation cadence, checkpoints and metric reduction. An algorithm plugs in thro
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -77,8 +78,13 @@ def resolve_launch(devices: int | str, num_nodes: int, precision: str | None, st
     if strategy == "fsdp":
         from lightning.fabric.strategies import ModelParallelStrategy
 
+        # bf16-mixed: all-gather in bf16 (fp32 shards and gradient reduction). Not 16-mixed, whose loss scaler
+        # would then see fp16 gradients before the reduction.
+        compute_dtype = torch.bfloat16 if precision == "bf16-mixed" else None
         strategy_obj: Any = ModelParallelStrategy(
-            parallelize_fn=fsdp2_parallelize, data_parallel_size=world_size, tensor_parallel_size=1
+            parallelize_fn=functools.partial(fsdp2_parallelize, compute_dtype=compute_dtype),
+            data_parallel_size=world_size,
+            tensor_parallel_size=1,
         )
     elif strategy == "ddp":
         strategy_obj = "ddp"

@@ -6,7 +6,10 @@ does not depend on how the step's examples are split into micro-batches and rank
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ import torch
 
 from fabric_align import kto
 
-from conftest import FAST, column, fabric_cli, load_safetensors, read_metrics, run_cli, run_script
+from conftest import FAST, REPO, column, fabric_cli, load_safetensors, read_metrics, run_cli, run_script
 
 ARGS = [
     *FAST,
@@ -139,3 +142,54 @@ def test_fsdp2_rank0_reads_the_weights_of_a_tied_pretrained_model(tmp_path: Path
     exported = AutoModelForCausalLM.from_pretrained(fsdp / "final")
     assert exported.lm_head.weight.data_ptr() == exported.model.embed_tokens.weight.data_ptr()
     assert any(k.endswith("q_proj.bias") for k in b)
+
+
+def test_fsdp2_bf16_mixed_all_gathers_bf16_from_fp32_shards(tmp_path: Path) -> None:
+    """Under bf16-mixed each FSDP2 unit is gathered in bf16 for the forward while its shards (what the optimizer
+    steps) stay fp32: checked inside a forward, in a one-process gloo group of its own."""
+    script = tmp_path / "check.py"
+    script.write_text(
+        """
+import os, torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from fabric_align.args import ModelArgs
+from fabric_align.modeling import PolicyLogprobs, fsdp2_parallelize, load_model
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29517")
+dist.init_process_group("gloo", rank=0, world_size=1)
+policy = PolicyLogprobs(load_model(ModelArgs(), dtype=torch.float32, seed=0))
+fsdp2_parallelize(policy, init_device_mesh("cpu", (1,)), compute_dtype=torch.bfloat16)
+seen = []
+q_proj = policy.model.model.layers[0].self_attn.q_proj  # inside its unit's forward: the gathered weight
+q_proj.register_forward_pre_hook(lambda m, a: seen.append(m.weight.dtype))
+ids = torch.tensor([[256, 72, 105, 257]])
+policy(ids, torch.ones_like(ids), torch.tensor([[72, 105, 257, -100]])).sum().backward()
+print(seen[0], {p.dtype for p in policy.parameters()}, {p.grad.dtype for p in policy.parameters()})
+dist.destroy_process_group()
+"""
+    )
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("\n")[0] == "torch.bfloat16 {torch.float32} {torch.float32}"
+
+
+@pytest.mark.slow
+def test_fsdp2_bf16_mixed_trains_like_one_process(tmp_path: Path) -> None:
+    args = [*ARGS, "--train.max_steps=4", "--train.save_interval=null", "--precision=bf16-mixed"]
+    single, fsdp = tmp_path / "single", tmp_path / "fsdp"
+    run_cli(kto.setup, [*args, "--train.micro_batch_size=4", f"--out_dir={single}"])
+    run_script(
+        "kto.py", [*args, "--train.micro_batch_size=2", "--strategy=fsdp", f"--out_dir={fsdp}"], launcher=FSDP_LAUNCH
+    )
+    rows_a, rows_b = read_metrics(single), read_metrics(fsdp)
+    for key in ("train/loss", "train/rewards/margins", "val/rewards/margins"):
+        # The norms and embeddings now compute in bf16 too: agreement to bf16 precision, not fp32's.
+        torch.testing.assert_close(
+            torch.tensor(column(rows_a, key)), torch.tensor(column(rows_b, key)), rtol=1e-2, atol=1e-2, msg=key
+        )
