@@ -62,6 +62,9 @@ class TrainArgs:
     """Examples per optimizer step, over all ranks and micro-batches."""
     micro_batch_size: int = 4
     """Examples per forward/backward on one rank."""
+    eval_batch_size: int | None = None
+    """Sequences per forward of the no-grad passes on one rank (reference log-probs, SPIN scoring, validation),
+    which hold no activations for a backward; null: micro_batch_size."""
     lr: float = 5e-6
     """Peak learning rate."""
     min_lr: float = 0.0

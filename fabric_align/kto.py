@@ -42,6 +42,7 @@ from fabric_align.trainer import (
     StepPlan,
     build_policy,
     configure_logging,
+    eval_batch_size,
     finish,
     fit,
     make_fabric,
@@ -200,11 +201,11 @@ class KTO:
         train: KTOData,
         val: KTOData | None,
         pad_id: int,
-        micro_batch_size: int,
+        eval_batch_size: int,
     ) -> None:
         self.fabric, self.policy, self.args = fabric, policy, args
         self.train, self.val = train, val
-        self.pad_id, self.micro_batch_size = pad_id, micro_batch_size
+        self.pad_id, self.eval_batch_size = pad_id, eval_batch_size
 
     def _logps(self, sequences: list[Sequence], indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         batch = self.fabric.to_device(pad_sequences([sequences[i] for i in indices], self.pad_id))
@@ -262,7 +263,7 @@ class KTO:
         if self.val is None:
             return {}
         self.policy.eval()
-        shares = shard_evenly(len(self.val), self.fabric.global_rank, self.fabric.world_size, self.micro_batch_size)
+        shares = shard_evenly(len(self.val), self.fabric.global_rank, self.fabric.world_size, self.eval_batch_size)
         z0 = self.z0(self.val, shares)
         parts = []
         for indices in shares:
@@ -360,7 +361,7 @@ def main(fabric: Any, job: Job, kto: KTOArgs, train_data: KTOData, val_data: KTO
     total_steps = job.train.max_steps or job.train.epochs * plan.steps_per_epoch
     run = open_run(fabric, job, policy, optimizer, method="kto", total_steps=total_steps)
     pad_id = job.tokenizer.pad_token_id
-    recipe = KTO(fabric, policy, kto, train_data, val_data, pad_id, job.train.micro_batch_size)
+    recipe = KTO(fabric, policy, kto, train_data, val_data, pad_id, eval_batch_size(job.train))
     fit(run, recipe, plan, end_step=total_steps)
     finish(run, recipe, job)
 
@@ -380,7 +381,7 @@ def reference_logps(fabric: Any, policy: PolicyLogprobs, job: Job, train: KTODat
             policy,
             sequences,
             pad_id=job.tokenizer.pad_token_id,
-            batch_size=job.train.micro_batch_size,
+            batch_size=eval_batch_size(job.train),
             desc="reference log-probs",
             reference=True,
         )

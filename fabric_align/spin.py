@@ -46,6 +46,7 @@ from fabric_align.trainer import (
     StepPlan,
     build_policy,
     configure_logging,
+    eval_batch_size,
     finish,
     fit,
     log_validation,
@@ -333,8 +334,8 @@ class SPIN:
         }
     )
 
-    def __init__(self, fabric: Any, policy: PolicyLogprobs, pad_id: int, micro_batch_size: int) -> None:
-        self.fabric, self.policy, self.pad_id, self.micro_batch_size = fabric, policy, pad_id, micro_batch_size
+    def __init__(self, fabric: Any, policy: PolicyLogprobs, pad_id: int, eval_batch_size: int) -> None:
+        self.fabric, self.policy, self.pad_id, self.eval_batch_size = fabric, policy, pad_id, eval_batch_size
         self.beta = 0.0
         self.train: Pairs | None = None
         self.val: Pairs | None = None
@@ -377,7 +378,7 @@ class SPIN:
         if self.val is None:
             return {}
         self.policy.eval()
-        shares = shard_evenly(len(self.val), self.fabric.global_rank, self.fabric.world_size, self.micro_batch_size)
+        shares = shard_evenly(len(self.val), self.fabric.global_rank, self.fabric.world_size, self.eval_batch_size)
         parts = []
         for indices in shares:
             real = [i for i in indices if i >= 0]
@@ -497,11 +498,11 @@ def main(fabric: Any, job: Job, spin: SPINArgs, train_data: SFTData, val_data: S
         train_data,
         val_data,
         job.data.max_length,
-        job.train.micro_batch_size,
+        eval_batch_size(job.train),
         job.seed,
         job.out_dir,
     )
-    recipe = SPIN(fabric, policy, job.tokenizer.pad_token_id, job.train.micro_batch_size)
+    recipe = SPIN(fabric, policy, job.tokenizer.pad_token_id, eval_batch_size(job.train))
     for t, (start, end) in enumerate(bounds):
         if run.state["step"] >= end:
             continue  # finished before the checkpoint we resumed from

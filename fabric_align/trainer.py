@@ -126,11 +126,17 @@ def param_dtype(precision: str) -> torch.dtype:
     return {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision, torch.float32)
 
 
+def eval_batch_size(args: TrainArgs) -> int:
+    return args.eval_batch_size or args.micro_batch_size
+
+
 def check_batch_sizes(args: TrainArgs, world_size: int) -> int:
     """Gradient accumulation steps; raises when the batch sizes do not divide."""
     for name in ("global_batch_size", "micro_batch_size", "eval_interval", "log_interval"):
         if getattr(args, name) < 1:
             raise ConfigError(f"train.{name}={getattr(args, name)}: must be at least 1")
+    if args.eval_batch_size is not None and args.eval_batch_size < 1:
+        raise ConfigError(f"train.eval_batch_size={args.eval_batch_size}: must be at least 1 (or null)")
     if args.save_interval is not None and args.save_interval < 1:
         raise ConfigError(f"train.save_interval={args.save_interval}: must be at least 1 (or null)")
     if args.max_steps is not None and args.max_steps < 1:

@@ -173,6 +173,7 @@ def test_missing_file(tmp_path: Path, guarded_out_dir: Path) -> None:
         (["--kto.desirable_weight=0"], "kto.desirable_weight=0.0"),
         (["--train.global_batch_size=10", "--train.micro_batch_size=4"], "not divisible"),
         (["--train.micro_batch_size=0"], "train.micro_batch_size=0"),
+        (["--train.eval_batch_size=0"], "train.eval_batch_size=0"),
         (["--train.lr=0"], "train.lr=0.0"),
         (["--data.max_length=1"], "data.max_length=1"),
         (["--precision=8-true"], "precision='8-true'"),

@@ -210,3 +210,16 @@ def test_activation_checkpointing_and_bf16(tmp_path: Path) -> None:
     weights = load_safetensors(tmp_path / "bf16" / "final" / "model.safetensors")
     assert {w.dtype for w in weights.values()} == {torch.bfloat16}
     assert column(read_metrics(tmp_path / "bf16"), "train/loss")[-1] < 0.5
+
+
+def test_eval_batch_size_changes_batching_not_results(tmp_path: Path) -> None:
+    """The no-grad passes (reference log-probs, validation) batch by train.eval_batch_size; only float noise from
+    other padding widths may differ."""
+    args = [*FAST, "--train.max_steps=2", "--train.eval_interval=2", "--train.save_interval=null"]
+    run_cli(kto.setup, [*args, f"--out_dir={tmp_path / 'a'}"])
+    run_cli(kto.setup, [*args, "--train.eval_batch_size=3", f"--out_dir={tmp_path / 'b'}"])
+    rows_a, rows_b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    for key in ("val/loss", "val/rewards/margins", "val/logps/chosen", "train/loss", "train/kl"):
+        a, b = column(rows_a, key), column(rows_b, key)
+        assert len(a) == len(b) > 0, key
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-4, msg=key)
