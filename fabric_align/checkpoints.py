@@ -108,7 +108,7 @@ def full_state_dict(fabric: Fabric, module: nn.Module) -> dict[str, torch.Tensor
     """All parameters and buffers, unsharded, on the CPU (complete on rank 0)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    if fabric.world_size > 1 and any(hasattr(p, "full_tensor") for p in module.parameters()):
+    if any(hasattr(p, "full_tensor") for p in module.parameters()):  # FSDP2, also on a one-rank mesh
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_model_state_dict(module, options=options)
     # Copies, also on CPU: the export merges LoRA into these tensors and must not touch the live weights.

@@ -56,7 +56,9 @@ def _full_state(fabric: Fabric, model: nn.Module, dtype: torch.dtype | None) -> 
     so that the peak is the narrow copy plus one wide tensor."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    live = {t.data_ptr() for t in [*model.parameters(), *model.buffers()] if not hasattr(t, "full_tensor")}
+    # Storage of the policy's own tensors (a DTensor's local shard too: on a one-rank mesh full_tensor() returns
+    # that shard itself), so that every tensor of the copy is fresh.
+    live = {(t.to_local() if hasattr(t, "to_local") else t).data_ptr() for t in [*model.parameters(), *model.buffers()]}
     # Sharded DTensors with clean names; every rank gathers every parameter (one all-gather each, once per phase).
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=False))
     full = {}
@@ -74,8 +76,8 @@ def _rebuild(inner: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
 
     base = hf_model(inner)
     dtype = next(iter(state.values())).dtype
-    with torch.device("meta"):
-        clone = AutoModelForCausalLM.from_config(base.config, dtype=dtype)
+    with torch.device("meta"):  # a copy of the config: from_config records the dtype in it
+        clone = AutoModelForCausalLM.from_config(copy.deepcopy(base.config), dtype=dtype)
     if hasattr(inner, "peft_config"):
         from peft import get_peft_model
 
@@ -84,6 +86,8 @@ def _rebuild(inner: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
         clone = clone.merge_and_unload()
     else:
         clone.load_state_dict(state, strict=True, assign=True)
+    if getattr(clone.config, "tie_word_embeddings", False):
+        clone.tie_weights()  # loading assigned the two names separate tensors: one copy, as in the policy
     # Non-persistent buffers (rotary frequencies) are not in the state dict: take them from the live model.
     live_buffers = dict(base.named_buffers())
     for name, buffer in list(clone.named_buffers()):

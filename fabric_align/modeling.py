@@ -239,21 +239,27 @@ def decoder_layer_classes(model: nn.Module) -> tuple[type, ...]:
 def fsdp2_parallelize(module: nn.Module, device_mesh: Any, *, compute_dtype: torch.dtype | None = None) -> nn.Module:
     """FSDP2: one ``fully_shard`` unit per decoder layer, then the root (embeddings, final norm, lm_head).
 
-    ``compute_dtype`` (bf16 under bf16-mixed): shards stay in the fp32 master dtype, but each unit is all-gathered
-    in bf16 and its gradients reduced in fp32. That halves the all-gather traffic and the unsharded weights' memory,
-    and autocast then finds bf16 weights instead of casting fp32 ones at every op.
+    ``compute_dtype`` (bf16 under bf16-mixed): the decoder layers' shards stay in the fp32 master dtype, but each
+    layer is all-gathered in bf16 and its gradients are reduced in fp32. That halves the all-gather traffic and the
+    unsharded weights' memory, and autocast finds bf16 weights instead of casting fp32 ones at every op. The root
+    stays fp32, so the embeddings start an fp32 residual stream as under plain autocast. Not for 4-bit models,
+    whose packed weights are stored as floats that a cast would destroy.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = device_mesh["data_parallel"] if "data_parallel" in (device_mesh.mesh_dim_names or ()) else device_mesh
-    kwargs: dict[str, Any] = {"mesh": mesh}
-    if compute_dtype is not None:
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    layer_kwargs: dict[str, Any] = {"mesh": mesh}
+    quantized = any(hasattr(p, "quant_state") for p in module.parameters())
+    if compute_dtype is not None and not quantized:
+        # The layers take the fp32 residual stream as it is (autocast lowers each matmul), so it stays fp32.
+        layer_kwargs["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False
+        )
     layer_classes = decoder_layer_classes(module)
     for submodule in list(module.modules()):
         if isinstance(submodule, layer_classes):
-            fully_shard(submodule, **kwargs)
-    fully_shard(module, **kwargs)
+            fully_shard(submodule, **layer_kwargs)
+    fully_shard(module, mesh=mesh)
     if any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
         # Built on the meta device (ranks other than 0): allocate the shards without initializing them, since the
         # values come from rank 0 (``broadcast_from_rank0``). Fabric would run each module's reset_parameters,

@@ -198,10 +198,11 @@ class SelfPlay:
         # The opponent decodes in the training forward's compute precision (autocast under the mixed precisions, its
         # weights in the autocast dtype): fast, and any sampler is a valid opponent. The reference log-probs come
         # from the policy itself, the opponent at this point, so they are exactly what its training forward gives.
+        device = self.fabric.device.type
         with self.fabric.autocast():
-            device = self.fabric.device.type
             compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-            opponent = opponent_model(self.fabric, self.policy, compute_dtype)
+        opponent = opponent_model(self.fabric, self.policy, compute_dtype)  # outside autocast: LoRA merges in fp32
+        with self.fabric.autocast():
             generated = self.generate(t, opponent)
         del opponent
         self.policy.train()

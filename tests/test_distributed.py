@@ -144,39 +144,89 @@ def test_fsdp2_rank0_reads_the_weights_of_a_tied_pretrained_model(tmp_path: Path
     assert any(k.endswith("q_proj.bias") for k in b)
 
 
-def test_fsdp2_bf16_mixed_all_gathers_bf16_from_fp32_shards(tmp_path: Path) -> None:
-    """Under bf16-mixed each FSDP2 unit is gathered in bf16 for the forward while its shards (what the optimizer
-    steps) stay fp32: checked inside a forward, in a one-process gloo group of its own."""
+def run_in_one_rank_group(body: str, tmp_path: Path) -> str:
+    """Run ``body`` in a fresh process inside a one-process gloo group (on a free port); returns its stdout."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     script = tmp_path / "check.py"
     script.write_text(
+        "import torch, torch.distributed as dist\n"
+        "from torch.distributed.device_mesh import init_device_mesh\n"
+        f"dist.init_process_group('gloo', init_method='tcp://127.0.0.1:{port}', rank=0, world_size=1)\n"
+        "mesh = init_device_mesh('cpu', (1,))\n" + body + "\ndist.destroy_process_group()\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=120, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_fsdp2_bf16_mixed_all_gathers_bf16_from_fp32_shards(tmp_path: Path) -> None:
+    """Under bf16-mixed each decoder layer is gathered in bf16 for the forward while its shards (what the optimizer
+    steps) and all gradients stay fp32; the root (embeddings, lm_head) stays fp32."""
+    out = run_in_one_rank_group(
         """
-import os, torch, torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
 from fabric_align.args import ModelArgs
 from fabric_align.modeling import PolicyLogprobs, fsdp2_parallelize, load_model
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29517")
-dist.init_process_group("gloo", rank=0, world_size=1)
 policy = PolicyLogprobs(load_model(ModelArgs(), dtype=torch.float32, seed=0))
-fsdp2_parallelize(policy, init_device_mesh("cpu", (1,)), compute_dtype=torch.bfloat16)
+fsdp2_parallelize(policy, mesh, compute_dtype=torch.bfloat16)
 seen = []
 q_proj = policy.model.model.layers[0].self_attn.q_proj  # inside its unit's forward: the gathered weight
 q_proj.register_forward_pre_hook(lambda m, a: seen.append(m.weight.dtype))
+embed = policy.model.model.embed_tokens
+embed.register_forward_hook(lambda m, a, o: seen.append(o.dtype))
 ids = torch.tensor([[256, 72, 105, 257]])
-policy(ids, torch.ones_like(ids), torch.tensor([[72, 105, 257, -100]])).sum().backward()
-print(seen[0], {p.dtype for p in policy.parameters()}, {p.grad.dtype for p in policy.parameters()})
-dist.destroy_process_group()
-"""
+with torch.autocast("cpu", dtype=torch.bfloat16):  # as Fabric's bf16-mixed runs every forward
+    logps = policy(ids, torch.ones_like(ids), torch.tensor([[72, 105, 257, -100]]))
+logps.sum().backward()
+print(seen, {p.dtype for p in policy.parameters()}, {p.grad.dtype for p in policy.parameters()})
+""",
+        tmp_path,
     )
-    result = subprocess.run(
-        [sys.executable, str(script)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    assert out.strip() == "[torch.float32, torch.bfloat16] {torch.float32} {torch.float32}"
+
+
+def test_fsdp2_opponent_copy_never_writes_into_the_policy(tmp_path: Path) -> None:
+    """On a one-rank mesh full_tensor() hands back the shard itself: merging LoRA into the SPIN opponent's copy
+    must still leave the policy's frozen base untouched. A tied model's copy stays tied."""
+    out = run_in_one_rank_group(
+        """
+import types
+from transformers import Qwen2Config
+from fabric_align.args import LoRAArgs, ModelArgs
+from fabric_align.generation import opponent_model
+from fabric_align.modeling import PolicyLogprobs, add_lora, fsdp2_parallelize, load_model
+fabric = types.SimpleNamespace(device=torch.device("cpu"))
+policy = PolicyLogprobs(load_model(ModelArgs(lora=LoRAArgs(r=2)), dtype=torch.float32, seed=0))
+fsdp2_parallelize(policy, mesh)
+with torch.no_grad():
+    for name, p in policy.named_parameters():
+        if "lora_B" in name:
+            p.full_tensor()  # a collective, like the real gather
+            p.to_local().fill_(0.5)
+before = {n: p.full_tensor().clone() for n, p in policy.named_parameters() if "base_layer" in n}
+opponent = opponent_model(fabric, policy, torch.bfloat16)
+after = {n: p.full_tensor() for n, p in policy.named_parameters() if "base_layer" in n}
+print(all(torch.equal(before[n], after[n]) for n in before), len(before) > 0)
+merged = opponent.model.layers[0].self_attn.q_proj.weight
+base = before[next(n for n in before if "layers.0.self_attn.q_proj" in n)]
+print(not torch.equal(merged.float(), base.to(torch.bfloat16).float()), merged.dtype)
+from transformers import AutoModelForCausalLM
+config = Qwen2Config(vocab_size=264, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                     num_key_value_heads=2, tie_word_embeddings=True)
+tied = PolicyLogprobs(AutoModelForCausalLM.from_config(config))
+fsdp2_parallelize(tied, mesh)
+copy = opponent_model(fabric, tied, torch.bfloat16)
+print(copy.lm_head.weight is copy.model.embed_tokens.weight)
+""",
+        tmp_path,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split("\n")[0] == "torch.bfloat16 {torch.float32} {torch.float32}"
+    assert out.split() == ["True", "True", "True", "torch.bfloat16", "True"]
 
 
 @pytest.mark.slow
@@ -189,7 +239,7 @@ def test_fsdp2_bf16_mixed_trains_like_one_process(tmp_path: Path) -> None:
     )
     rows_a, rows_b = read_metrics(single), read_metrics(fsdp)
     for key in ("train/loss", "train/rewards/margins", "val/rewards/margins"):
-        # The norms and embeddings now compute in bf16 too: agreement to bf16 precision, not fp32's.
+        # The layers' weights are bf16 copies where autocast made per-op ones: bf16 rounding, not fp32's.
         torch.testing.assert_close(
             torch.tensor(column(rows_a, key)), torch.tensor(column(rows_b, key)), rtol=1e-2, atol=1e-2, msg=key
         )
