@@ -41,20 +41,15 @@ class CSVMetrics:
             with self.path.open("a", newline="") as f:
                 csv.DictWriter(f, self.columns).writerow(row)
 
-    def drop_after(self, step: int) -> None:
-        """On resume from the checkpoint at ``step``: forget what the resumed run logs again, the rows after that
-        step and the validation at it (a resumed run validates at its first step when validation is due there,
-        and a finished run validates at its end)."""
-
-        def kept_row(row: dict[str, Any]) -> bool:
-            row_step = int(float(row.get("step") or 0))
-            validation = any(v not in (None, "") for k, v in row.items() if k.startswith("val/"))
-            return row_step < step or (row_step == step and not validation)
-
-        kept = [r for r in self.rows if kept_row(r)]
+    def drop_after(self, step: int) -> set[str]:
+        """On resume from the checkpoint at ``step``: forget the rows after it, which the resumed run logs again.
+        Returns the metric names already logged at ``step``, which the resumed run must not log a second time."""
+        kept = [r for r in self.rows if int(float(r.get("step") or 0)) <= step]
         if len(kept) != len(self.rows):
             self.rows = kept
             self._write_all()
+        at_step = [r for r in kept if int(float(r.get("step") or 0)) == step]
+        return {k for r in at_step for k, v in r.items() if k != "step" and v not in (None, "")}
 
     def _write_all(self) -> None:
         tmp = self.path.with_suffix(".tmp")
@@ -127,9 +122,11 @@ class MetricLogger:
 
             self.wandb_run.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
 
-    def resumed_at(self, step: int) -> None:
+    def resumed_at(self, step: int) -> set[str]:
+        """Metric names logged at ``step`` by the run being resumed (known from the CSV log on rank 0)."""
         if self.active and self.csv is not None:
-            self.csv.drop_after(step)
+            return self.csv.drop_after(step)
+        return set()
 
     def finish(self) -> None:
         if self.active and self.wandb_run is not None:

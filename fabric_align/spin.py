@@ -505,8 +505,9 @@ def main(fabric: Any, job: Job, spin: SPINArgs, train_data: SFTData, val_data: S
     )
     recipe = SPIN(fabric, policy, job.tokenizer.pad_token_id, eval_batch_size(job.train))
     for t, (start, end) in enumerate(bounds):
-        if run.state["step"] >= end:
+        if run.state["step"] > end:
             continue  # finished before the checkpoint we resumed from
+        # (Resumed exactly at its end: only its end-of-iteration validation below, unless that was logged.)
         if run.state["step"] == start and t > 0:
             # Each iteration is a fresh fine-tuning run from the new opponent (as in the SPIN authors' recipe).
             optimizer.state.clear()
@@ -518,7 +519,7 @@ def main(fabric: Any, job: Job, spin: SPINArgs, train_data: SFTData, val_data: S
         run.state["iteration"] = t
         lengths = [len(g) for g in data_t["generated"]["train"]]
         mean_length = sum(lengths) / len(lengths)
-        if run.state["step"] == start:
+        if run.state["step"] == start and not run.logged_before_resume("generation/mean_length", start):
             run.logger.log({"generation/mean_length": mean_length, "iteration": t, "beta": beta}, step=start)
             log_samples(run, job.tokenizer, train_data, data_t, t, spin.num_logged_samples, start)
         run.total_steps = end - start

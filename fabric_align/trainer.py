@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -300,6 +300,12 @@ class Run:
     total_steps: int
     meta: dict[str, Any]
     last_validated: int = -1
+    resumed_step: int = -1
+    resumed_keys: set[str] = field(default_factory=set)  # what the resumed run had logged at resumed_step
+
+    def logged_before_resume(self, key: str, step: int) -> bool:
+        """Whether the run this one resumes already logged ``key`` at ``step`` (its checkpoint's step)."""
+        return step == self.resumed_step and key in self.resumed_keys
 
 
 def fit(
@@ -521,9 +527,17 @@ def open_run(
         fabric.print(f"resumed from {job.resume_path} at step {full_state['step']}")
         warn_changed_settings(saved.get("config", {}), job.config)
     logger = MetricLogger(job.logger, job.out_dir, is_global_zero=fabric.is_global_zero, config=job.config)
-    logger.resumed_at(full_state["step"])
     meta = {"method": method, "config": job.config}
-    return Run(fabric, policy, optimizer, job.train, job.out_dir, logger, full_state, total_steps, meta)
+    run = Run(fabric, policy, optimizer, job.train, job.out_dir, logger, full_state, total_steps, meta)
+    if job.resume_path is not None:
+        # What the resumed run logged at the checkpoint's step is kept, not logged twice; every rank must agree,
+        # since validation is collective.
+        step = full_state["step"]
+        logged = fabric.broadcast(sorted(logger.resumed_at(step)), src=0)
+        run.resumed_step, run.resumed_keys = step, set(logged)
+        if any(k.startswith("val/") for k in logged):
+            run.last_validated = step
+    return run
 
 
 # Settings that change what a resumed run computes (data, objective, batch, model), unlike e.g. intervals or steps.

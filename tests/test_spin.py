@@ -305,3 +305,21 @@ def test_incomplete_iteration_directory_is_not_reused(tmp_path: Path) -> None:
     assert (out / "iter-0" / "meta.json").is_file()
     kept = list(out.glob(".incomplete-iter-0-*/note.txt"))
     assert len(kept) == 1 and kept[0].read_text() == "partial"
+
+
+def test_resume_at_an_iteration_end_logs_like_an_unbroken_run(tmp_path: Path) -> None:
+    """Resumed from the checkpoint at iteration 0's last step, the log ends as the unbroken run's: iteration 0's
+    end-of-iteration validation and iteration 1's generation metrics at that step appear once each."""
+    args = [*SHORT, "--train.save_interval=4", "--train.eval_interval=3"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_cli(spin.setup, [*args, f"--out_dir={straight}"])
+    shutil.copytree(straight, resumed)
+    for name in ("step-000008", "final"):
+        shutil.rmtree(resumed / name)
+    run_cli(spin.setup, [*args, f"--out_dir={resumed}", "--resume=auto"])
+    rows_a, rows_b = read_metrics(straight), read_metrics(resumed)
+    assert column(rows_b, "val/step") == column(rows_a, "val/step") == [0, 3, 4, 6, 8]
+    torch.testing.assert_close(torch.tensor(column(rows_b, "val/nll")), torch.tensor(column(rows_a, "val/nll")))
+    assert column(rows_b, "generation/mean_length") == column(rows_a, "generation/mean_length")
+    assert len(column(rows_b, "generation/mean_length")) == 2
+    assert column(rows_b, "train/step") == column(rows_a, "train/step") == list(range(1, 9))
