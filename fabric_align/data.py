@@ -215,17 +215,18 @@ class ChatRenderer:
 
 
 def strip_final_eos(tokenizer: Any, ids: list[int]) -> list[int]:
-    """The completion without the EOS that closes it (templates often add EOS plus a newline), so that exactly one
-    EOS ends it. Only the last EOS counts: an earlier one closes an earlier message of a multi-turn completion, or
-    is ``</s>`` written inside the text, and cutting there would silently drop the rest of the answer."""
+    """The completion without the EOS that closes it (templates often add EOS plus a newline, some a turn-end
+    token and then EOS again), so that exactly one EOS ends it. Only trailing EOS count, each followed by nothing
+    but whitespace: an earlier EOS closes an earlier message of a multi-turn completion, or is ``</s>`` written
+    inside the text, and cutting there would silently drop the rest of the answer."""
     eos = tokenizer.eos_token_id
-    if eos not in ids:
-        return ids
-    last = len(ids) - 1 - ids[::-1].index(eos)
-    tail = ids[last + 1 :]
-    if tail and tokenizer.decode(tail).strip():
-        return ids  # something other than whitespace follows: not a closing EOS
-    return ids[:last]
+    while eos in ids:
+        last = len(ids) - 1 - ids[::-1].index(eos)
+        tail = ids[last + 1 :]
+        if tail and tokenizer.decode(tail).strip():
+            break  # something other than whitespace follows: not a closing EOS
+        ids = ids[:last]
+    return ids
 
 
 def fit_length(prompt_ids: list[int], completion_ids: list[int], max_length: int) -> list[int] | None:

@@ -186,3 +186,18 @@ def test_json_lines_split_only_at_newlines(tmp_path: Path, renderer: ChatRendere
     assert len(data) == 4
     ids, start = data.sequences[3]
     assert renderer.tokenizer.decode(ids[start:], skip_special_tokens=True) == "line one\u2028two\x85three\x1c3"
+
+
+def test_closing_eos_is_stripped_however_the_template_ends_the_turn(renderer: ChatRenderer) -> None:
+    """EOS + newline (Llama-2/Mistral style), a turn-end EOS then EOS again (Phi-3 style): one EOS is appended
+    afterwards, so none of these may stay; an EOS followed by more answer is kept."""
+    from fabric_align.data import strip_final_eos
+
+    tok = renderer.tokenizer
+    eos, newline = tok.eos_token_id, tok("\n", add_special_tokens=False)["input_ids"]
+    answer = tok("the answer", add_special_tokens=False)["input_ids"]
+    assert strip_final_eos(tok, answer) == answer
+    assert strip_final_eos(tok, [*answer, eos]) == answer
+    assert strip_final_eos(tok, [*answer, eos, *newline]) == answer
+    assert strip_final_eos(tok, [*answer, eos, *newline, eos]) == answer
+    assert strip_final_eos(tok, [*answer, eos, *answer, eos]) == [*answer, eos, *answer]
