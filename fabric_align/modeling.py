@@ -271,8 +271,19 @@ def fsdp2_parallelize(module: nn.Module, device_mesh: Any, *, compute_dtype: tor
 
 
 def parameter_signature(model: nn.Module) -> list[tuple[str, str, tuple[int, ...]]]:
-    """Name, dtype and shape of every parameter: what must agree between a loaded and a meta-built model."""
-    return [(name, str(p.dtype), tuple(p.shape)) for name, p in model.named_parameters()]
+    """Name, dtype and shape of every parameter and buffer: what must agree between a loaded and a meta-built
+    model before rank 0's tensors are broadcast into the latter."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return [(name, str(t.dtype).removeprefix("torch."), tuple(t.shape)) for name, t in tensors]
+
+
+def adopt_dtypes(model: nn.Module, signature: list[tuple[str, str, tuple[int, ...]]]) -> None:
+    """Give a meta-built model the dtypes of the loaded one: ``from_pretrained`` keeps some modules in fp32
+    (``_keep_in_fp32_modules``) where ``from_config`` does not. Free on the meta device; ties are kept."""
+    dtypes = {name: getattr(torch, dtype) for name, dtype, _ in signature}
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_meta and name in dtypes and tensor.dtype != dtypes[name]:
+            tensor.data = torch.empty_like(tensor, dtype=dtypes[name])
 
 
 def broadcast_from_rank0(module: nn.Module, full_state: dict[str, torch.Tensor] | None) -> None:

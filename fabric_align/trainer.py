@@ -28,6 +28,7 @@ from fabric_align.data import StepPlan, pad_sequences, shard_evenly
 from fabric_align.loggers import MetricLogger
 from fabric_align.modeling import (
     PolicyLogprobs,
+    adopt_dtypes,
     broadcast_from_rank0,
     fsdp2_parallelize,
     load_model,
@@ -495,10 +496,14 @@ def build_policy(fabric: Fabric, job: Job) -> tuple[PolicyLogprobs, torch.optim.
     full_state = None
     if from_rank0:
         signature = fabric.broadcast(parameter_signature(policy), src=0)
-        if signature != parameter_signature(policy):
+        if not fabric.is_global_zero:
+            adopt_dtypes(policy, signature)
+        differs = parameter_signature(policy) != signature
+        # Every rank raises (rank 0 too), rather than leaving the others waiting in the broadcast.
+        if fabric.all_reduce(torch.tensor(float(differs), device=fabric.device), reduce_op="sum").item() > 0:
             raise RuntimeError(
-                f"rank {fabric.global_rank} built {job.model.name_or_path} with other parameters than rank 0 "
-                "loaded (names, dtypes or shapes differ)"
+                f"{job.model.name_or_path}: the model built on the meta device on ranks > 0 has other parameters "
+                "or buffers than the one rank 0 loaded (names or shapes differ)"
             )
         full_state = policy.state_dict() if fabric.is_global_zero else None  # keeps rank 0's tensors alive
     policy = fabric.setup_module(policy)

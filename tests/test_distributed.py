@@ -243,3 +243,20 @@ def test_fsdp2_bf16_mixed_trains_like_one_process(tmp_path: Path) -> None:
         torch.testing.assert_close(
             torch.tensor(column(rows_a, key)), torch.tensor(column(rows_b, key)), rtol=1e-2, atol=1e-2, msg=key
         )
+
+
+def test_a_meta_built_model_adopts_the_loaded_dtypes() -> None:
+    """from_pretrained keeps some modules in fp32 where from_config does not: ranks > 0 take rank 0's dtypes
+    (free on the meta device) before anything is broadcast, and tied parameters stay tied."""
+    from fabric_align.args import ModelArgs
+    from fabric_align.modeling import adopt_dtypes, load_model, parameter_signature
+
+    loaded = load_model(ModelArgs(), dtype=torch.bfloat16, seed=0)
+    loaded.model.norm.weight.data = loaded.model.norm.weight.data.float()  # as _keep_in_fp32_modules would
+    meta = load_model(ModelArgs(), dtype=torch.bfloat16, seed=0, on_meta=True)
+    assert all(t.is_meta for t in meta.parameters())
+    assert parameter_signature(meta) != parameter_signature(loaded)
+    norm = meta.model.norm.weight
+    adopt_dtypes(meta, parameter_signature(loaded))
+    assert parameter_signature(meta) == parameter_signature(loaded)
+    assert meta.model.norm.weight is norm and norm.dtype == torch.float32 and norm.is_meta
