@@ -370,7 +370,9 @@ def reference_logps(fabric: Any, policy: PolicyLogprobs, job: Job, train: KTODat
     """Fill ``ref_logps`` / ``ref_kl_logps`` of both splits from the cache, or compute them in one no-grad pass."""
     splits = [train] + ([val] if val is not None else [])
     sequences = [s for d in splits for s in d.sequences + d.kl_sequences]
-    key = content_hash(model_fingerprint(job.model, job.seed), job.precision, sequences)
+    # The precision and strategy decide how the reference forward computes (FSDP2 gathers layers in bf16 under
+    # bf16-mixed), so a cache made under other settings is not reused.
+    key = content_hash(model_fingerprint(job.model, job.seed), job.precision, job.launch["strategy"], sequences)
     cache = job.out_dir / "cache" / f"kto-reference-{key}.pt"
     logps = read_cache(cache, len(sequences))
     if logps is not None:

@@ -30,7 +30,10 @@ WEIGHT_FILES = (
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    return str(EMBEDDED_MODEL_DIR) if name_or_path == EMBEDDED_MODEL else name_or_path
+    """The embedded model's directory, a local path with ``~`` expanded (transformers does not), or a hub id."""
+    if name_or_path == EMBEDDED_MODEL:
+        return str(EMBEDDED_MODEL_DIR)
+    return str(Path(name_or_path).expanduser()) if name_or_path.startswith("~") else name_or_path
 
 
 def has_weights(path: str) -> bool:

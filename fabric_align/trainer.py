@@ -530,7 +530,8 @@ def open_run(
     if job.resume_path is not None:
         saved = load_checkpoint(fabric, job.resume_path, full_state)
         fabric.print(f"resumed from {job.resume_path} at step {full_state['step']}")
-        warn_changed_settings(saved.get("config", {}), job.config)
+        if fabric.is_global_zero:
+            warn_changed_settings(saved.get("config", {}), job.config)
     logger = MetricLogger(job.logger, job.out_dir, is_global_zero=fabric.is_global_zero, config=job.config)
     meta = {"method": method, "config": job.config}
     run = Run(fabric, policy, optimizer, job.train, job.out_dir, logger, full_state, total_steps, meta)
@@ -546,10 +547,28 @@ def open_run(
 
 
 # Settings that change what a resumed run computes (data, objective, batch, model), unlike e.g. intervals or steps.
-RESUME_SENSITIVE = ("model", "data", "kto", "spin", "seed", "precision", "train.global_batch_size", "train.lr")
+RESUME_SENSITIVE = (
+    "model",
+    "data",
+    "kto",
+    "spin",
+    "seed",
+    "precision",
+    "strategy",
+    "train.global_batch_size",
+    "train.lr",
+    "train.min_lr",
+    "train.warmup_steps",
+    "train.weight_decay",
+    "train.betas",
+    "train.optimizer",
+    "train.max_norm",
+    "train.max_steps",
+    "train.epochs",
+)
 
 
-def warn_changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> None:
+def warn_changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> None:  # called on rank 0
     """Resuming with other data, objective or batch settings than the checkpoint's run is allowed (a deliberate
     change) but not silent."""
 
@@ -581,6 +600,10 @@ def finish(run: Run, recipe: Recipe, job: Job) -> Path:
     )
     run.fabric.print(f"exported {final}")
     run.logger.finish()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Leave together: a rank exiting with its process group alive can abort the others' teardown.
+        run.fabric.barrier()
+        torch.distributed.destroy_process_group()
     return final
 
 

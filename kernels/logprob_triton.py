@@ -133,16 +133,33 @@ def _configs(shapes: list[tuple[int, int, int, int, int]], with_group: bool) -> 
     return out
 
 
+def _shared_memory(device: torch.device) -> int:
+    """Shared memory a block may use on ``device`` (Triton's own query); Hopper's when it cannot be asked."""
+    if device.type != "cuda":
+        return _SHARED_MEMORY
+    try:
+        from triton.runtime import driver
+
+        return int(driver.active.utils.get_device_properties(device.index or 0)["max_shared_mem"])
+    except Exception:  # an older Triton or a stand-in driver: assume Hopper
+        return _SHARED_MEMORY
+
+
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    element = named_args["h_ptr"].element_size()
+    """Configs that fit this device's shared memory and suit the dot's precision (BLOCK_K=32 for FMA dots)."""
+    hidden = named_args["h_ptr"]
+    element, budget = hidden.element_size(), _shared_memory(hidden.device)
     fma = kwargs.get("DOT_PRECISION") == "ieee" and element == 4
-    kept = []
+    fitting = []
     for config in configs:
         meta = config.kwargs
         tile = (meta["BLOCK_N"] + meta["BLOCK_V"]) * meta["BLOCK_K"] * element * config.num_stages
-        if tile <= _SHARED_MEMORY and (meta["BLOCK_K"] <= 32) == fma:
-            kept.append(config)
-    return kept or configs[:1]
+        if tile <= budget:
+            fitting.append(config)
+    kept = [c for c in fitting if (c.kwargs["BLOCK_K"] <= 32) == fma]
+    # On GPUs with less shared memory (A100: 163 KiB, consumer cards: ~99 KiB) fp32 tensor-core tiles may not fit:
+    # fall back to the small FMA-sized tiles, which fit everywhere, rather than to a config that cannot launch.
+    return kept or fitting or [min(configs, key=lambda c: c.kwargs["BLOCK_K"] * c.num_stages)]
 
 
 @triton.jit(do_not_specialize=["N", "span", "N_BUCKET"])

@@ -140,3 +140,16 @@ def test_shipped_tiny_model_and_demo_data_are_reproducible(tmp_path: Path) -> No
     assert json.loads((built / "tokenizer.json").read_text()) == json.loads((shipped / "tokenizer.json").read_text())
     rows = make_demo_data.kto_rows(make_demo_data.random.Random(0), 256)
     assert [json.loads(line) for line in (shipped.parent / "kto_demo_train.jsonl").read_text().splitlines()] == rows
+
+
+def test_a_home_relative_model_path_is_expanded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers does not expand ``~``: a path like ~/models/x would be tried as a hub id."""
+    import shutil
+
+    from fabric_align.args import ModelArgs
+    from fabric_align.modeling import EMBEDDED_MODEL_DIR, load_tokenizer, resolve_model_path
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(EMBEDDED_MODEL_DIR, tmp_path / "models" / "tiny")
+    assert resolve_model_path("~/models/tiny") == str(tmp_path / "models" / "tiny")
+    assert load_tokenizer(ModelArgs(name_or_path="~/models/tiny")).eos_token_id is not None
