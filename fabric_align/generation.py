@@ -28,7 +28,8 @@ def opponent_model(fabric: Fabric, policy: nn.Module, compute_dtype: torch.dtype
 
     ``compute_dtype`` is the dtype the training forward computes in (the autocast dtype under mixed precision).
     An FSDP2-sharded policy is gathered once, one parameter at a time, into a plain copy on this rank's device in
-    that dtype (LoRA merged into the copy first), so decoding runs without an all-gather per step. A whole full
+    that dtype, so decoding runs without an all-gather per step. (With LoRA the copy is gathered in the master dtype,
+    merged, then narrowed: its peak is the whole model in fp32, once per iteration.) A whole full
     model in wider weights (fp32 masters under bf16-mixed) is copied into that dtype too: under autocast, decoding
     with the fp32 weights would re-cast every weight matrix at every token. Otherwise (single device or DDP with
     weights already in that dtype, and whole LoRA/QLoRA models, whose frozen base must never be merged into) the
