@@ -35,6 +35,7 @@ from fabric_align.modeling import (
     load_tokenizer,
     parameter_counts,
     parameter_signature,
+    resolve_model_path,
     trainable_parameters,
 )
 
@@ -466,7 +467,7 @@ def check_model_path(model: ModelArgs) -> None:
     """A path that names a local directory (absolute, or starting with . or ~) must exist: otherwise transformers
     would try it as a hub id and fail with a message about repo id syntax."""
     name = model.name_or_path
-    if name.startswith(("/", ".", "~")) and not Path(name).expanduser().exists():
+    if name.startswith(("/", ".", "~")) and not Path(resolve_model_path(name)).exists():
         raise ConfigError(f"model.name_or_path={name}: no such directory")
 
 
