@@ -1,11 +1,63 @@
-"""Argument groups shared by the entry scripts. Attribute docstrings become ``--help`` text (jsonargparse)."""
+"""Argument groups shared by the entry scripts. Attribute docstrings become ``--help`` text (jsonargparse).
+
+Each group checks its own values (``check()``), so that a rule lives in one place and every entry script applies
+it before anything is loaded. jsonargparse only checks types: ``--kto.beta .nan`` parses as a float, and every
+range test written as ``x <= 0`` is false for NaN, so the checks below test finiteness first.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from fabric_align.errors import ConfigError
+
+__all__ = ["ConfigError"]  # re-exported: the groups' checks raise it
+
 EMBEDDED_MODEL = "fabric-align/tiny-llama"
+SEED_RANGE = 2**32  # numpy's seed range, which Fabric's seed_everything also enforces
+
+
+def check_number(
+    name: str,
+    value: float | None,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    optional: bool = False,
+) -> None:
+    """Raise ``ConfigError`` unless ``value`` is a finite number in the given range (``None`` too if optional)."""
+    if value is None:
+        if optional:
+            return
+        raise ConfigError(f"{name}=null: a number is required")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name}={value}: must be a finite number")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        raise ConfigError(f"{name}={value}: must be {_wanted(low, high, low_open, high_open)}{' (or null)' * optional}")
+
+
+def _wanted(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    if high is None:
+        if low == 0:
+            return "positive" if low_open else "non-negative"
+        return f"{'greater than' if low_open else 'at least'} {low:g}"
+    if low is None:
+        return f"{'less than' if high_open else 'at most'} {high:g}"
+    return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+def check_positive(name: str, value: float | None, *, optional: bool = False) -> None:
+    check_number(name, value, low=0, low_open=True, optional=optional)
+
+
+def check_count(name: str, value: int | None, *, minimum: int = 1, optional: bool = False) -> None:
+    check_number(name, value, low=minimum, optional=optional)
 
 
 @dataclass
@@ -20,6 +72,18 @@ class LoRAArgs:
     """Module names to adapt, or "all-linear" (every linear layer but the lm_head)."""
     merge_on_export: bool = False
     """Also export the base model with the adapter merged in (``final/merged/``)."""
+
+    def check(self) -> None:
+        check_count("model.lora.r", self.r)
+        check_positive("model.lora.alpha", self.alpha)
+        check_number("model.lora.dropout", self.dropout, low=0, high=1, high_open=True)
+        if isinstance(self.target_modules, list):
+            if not self.target_modules:
+                raise ConfigError('model.lora.target_modules=[]: name at least one module (or "all-linear")')
+            if any("lm_head" in name for name in self.target_modules):
+                raise ConfigError(
+                    "model.lora.target_modules must not include the lm_head: log-probs read its weight directly"
+                )
 
 
 @dataclass
@@ -39,6 +103,23 @@ class ModelArgs:
     """Recompute each decoder layer's activations in the backward pass."""
     attn_implementation: str | None = "sdpa"
     """Attention implementation passed to transformers (``sdpa``, ``eager``, ``flash_attention_2``...)."""
+    disable_dropout: bool = True
+    """Turn off the model's dropout (not LoRA's own ``lora.dropout``): the reference log-probs come from a
+    dropout-free forward, so training with dropout would compare two different functions (as TRL and the SPIN
+    authors do)."""
+
+    def check(self) -> None:
+        if not self.name_or_path.strip():
+            raise ConfigError("model.name_or_path is empty")
+        if self.lora is not None:
+            self.lora.check()
+        if self.quantize and self.lora is None:
+            raise ConfigError("model.quantize=4bit trains only adapters: set model.lora too (QLoRA)")
+        if self.quantize and self.lora is not None and self.lora.merge_on_export:
+            raise ConfigError(
+                "model.lora.merge_on_export needs an unquantized base: with model.quantize=4bit only the adapter "
+                "is exported (merge it into the full-precision base afterwards)"
+            )
 
 
 @dataclass
@@ -54,6 +135,11 @@ class DataArgs:
     max_length: int = 256
     """Longest prompt + completion in tokens: completions are cut to fit, rows whose prompt alone does not fit
     are dropped."""
+
+    def check(self) -> None:
+        if not self.train_path.strip():
+            raise ConfigError("data.train_path is empty")
+        check_count("data.max_length", self.max_length, minimum=2)
 
 
 @dataclass
@@ -83,12 +169,46 @@ class TrainArgs:
     """Passes over the training data when ``max_steps`` is null."""
     max_norm: float | None = 1.0
     """Clip the gradient norm to this value (null: no clipping; the norm is logged either way)."""
+    max_consecutive_skips: int = 3
+    """A step whose loss or gradient norm is not finite is skipped (no update, counted in
+    ``train/skipped_steps``); after this many skips in a row the run stops with an error (0: at the first)."""
     eval_interval: int = 50
     """Validate every this many steps (and before the first and after the last)."""
     save_interval: int | None = 100
     """Save a checkpoint every this many steps (null: only the final export)."""
     log_interval: int = 1
     """Log training metrics every this many steps."""
+
+    def check(self) -> None:
+        for name in ("global_batch_size", "micro_batch_size", "epochs", "eval_interval", "log_interval"):
+            check_count(f"train.{name}", getattr(self, name))
+        for name in ("eval_batch_size", "max_steps", "save_interval"):
+            check_count(f"train.{name}", getattr(self, name), optional=True)
+        check_count("train.warmup_steps", self.warmup_steps, minimum=0)
+        check_count("train.max_consecutive_skips", self.max_consecutive_skips, minimum=0)
+        check_positive("train.lr", self.lr)
+        check_number("train.min_lr", self.min_lr, low=0, high=self.lr)
+        check_number("train.weight_decay", self.weight_decay, low=0)
+        check_positive("train.max_norm", self.max_norm, optional=True)
+        if len(self.betas) != 2:
+            raise ConfigError(f"train.betas={list(self.betas)}: expected two values")
+        for i, beta in enumerate(self.betas):
+            check_number(f"train.betas[{i}]", beta, low=0, high=1, high_open=True)
+
+    def accumulation_steps(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each rank; raises when the batch sizes do not divide."""
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size={self.global_batch_size} is not divisible by train.micro_batch_size="
+                f"{self.micro_batch_size} x {world_size} rank(s) = {per_step}"
+            )
+        return self.global_batch_size // per_step
+
+    @property
+    def eval_micro_batch_size(self) -> int:
+        """Sequences per forward of the no-grad passes."""
+        return self.eval_batch_size or self.micro_batch_size
 
 
 @dataclass
@@ -104,6 +224,9 @@ class LoggerArgs:
     tags: list[str] = field(default_factory=list)
     """W&B tags."""
 
+    def check(self) -> None:
+        return None
+
 
 @dataclass
 class KTOArgs:
@@ -115,6 +238,11 @@ class KTOArgs:
     """lambda_U, the weight of undesirable examples' losses."""
     loss_type: Literal["kto", "apo_zero_unpaired"] = "kto"
     """``kto`` (with the KL reference point z0) or ``apo_zero_unpaired`` (no KL term)."""
+
+    def check(self) -> None:
+        check_positive("kto.beta", self.beta)
+        check_positive("kto.desirable_weight", self.desirable_weight)
+        check_positive("kto.undesirable_weight", self.undesirable_weight)
 
 
 @dataclass
@@ -137,6 +265,22 @@ class SPINArgs:
     """Also train on the previous iteration's generated answers (rescored under the current opponent)."""
     num_logged_samples: int = 8
     """Generations per iteration shown in the W&B table."""
+
+    def check(self) -> None:
+        check_count("spin.iterations", self.iterations)
+        check_count("spin.epochs_per_iteration", self.epochs_per_iteration)
+        if isinstance(self.beta, list):
+            if len(self.beta) != self.iterations:
+                raise ConfigError(f"spin.beta has {len(self.beta)} values for spin.iterations={self.iterations}")
+            for i, beta in enumerate(self.beta):
+                check_positive(f"spin.beta[{i}]", beta)
+        else:
+            check_positive("spin.beta", self.beta)
+        check_number("spin.temperature", self.temperature, low=0)
+        check_number("spin.top_p", self.top_p, low=0, high=1, low_open=True)
+        check_count("spin.max_new_tokens", self.max_new_tokens)
+        check_count("spin.rollout_batch_size", self.rollout_batch_size)
+        check_count("spin.num_logged_samples", self.num_logged_samples, minimum=0)
 
     def beta_at(self, iteration: int) -> float:
         return float(self.beta[iteration]) if isinstance(self.beta, list) else float(self.beta)

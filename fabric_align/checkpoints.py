@@ -1,16 +1,25 @@
-"""Atomic training checkpoints, resume discovery and the final Hugging Face export.
+"""Verified, atomic training checkpoints, resume discovery and the final Hugging Face export.
 
 A checkpoint is written to ``out_dir/.tmp-step-{n}`` and renamed to ``out_dir/step-{n:06d}`` only once every
-rank has finished writing and ``meta.json`` is in place, so a crash mid-save never leaves a directory that
-``resume=auto`` would pick: resume only considers ``step-NNNNNN`` directories holding ``meta.json``.
+rank has finished writing and ``meta.json`` is in place. ``meta.json`` is the completion marker, written last: it
+lists every file of the checkpoint with its size and SHA-256, so a file that was later truncated, emptied, removed
+or flipped is found before anything is loaded (``verify_directory``). ``resume=auto`` takes the newest intact
+checkpoint and names what is wrong with any newer one; an explicit damaged checkpoint is an error.
+
+Nothing here unpickles code: tensors and counters load with ``weights_only=True``, and the pickled index of a
+sharded (torch.distributed.checkpoint) save is read first through an allow-list of its own classes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import pickle
 import random
 import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +27,88 @@ import torch
 from lightning.fabric import Fabric
 from torch import nn
 
+from fabric_align.errors import ConfigError, TrainingError
+
+log = logging.getLogger("fabric_align")
+
 STEP_DIR = re.compile(r"^step-(\d{6})$")
 META = "meta.json"
+DIGEST_PREFIX = ".digest-rank"  # each rank's share of the checksums while a checkpoint is written
+
+
+# -------------------------------------------------------------------------------------------------- manifests
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 23):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def describe_files(root: Path, files: Iterable[Path]) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"bytes", "sha256"}}`` of ``files`` under ``root``."""
+    return {
+        str(path.relative_to(root)): {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+        for path in sorted(files)
+    }
+
+
+def data_files(root: Path) -> list[Path]:
+    """Every file under ``root`` but the completion marker and in-progress checksum shares."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != META and not p.name.startswith(DIGEST_PREFIX))
+
+
+def verify_directory(path: Path) -> str | None:
+    """What is wrong with a published directory (a checkpoint, a SPIN iteration), naming the file; None if every
+    file its ``meta.json`` lists is there with the recorded size and checksum."""
+    marker = path / META
+    try:
+        meta = json.loads(marker.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"{marker} is missing"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return f"{marker} is unreadable ({err})"
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(files, dict) or not files:
+        return f"{marker} lists no files (written by an older version, or edited)"
+    for name, expected in sorted(files.items()):
+        file = path / name
+        if not isinstance(expected, dict) or not {"bytes", "sha256"} <= set(expected):
+            return f"{marker}: the entry for {name} is malformed"
+        if not file.is_file():
+            return f"{file} is missing"
+        size = file.stat().st_size
+        if size != expected["bytes"]:
+            return f"{file} has {size} bytes, {expected['bytes']} were written (truncated or emptied)"
+        if file_sha256(file) != expected["sha256"]:
+            return f"{file} does not match its checksum (damaged)"
+    return None
+
+
+def seal(tmp: Path, meta: dict[str, Any]) -> None:
+    """Write the completion marker of a directory written by one process: ``meta`` plus the manifest of every
+    file under ``tmp``, last."""
+    record = {**meta, "files": describe_files(tmp, data_files(tmp))}
+    (tmp / META).write_text(json.dumps(record, indent=2, ensure_ascii=False))
+
+
+def load_plain(path: Path) -> Any:
+    """A ``torch.save`` file of tensors and plain data (dicts, lists, numbers, strings), never code: anything else
+    is refused with an error naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = [line for line in str(err).splitlines() if "Unsupported" in line or "global" in line.lower()]
+        reason = " ".join((found[0] if found else str(err).splitlines()[0]).split())[:200]
+        raise TrainingError(f"{path}: refused to load (it holds more than tensors and plain data: {reason})") from None
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    return json.loads((path / META).read_text(encoding="utf-8"))
 
 
 def checkpoint_dirs(out_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under ``out_dir``, oldest first."""
+    """Published checkpoints under ``out_dir`` (holding ``meta.json``; not yet verified), oldest first."""
     found = []
     if out_dir.is_dir():
         for child in out_dir.iterdir():
@@ -34,14 +119,30 @@ def checkpoint_dirs(out_dir: Path) -> list[tuple[int, Path]]:
 
 
 def find_resume_path(out_dir: Path, resume: str | Path | None) -> Path | None:
+    """The checkpoint to resume: with ``auto`` the newest intact one (a damaged newer one is named in a warning and
+    passed over; None when there is none at all); a given path must be an intact checkpoint."""
     if resume is None:
         return None
     if str(resume) == "auto":
         found = checkpoint_dirs(out_dir)
-        return found[-1][1] if found else None
-    path = Path(resume)
-    if not (path / META).is_file():
-        raise FileNotFoundError(f"resume={path}: not a complete checkpoint directory (no {META})")
+        for _, path in reversed(found):
+            problem = verify_directory(path)
+            if problem is None:
+                return path
+            log.warning("resume=auto: %s is damaged (%s); trying the checkpoint before it", path.name, problem)
+        if found:
+            raise ConfigError(
+                f"resume=auto: no intact checkpoint in {out_dir} (newest: {verify_directory(found[-1][1])})"
+            )
+        return None
+    path = Path(resume).expanduser()
+    if not path.exists():
+        raise ConfigError(f"resume={path}: no such checkpoint directory")
+    if not path.is_dir() or not (path / META).is_file():
+        raise ConfigError(f"resume={path}: not a complete checkpoint directory (no {META})")
+    problem = verify_directory(path)
+    if problem is not None:
+        raise ConfigError(f"resume={path}: damaged checkpoint: {problem}")
     return path
 
 
@@ -60,22 +161,51 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(fabric: Fabric, out_dir: Path, state: dict[str, Any], meta: dict[str, Any]) -> Path:
-    """Save model, optimizer and counters (``state``) plus per-rank RNG states, atomically."""
+    """Save model, optimizer and counters (``state``) plus per-rank RNG states, atomically and with a manifest.
+
+    A failed write (a full disk) removes only this save's temporary directory: the earlier checkpoints stay as
+    they were, and the error propagates."""
     step = int(state["step"])
     final = out_dir / f"step-{step:06d}"
     tmp = out_dir / f".tmp-step-{step:06d}"
     if fabric.is_global_zero and tmp.exists():
         shutil.rmtree(tmp)  # our own leftovers from a save that crashed; never a complete checkpoint
     fabric.barrier()
-    fabric.save(tmp / "state", state)
-    # Each rank's RNG differs; the strategy's checkpoint keeps only rank 0's extra state.
-    torch.save(rng_state(), tmp / f"rng-rank{fabric.global_rank}.pt")
-    fabric.barrier()
-    if fabric.is_global_zero:
-        (tmp / META).write_text(json.dumps({**meta, "step": step, "world_size": fabric.world_size}, indent=2))
-        publish(tmp, final)
+    try:
+        fabric.save(tmp / "state", state)
+        # Each rank's RNG differs; the strategy's checkpoint keeps only rank 0's extra state.
+        torch.save(rng_state(), tmp / f"rng-rank{fabric.global_rank}.pt")
+        fabric.barrier()
+        files = share_checksums(fabric, tmp)
+        if fabric.is_global_zero:
+            record = {**meta, "step": step, "world_size": fabric.world_size, "files": files}
+            (tmp / META).write_text(json.dumps(record, indent=2))
+            publish(tmp, final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     fabric.barrier()
     return final
+
+
+def share_checksums(fabric: Fabric, root: Path) -> dict[str, dict[str, Any]]:
+    """Checksums of every file under ``root``, each rank hashing a share (balanced by size) so a large sharded
+    checkpoint is read once in all, in parallel; the whole manifest is returned on rank 0 ({} elsewhere)."""
+    files = sorted(data_files(root), key=lambda p: (-p.stat().st_size, str(p)))
+    if fabric.world_size == 1:
+        return describe_files(root, files)
+    rank = fabric.global_rank
+    share = root / f"{DIGEST_PREFIX}{rank}.json"
+    share.write_text(json.dumps(describe_files(root, files[rank :: fabric.world_size])))
+    fabric.barrier()
+    if not fabric.is_global_zero:
+        return {}
+    merged: dict[str, dict[str, Any]] = {}
+    for r in range(fabric.world_size):
+        part = root / f"{DIGEST_PREFIX}{r}.json"
+        merged.update(json.loads(part.read_text()))
+        part.unlink()
+    return dict(sorted(merged.items()))
 
 
 def publish(tmp: Path, final: Path) -> None:
@@ -93,15 +223,94 @@ def publish(tmp: Path, final: Path) -> None:
 
 
 def load_checkpoint(fabric: Fabric, path: Path, state: dict[str, Any]) -> dict[str, Any]:
-    """Restore ``state`` in place from ``path``; returns the checkpoint's meta."""
-    remainder = fabric.load(path / "state", state)
+    """Restore ``state`` in place from a verified checkpoint; returns its meta. Only plain data is unpickled."""
+    for index in (path / "state").rglob("*.metadata") if (path / "state").is_dir() else ():
+        check_pickle_allowlist(index)
+    try:
+        remainder = fabric.load(path / "state", state, weights_only=True)
+    except pickle.UnpicklingError as err:
+        problem = f"refused to load (it holds more than tensors and numbers: {err})"
+        raise TrainingError(f"{path / 'state'}: {problem}") from None
     for key, value in remainder.items():
         state[key] = value
-    meta = json.loads((path / META).read_text())
+    meta = read_meta(path)
     rng_file = path / f"rng-rank{fabric.global_rank}.pt"
     if rng_file.is_file() and meta.get("world_size") == fabric.world_size:
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(load_plain(rng_file))
     return meta
+
+
+# The globals a torch.distributed.checkpoint index (``.metadata``, a plain pickle) is made of: its own dataclasses,
+# tensor properties, paths. Listed one by one: a module prefix would admit any function those modules import.
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+_ALLOWED_GLOBALS = {
+    *(
+        (_DCP_METADATA, name)
+        for name in (
+            "Metadata",
+            "MetadataIndex",
+            "StorageMeta",
+            "TensorProperties",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "ChunkStorageMetadata",
+            "_MEM_FORMAT_ENCODING",
+        )
+    ),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),  # a layout by name
+    ("torch", "Size"),
+    ("collections", "OrderedDict"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    *(("pathlib", name) for name in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")),
+}
+TORCH_ENUMS = (torch.dtype, torch.layout, torch.memory_format)
+
+
+class _AllowListUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = (module, name) in _ALLOWED_GLOBALS
+        if module == "torch" and isinstance(getattr(torch, name, None), TORCH_ENUMS):
+            allowed = True
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed")
+        return super().find_class(module, name)
+
+
+def check_pickle_allowlist(path: Path) -> None:
+    """Unpickle ``path`` admitting only the index classes of a distributed checkpoint; anything else (a function,
+    a class of another module) is refused before torch reads the file with the unrestricted unpickler."""
+    try:
+        with path.open("rb") as f:
+            _AllowListUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as err:
+        raise TrainingError(f"{path}: refused to load ({err})") from err
+
+
+def nonfinite_parameters(fabric: Fabric, module: nn.Module) -> list[str]:
+    """Names of trainable parameters holding NaN or inf (on this rank's shards); every rank gets the global verdict
+    as a non-empty list when any rank found one. Frozen and 4-bit packed weights are not checked: they never change,
+    and packed bytes stored as floats are not numbers."""
+    bad = []
+    for name, parameter in module.named_parameters():
+        if not parameter.requires_grad or hasattr(parameter, "quant_state"):
+            continue
+        local = parameter.to_local() if hasattr(parameter, "to_local") else parameter
+        if local.numel() and not bool(torch.isfinite(local.detach()).all()):
+            bad.append(name.replace("_forward_module.", ""))  # Fabric's wrapper is not part of the model's names
+    if fabric.world_size > 1:
+        count = fabric.all_reduce(torch.tensor(float(len(bad)), device=fabric.device), reduce_op="sum")
+        if float(count) > 0 and not bad:
+            bad = ["(on another rank)"]
+    return bad
+
+
+def require_finite_parameters(fabric: Fabric, module: nn.Module, what: str) -> None:
+    bad = nonfinite_parameters(fabric, module)
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise TrainingError(f"{what}: parameters are not finite ({shown})")
 
 
 def full_state_dict(fabric: Fabric, module: nn.Module) -> dict[str, torch.Tensor]:
@@ -146,9 +355,7 @@ def _export_lora(peft_model: Any, state: dict[str, torch.Tensor], target: Path, 
     peft_model.save_pretrained(target, state_dict=adapter_state, safe_serialization=True)
     if not merge:
         return
-    base = peft_model.get_base_model()
-    if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_quantized", False):
-        raise ValueError("merge_on_export needs an unquantized base model (QLoRA exports the adapter only)")
+    base = peft_model.get_base_model()  # unquantized: ModelArgs.check refuses merge_on_export with quantize
     # Merge into a fresh CPU copy so the training model is left untouched.
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM

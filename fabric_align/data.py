@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from fabric_align.errors import DataError
+
 ASSETS = Path(__file__).parent / "assets"
 EMBEDDED_DATA = {
     "fabric-align/kto-demo": ASSETS / "kto_demo_train.jsonl",
@@ -26,10 +28,6 @@ EMBEDDED_DATA = {
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100
-
-
-class DataError(ValueError):
-    """Bad input data. The message names the file, the line or row, and the field."""
 
 
 @dataclass(frozen=True)
@@ -67,18 +65,23 @@ def read_rows(path: str, split: str = "train") -> list[Row]:
             except Exception as err:  # pyarrow raises several types for corrupt files
                 raise DataError(f"{path}: not a readable parquet file ({err})") from err
             return [Row(path, f"row {i}", r) for i, r in enumerate(records)]
-        text = local.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first row
+        text = decode_utf8(path, local.read_bytes())
         if local.suffix == ".json" and text.lstrip().startswith("["):
             try:
                 records = json.loads(text)
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}, line {err.lineno}, field '<json>': malformed JSON ({err.msg})") from err
+            except RecursionError:
+                raise DataError(f"{path}, line 1, field '<json>': nested too deeply to read") from None
             return [Row(path, f"row {i}", r) for i, r in enumerate(records)]
         return _read_json_lines(path, text)
     if local.is_dir() and ((local / "dataset_dict.json").is_file() or (local / "state.json").is_file()):
         import datasets  # a `save_to_disk` directory
 
-        loaded = datasets.load_from_disk(str(local))
+        try:
+            loaded = datasets.load_from_disk(str(local))
+        except Exception as err:  # datasets raises several types for damaged directories
+            raise DataError(f"{path}: not a readable dataset directory ({err})") from None
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
                 raise DataError(f"{path}: no split '{split}' (has {sorted(loaded)})")
@@ -95,6 +98,20 @@ def read_rows(path: str, split: str = "train") -> list[Row]:
     return [Row(f"{path}[{split}]", f"row {i}", r) for i, r in enumerate(loaded)]
 
 
+def decode_utf8(path: str, raw: bytes) -> str:
+    """The file's text; bytes that are not UTF-8 (a Latin-1 or binary file) are named by line and column."""
+    try:
+        return raw.decode("utf-8-sig")  # a byte-order mark is not part of the first row
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        byte = raw[err.start : err.start + 1].hex()
+        raise DataError(
+            f"{path}, line {line}, field '<bytes>': not UTF-8 text (byte 0x{byte} at column {column}); "
+            "save the file as UTF-8"
+        ) from None
+
+
 def _read_json_lines(path: str, text: str) -> list[Row]:
     rows = []
     # Lines end at "\n" only (and "\r\n"): str.splitlines() would also split at U+2028, U+0085 or \x1c..\x1e,
@@ -107,6 +124,8 @@ def _read_json_lines(path: str, text: str) -> list[Row]:
             rows.append(Row(path, f"line {lineno}", json.loads(line)))
         except json.JSONDecodeError as err:
             raise DataError(f"{path}, line {lineno}, field '<json>': malformed JSON ({err.msg})") from err
+        except RecursionError:
+            raise DataError(f"{path}, line {lineno}, field '<json>': nested too deeply to read") from None
     return rows
 
 
@@ -131,6 +150,12 @@ def require_text(row: Row, value: Any, field: str, *, allow_empty: bool) -> str:
         raise row.error(field, f"expected a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():
         raise row.error(field, "is empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:  # JSON can spell a lone surrogate ("\ud800"), which no tokenizer can encode
+        code = ord(value[err.start])
+        problem = f"holds a lone surrogate (U+{code:04X} at character {err.start}), not valid text"
+        raise row.error(field, problem) from None
     return value
 
 

@@ -17,6 +17,7 @@ from lightning.fabric import Fabric
 from torch import nn
 from tqdm import tqdm
 
+from fabric_align.errors import TrainingError
 from fabric_align.modeling import hf_model
 
 _MASK32 = 0xFFFFFFFF
@@ -185,7 +186,15 @@ def generate(
             token = torch.where(finished, torch.full_like(token, pad_id), token)
             out.append(token)
             finished |= token == eos_id
-            if bool(finished.all()):
+            # One host sync per token for both: all rows done, or a distribution that is not a distribution (NaN
+            # logits would make every draw token 0, an answer of NUL bytes).
+            done, nonfinite = torch.stack([finished.all(), ~torch.isfinite(logits).all()]).tolist()
+            if nonfinite:
+                raise TrainingError(
+                    f"generation: the next-token logits are not finite at answer position {t} (the model's weights "
+                    "are NaN/inf or it diverged); refusing to sample from them"
+                )
+            if done:
                 break
             step_ids = token.unsqueeze(1)
             step_positions = step_positions[:, -1:] + 1

@@ -10,6 +10,7 @@ r = log pi(y|x) - log pi_ref(y|x) summed over completion tokens. Reference log-p
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,13 +37,11 @@ from fabric_align.data import (
 from fabric_align.kernels import kto_loss
 from fabric_align.modeling import PolicyLogprobs, model_fingerprint
 from fabric_align.trainer import (
-    ConfigError,
     Job,
     MetricSpec,
     StepPlan,
     build_policy,
     configure_logging,
-    eval_batch_size,
     finish,
     fit,
     make_fabric,
@@ -74,6 +73,7 @@ def parse_row(row: Row) -> tuple[str | list, str | list, bool]:
     completion = require_field(row, obj, "completion")
     label = require_field(row, obj, "label")
     if isinstance(prompt, str):
+        prompt = require_text(row, prompt, "prompt", allow_empty=True)
         completion = require_text(row, completion, "completion", allow_empty=False)
     else:
         prompt = require_messages(row, prompt, "prompt", or_string=True)
@@ -81,6 +81,13 @@ def parse_row(row: Row) -> tuple[str | list, str | list, bool]:
             completion = require_text(row, completion, "completion", allow_empty=False)
         else:
             completion = require_messages(row, completion, "completion", or_string=True)
+            for i, message in enumerate(completion):
+                if message["role"] != "assistant":
+                    raise row.error(
+                        f"completion[{i}].role",
+                        f"is {message['role']!r}: a completion is the assistant's answer (earlier turns go in the "
+                        "prompt)",
+                    )
             if not any(m["content"].strip() for m in completion):
                 raise row.error("completion", "is empty")
     if isinstance(label, bool):
@@ -249,6 +256,7 @@ class KTO:
             normalizer=normalizer,
         )
         metrics = dict(metrics)
+        del metrics["rewards/margins"]  # derived from the reduced means in finalize(), not summed over batches
         metrics["loss"] = loss.detach() * normalizer / len(indices)  # per-example mean, weighted by _examples
         metrics["_examples"] = torch.tensor(float(len(indices)))
         metrics["tokens"] = tokens.float()
@@ -278,7 +286,8 @@ class KTO:
         return self.finalize(metrics)
 
     def finalize(self, metrics: dict[str, float]) -> dict[str, float]:
-        metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+        if "rewards/chosen" in metrics and "rewards/rejected" in metrics:  # both labels were in the step
+            metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
         return metrics
 
 
@@ -321,13 +330,6 @@ def setup(
     """
     configure_logging()
     # Everything that can be wrong with the input is checked before any process is launched or model loaded.
-    if kto.beta <= 0:
-        raise ConfigError(f"kto.beta={kto.beta}: must be positive")
-    if kto.desirable_weight <= 0 or kto.undesirable_weight <= 0:
-        raise ConfigError(
-            f"kto.desirable_weight={kto.desirable_weight}, kto.undesirable_weight="
-            f"{kto.undesirable_weight}: must be positive"
-        )
     job = prepare_job(
         model=model,
         data=data,
@@ -361,7 +363,7 @@ def main(fabric: Any, job: Job, kto: KTOArgs, train_data: KTOData, val_data: KTO
     total_steps = job.train.max_steps or job.train.epochs * plan.steps_per_epoch
     run = open_run(fabric, job, policy, optimizer, method="kto", total_steps=total_steps)
     pad_id = job.tokenizer.pad_token_id
-    recipe = KTO(fabric, policy, kto, train_data, val_data, pad_id, eval_batch_size(job.train))
+    recipe = KTO(fabric, policy, kto, train_data, val_data, pad_id, job.train.eval_micro_batch_size)
     fit(run, recipe, plan, end_step=total_steps)
     finish(run, recipe, job)
 
@@ -383,14 +385,14 @@ def reference_logps(fabric: Any, policy: PolicyLogprobs, job: Job, train: KTODat
             policy,
             sequences,
             pad_id=job.tokenizer.pad_token_id,
-            batch_size=eval_batch_size(job.train),
+            batch_size=job.train.eval_micro_batch_size,
             desc="reference log-probs",
             reference=True,
         )
         if fabric.is_global_zero:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(".tmp")
-            torch.save(logps, tmp)
+            torch.save({"logps": logps, "sha256": tensor_sha256(logps)}, tmp)
             tmp.replace(cache)
         fabric.barrier()
     offset = 0
@@ -401,19 +403,27 @@ def reference_logps(fabric: Any, policy: PolicyLogprobs, job: Job, train: KTODat
 
 
 def read_cache(path: Path, expected: int) -> torch.Tensor | None:
-    """The cached reference log-probs, or None when there are none or the file is unreadable (then they are
-    computed again and the file replaced: the cache only ever holds what this function can recompute)."""
+    """The cached reference log-probs, or None when there are none or the file is unreadable or damaged (then they
+    are computed again and the file replaced: the cache only ever holds what this function can recompute)."""
     if not path.is_file():
         return None
     try:
-        logps = torch.load(path, weights_only=True)
+        cached = torch.load(path, weights_only=True)
     except Exception as err:  # truncated or corrupted files raise several types
         log.warning("%s is unreadable (%s): computing the reference log-probs again", path, err)
         return None
-    if not isinstance(logps, torch.Tensor) or logps.shape != (expected,):
+    logps = cached.get("logps") if isinstance(cached, dict) else None
+    if not isinstance(logps, torch.Tensor) or logps.shape != (expected,) or logps.dtype != torch.float32:
         log.warning("%s does not hold %d reference log-probs: computing them again", path, expected)
         return None
+    if cached.get("sha256") != tensor_sha256(logps):
+        log.warning("%s does not match its checksum (damaged): computing the reference log-probs again", path)
+        return None
     return logps
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
 
 
 def cli(args: list[str] | None = None) -> None:

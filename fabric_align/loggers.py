@@ -6,6 +6,7 @@ Only rank 0 logs. Both continue the same run when training resumes.
 from __future__ import annotations
 
 import csv
+import logging
 import netrc
 import os
 import secrets
@@ -14,6 +15,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 from fabric_align.args import LoggerArgs
+
+log = logging.getLogger("fabric_align")
 
 
 class CSVMetrics:
@@ -75,15 +78,31 @@ def wandb_mode() -> str:
     return "offline"
 
 
+def set_aside_earlier_logs(logs: Path) -> None:
+    """A fresh run never appends to the logs of an earlier run in the same out_dir (one that saved no checkpoint,
+    since a fresh run refuses an out_dir holding checkpoints): they are moved to ``logs-earlier-N``, not lost."""
+    if not logs.is_dir() or not any(logs.iterdir()):
+        return
+    n = 1
+    while (target := logs.with_name(f"{logs.name}-earlier-{n}")).exists():
+        n += 1
+    logs.rename(target)
+    log.warning("%s holds an earlier run's logs: moved to %s; this run logs anew", logs, target)
+
+
 class MetricLogger:
     """Fan-out to the configured backends; a no-op on ranks other than 0."""
 
-    def __init__(self, args: LoggerArgs, out_dir: Path, *, is_global_zero: bool, config: dict[str, Any]) -> None:
+    def __init__(
+        self, args: LoggerArgs, out_dir: Path, *, is_global_zero: bool, config: dict[str, Any], fresh: bool
+    ) -> None:
         self.active = is_global_zero
         self.csv: CSVMetrics | None = None
         self.wandb_run: Any = None
         if not self.active:
             return
+        if fresh:
+            set_aside_earlier_logs(out_dir / "logs")
         if args.backend in ("csv", "both"):
             self.csv = CSVMetrics(out_dir / "logs" / "metrics.csv")
         if args.backend in ("wandb", "both"):

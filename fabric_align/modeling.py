@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fabric_align.args import EMBEDDED_MODEL, LoRAArgs, ModelArgs
+from fabric_align.args import EMBEDDED_MODEL, ConfigError, LoRAArgs, ModelArgs
 from fabric_align.kernels import fused_linear_logprob
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,27 @@ def load_tokenizer(args: ModelArgs) -> Any:
     return tokenizer
 
 
+def load_config(args: ModelArgs) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(
+        resolve_model_path(args.name_or_path), revision=args.revision, trust_remote_code=args.trust_remote_code
+    )
+
+
+def check_model_config(args: ModelArgs, config: Any) -> None:
+    """What the trainers cannot train, known from the config alone (before any weight is read)."""
+    for name in ("final_logit_softcapping", "logit_scale"):
+        if getattr(config, name, None) not in (None, 1.0):
+            # The fused log-prob computes log_softmax(h @ W.T / temperature) only.
+            raise ConfigError(
+                f"model.name_or_path={args.name_or_path}: the model post-processes its logits ({name}="
+                f"{getattr(config, name)}), which the fused log-prob kernel does not support"
+            )
+    if getattr(config, "is_encoder_decoder", False):
+        raise ConfigError(f"model.name_or_path={args.name_or_path}: an encoder-decoder model, not a causal LM")
+
+
 def model_fingerprint(args: ModelArgs, seed: int) -> dict[str, Any]:
     """What identifies the reference weights, for cache keys: the path and its weight files' sizes and times,
     the revision, the quantization, and the seed when the weights are a random init."""
@@ -90,16 +111,12 @@ def load_model(args: ModelArgs, *, dtype: torch.dtype, seed: int, on_meta: bool 
     if args.attn_implementation:
         kwargs["attn_implementation"] = args.attn_implementation
     if on_meta:
-        if args.quantize:
-            raise ValueError("a quantized model cannot be built on the meta device")
         config = AutoConfig.from_pretrained(path, revision=args.revision, trust_remote_code=args.trust_remote_code)
         log.info("building %s on the meta device: its shards will come from rank 0", path)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
     elif is_random_init(args):
         config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
-        if args.quantize:
-            raise ValueError(f"model.quantize needs pretrained weights; {path} holds only a config")
         log.info("no weights in %s: initializing randomly with seed %d", path, seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -147,26 +164,25 @@ def load_model(args: ModelArgs, *, dtype: torch.dtype, seed: int, on_meta: bool 
                 unexpected[:] = [k for k in unexpected if not quant_state_key.search(k)]
 
             model.register_load_state_dict_post_hook(ignore_quant_state_keys)
-    check_supported(model)
+    check_model_config(args, model.config)
     model.config.use_cache = False
+    if args.disable_dropout:
+        disable_dropout(model)
     if args.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.lora is not None:
         model = add_lora(model, args.lora, quantized=args.quantize is not None)
-    elif args.quantize:
-        raise ValueError("model.quantize=4bit trains only adapters: set model.lora too (QLoRA)")
     return model
 
 
-def check_supported(model: nn.Module) -> None:
-    config = model.config
-    for name in ("final_logit_softcapping", "logit_scale"):
-        if getattr(config, name, None) not in (None, 1.0):
-            # The fused log-prob computes log_softmax(h @ W.T / temperature) only.
-            raise ValueError(
-                f"{type(model).__name__} post-processes its logits ({name}={getattr(config, name)}), "
-                "which the fused log-prob kernel does not support"
-            )
+def disable_dropout(model: nn.Module) -> None:
+    """Zero every dropout of the model: ``nn.Dropout`` modules and the attention dropout that transformers' attention
+    layers read from a float attribute. The config is left as it is, so the export describes the model as given."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
 
 
 def add_lora(model: nn.Module, args: LoRAArgs, *, quantized: bool) -> nn.Module:
@@ -174,11 +190,12 @@ def add_lora(model: nn.Module, args: LoRAArgs, *, quantized: bool) -> nn.Module:
 
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    targets = args.target_modules
-    if targets != "all-linear" and any("lm_head" in t for t in targets):
-        raise ValueError("model.lora.target_modules must not include the lm_head: log-probs read its weight directly")
     config = LoraConfig(
-        r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=targets, task_type="CAUSAL_LM"
+        r=args.r,
+        lora_alpha=args.alpha,
+        lora_dropout=args.dropout,
+        target_modules=args.target_modules,
+        task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
 
@@ -232,7 +249,7 @@ def decoder_layer_classes(model: nn.Module) -> tuple[type, ...]:
     names = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or ())}
     classes = {type(m) for m in model.modules() if type(m).__name__ in names}
     if not classes:
-        raise ValueError(
+        raise ConfigError(
             f"{type(model).__name__}: no decoder layer class found (_no_split_modules={sorted(names)}); "
             "cannot shard per layer"
         )

@@ -10,10 +10,12 @@ trains on loss = -log sigmoid(beta_t ((log pi(y_real) - ref(y_real)) - (log pi(y
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
 import zlib
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -22,10 +24,12 @@ import torch
 from torch import nn
 
 from fabric_align.args import DataArgs, LoggerArgs, ModelArgs, SPINArgs, TrainArgs
+from fabric_align.checkpoints import META, file_sha256, load_plain, read_meta, seal, verify_directory
 from fabric_align.data import (
     ChatRenderer,
     DataError,
     Row,
+    content_hash,
     fit_length,
     pad_sequences,
     read_rows,
@@ -35,18 +39,17 @@ from fabric_align.data import (
     require_text,
     shard_evenly,
 )
+from fabric_align.errors import TrainingError
 from fabric_align.generation import opponent_model, rollout
 from fabric_align.kernels import spin_loss
 from fabric_align.modeling import PolicyLogprobs
 from fabric_align.trainer import (
-    ConfigError,
     Job,
     MetricSpec,
     Run,
     StepPlan,
     build_policy,
     configure_logging,
-    eval_batch_size,
     finish,
     fit,
     log_validation,
@@ -57,6 +60,7 @@ from fabric_align.trainer import (
     require_batches,
     run_program,
     score_sequences,
+    shaping_settings,
 )
 
 log = logging.getLogger("fabric_align")
@@ -112,6 +116,13 @@ class SFTData:
 
     def real(self, i: int) -> Sequence:
         return self.prompts[i] + self.answers[i], len(self.prompts[i])
+
+    def fingerprint(self) -> str:
+        """A hash of the token ids: what the data is, whatever file it came from."""
+        digest = hashlib.sha256()
+        for prompt, answer in zip(self.prompts, self.answers, strict=True):
+            digest.update(array("q", [len(prompt), len(answer), *prompt, *answer]).tobytes())
+        return digest.hexdigest()[:16]
 
 
 def load_split(path: str, split: str, renderer: ChatRenderer, max_length: int) -> SFTData:
@@ -171,24 +182,80 @@ class SelfPlay:
         batch_size: int,
         seed: int,
         out_dir: Path,
+        shaping_config: dict[str, Any],
     ) -> None:
         self.fabric, self.policy, self.tokenizer, self.args = fabric, policy, tokenizer, args
         self.train, self.val = train, val
         self.max_length, self.batch_size, self.seed, self.out_dir = max_length, batch_size, seed, out_dir
+        self.shaping_config = shaping_config  # the run's settings and data that shape the policy
 
     def keys(self, iteration: int, split: str, n: int) -> list[int]:
         return [zlib.crc32(f"{self.seed}:{iteration}:{split}:{i}".encode()) for i in range(n)]
 
-    def iteration_data(self, t: int) -> dict[str, Any]:
-        """Generated ids and reference scores of iteration t: read back when saved, else made and saved."""
+    def iteration_data(self, t: int, start: int, history: list[str], required: str | None) -> dict[str, Any]:
+        """Generated ids and reference scores of iteration t (starting at step ``start``, after training on the
+        iteration data ``history``): read back when ``iter-{t}/`` holds what this run would make, else made and
+        saved. ``required``: the id of the data a checkpoint inside iteration t trained on, which cannot be made
+        again (its opponent is gone) and must be the one on disk."""
         directory = self.out_dir / f"iter-{t}"
-        if (directory / "meta.json").is_file():
+        if required is not None:
+            problem = verify_directory(directory)
+            if problem is None and read_meta(directory).get("id") != required:
+                problem = f"it holds other iteration data than the checkpoint trained on (id {required})"
+            if problem is not None:
+                raise TrainingError(
+                    f"{directory}: {problem}; the checkpoint being resumed is inside iteration {t}, whose opponent "
+                    "is gone, so it cannot be made again: resume from a checkpoint at or before step "
+                    f"{start} (the iteration's start)"
+                )
             self.fabric.print(f"iteration {t}: reusing {directory}")
-            return torch.load(directory / "pairs.pt", weights_only=False)
+            return self.load(directory)
+        provenance = self.provenance(t, start, history)
+        if (directory / META).is_file():
+            why_not = verify_directory(directory) or self.mismatch(read_meta(directory), provenance)
+            if why_not is None:
+                self.fabric.print(f"iteration {t}: reusing {directory}")
+                return self.load(directory)
+            if self.fabric.is_global_zero:
+                log.warning("iteration %d: not reusing %s: %s; generating again", t, directory, why_not)
         data = self.make(t)
         if self.fabric.is_global_zero:
-            self.save(t, data)
+            self.save(t, data, provenance)
         self.fabric.barrier()
+        return self.load(directory)
+
+    def provenance(self, t: int, start: int, history: list[str]) -> dict[str, Any]:
+        """What decides iteration t's data: the policy that makes it (the step it stands at, the iteration data it
+        trained on before, the settings that shaped it) and the generation settings."""
+        return {"made_at_step": start, "history": list(history), "settings": self.settings_key(t)}
+
+    def settings_key(self, t: int) -> str:
+        args = self.args
+        generation = {
+            "temperature": args.temperature,
+            "top_p": args.top_p,
+            "max_new_tokens": args.max_new_tokens,
+            "mix_previous": args.mix_previous,
+            "epochs_per_iteration": args.epochs_per_iteration,
+            "betas_before": [args.beta_at(i) for i in range(t)],
+        }
+        return content_hash(self.shaping_config, generation)
+
+    @staticmethod
+    def mismatch(meta: dict[str, Any], provenance: dict[str, Any]) -> str | None:
+        if meta.get("made_at_step") != provenance["made_at_step"]:
+            made, start = meta.get("made_at_step"), provenance["made_at_step"]
+            return f"made at step {made}, this iteration starts at step {start}"
+        if meta.get("history") != provenance["history"]:
+            return "made by a policy that trained on other iteration data"
+        if meta.get("settings") != provenance["settings"]:
+            return "made under other settings (model, data, training or generation)"
+        return None
+
+    def load(self, directory: Path) -> dict[str, Any]:
+        """An iteration's data, read as plain tensors and lists (never code), with its id."""
+        data = load_plain(directory / "pairs.pt")
+        data["id"] = read_meta(directory)["id"]
         return data
 
     def splits(self) -> dict[str, SFTData]:
@@ -236,7 +303,11 @@ class SelfPlay:
                 desc=f"iteration {t}: generate {name}",
             )
         if self.args.mix_previous and t > 0:
-            generated["previous"] = torch.load(self.out_dir / f"iter-{t - 1}" / "pairs.pt")["generated"]["train"]
+            previous = self.out_dir / f"iter-{t - 1}"
+            problem = verify_directory(previous)
+            if problem is not None:
+                raise TrainingError(f"spin.mix_previous needs iteration {t - 1}'s answers: {problem}")
+            generated["previous"] = self.load(previous)["generated"]["train"]
         return generated
 
     def score(self, t: int, generated: dict[str, list[list[int]]]) -> torch.Tensor:
@@ -264,15 +335,16 @@ class SelfPlay:
             answer = [self.tokenizer.eos_token_id]
         return prompt + answer, len(prompt)
 
-    def save(self, t: int, data: dict[str, Any]) -> None:
-        """``iter-{t}/generations.jsonl`` to read, ``pairs.pt`` to reuse, ``meta.json`` last; written under a
-        temporary name and renamed, so a crash never leaves a half-written iteration that would be reused."""
+    def save(self, t: int, data: dict[str, Any], provenance: dict[str, Any]) -> None:
+        """``iter-{t}/generations.jsonl`` to read, ``pairs.pt`` to reuse, ``meta.json`` (provenance and a manifest)
+        last; written under a temporary name and renamed, so a crash never leaves a half-written iteration that
+        would be reused. A directory it replaces is set aside, never deleted."""
         final, tmp = self.out_dir / f"iter-{t}", self.out_dir / f".tmp-iter-{t}"
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-        with (tmp / "generations.jsonl").open("w") as f:
+        with (tmp / "generations.jsonl").open("w", encoding="utf-8") as f:
             for name, split in self.splits().items():
                 for i in range(len(split)):
                     row = {
@@ -290,13 +362,16 @@ class SelfPlay:
         lengths = [len(g) for g in data["generated"]["train"]]
         meta = {
             "iteration": t,
+            "id": file_sha256(tmp / "pairs.pt"),
+            **provenance,
             "examples": len(self.train),
             "mean_generated_tokens": sum(lengths) / len(lengths),
             "args": vars(self.args),
         }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        if final.exists():  # an incomplete directory (no meta.json) from a crash: set it aside, never delete
-            final.rename(self.out_dir / f".incomplete-iter-{t}-{zlib.crc32(str(final.stat()).encode())}")
+        seal(tmp, meta)
+        if final.exists():  # incomplete (a crash) or not this run's: set it aside, never delete
+            kind = "incomplete" if not (final / META).is_file() else "replaced"
+            final.rename(self.out_dir / f".{kind}-iter-{t}-{zlib.crc32(str(final.stat()).encode())}")
         tmp.rename(final)
 
     def pairs(self, t: int, data: dict[str, Any], split: str) -> Pairs:
@@ -363,6 +438,7 @@ class SPIN:
         )
         answer_tokens = (batch["targets"][: len(indices)] != -100).sum().float()
         metrics = dict(metrics)
+        del metrics["rewards/margins"]  # derived from the reduced means in finalize(), not summed over batches
         metrics["loss"] = loss.detach() * normalizer / len(indices)  # per-pair mean, weighted by _examples
         metrics["_examples"] = torch.tensor(float(len(indices)))
         metrics["nll"] = -real.detach().sum() / answer_tokens.clamp(min=1)
@@ -447,25 +523,6 @@ def setup(
         resume: ``auto`` continues from the newest complete checkpoint in out_dir; or a checkpoint directory.
     """
     configure_logging()
-    if spin.iterations < 1 or spin.epochs_per_iteration < 1:
-        raise ConfigError(
-            f"spin.iterations={spin.iterations}, spin.epochs_per_iteration="
-            f"{spin.epochs_per_iteration}: must be at least 1"
-        )
-    betas = spin.beta if isinstance(spin.beta, list) else [spin.beta]
-    if isinstance(spin.beta, list) and len(spin.beta) != spin.iterations:
-        raise ConfigError(f"spin.beta has {len(spin.beta)} values for spin.iterations={spin.iterations}")
-    if any(b <= 0 for b in betas):
-        raise ConfigError(f"spin.beta={spin.beta}: must be positive")
-    if spin.temperature < 0 or not 0 < spin.top_p <= 1:
-        raise ConfigError(
-            f"spin.temperature={spin.temperature}, spin.top_p={spin.top_p}: need temperature >= 0 and 0 < top_p <= 1"
-        )
-    if spin.max_new_tokens < 1 or spin.rollout_batch_size < 1:
-        raise ConfigError(
-            f"spin.max_new_tokens={spin.max_new_tokens}, spin.rollout_batch_size="
-            f"{spin.rollout_batch_size}: must be at least 1"
-        )
     job = prepare_job(
         model=model,
         data=data,
@@ -491,6 +548,10 @@ def main(fabric: Any, job: Job, spin: SPINArgs, train_data: SFTData, val_data: S
     policy, optimizer = build_policy(fabric, job)
     bounds = iteration_bounds(spin, len(train_data), job.train.global_batch_size)
     run = open_run(fabric, job, policy, optimizer, method="spin", state={"iteration": 0})
+    shaping = {
+        "settings": shaping_settings(job.config, exclude=("spin",)),
+        "data": [split.fingerprint() for split in (train_data, val_data) if split is not None],
+    }
     self_play = SelfPlay(
         fabric,
         policy,
@@ -499,19 +560,32 @@ def main(fabric: Any, job: Job, spin: SPINArgs, train_data: SFTData, val_data: S
         train_data,
         val_data,
         job.data.max_length,
-        eval_batch_size(job.train),
+        job.train.eval_micro_batch_size,
         job.seed,
         job.out_dir,
+        shaping,
     )
-    recipe = SPIN(fabric, policy, job.tokenizer.pad_token_id, eval_batch_size(job.train))
+    recipe = SPIN(fabric, policy, job.tokenizer.pad_token_id, job.train.eval_micro_batch_size)
+    # The iteration data the resumed checkpoint trained on, by id: its own iterations are reused only as they were.
+    trained_on: list[str] = list(run.resumed_meta.get("iterations", []))
+    history: list[str] = []  # ids of the iteration data this run's policy has trained on, in order
     for t, (start, end) in enumerate(bounds):
+        inside = run.state["step"] > start  # resumed from a checkpoint after this iteration's start
+        if inside and len(trained_on) <= t:
+            raise TrainingError(
+                f"{job.resume_path}: its meta.json does not record the iteration data it trained on (an older "
+                "version's checkpoint); resume from a checkpoint at an iteration's start"
+            )
         if run.state["step"] > end:
+            history.append(trained_on[t])
             continue  # finished before the checkpoint we resumed from
         # (Resumed exactly at its end: only its end-of-iteration validation below, unless that was logged.)
         if run.state["step"] == start and t > 0:
             # Each iteration is a fresh fine-tuning run from the new opponent (as in the SPIN authors' recipe).
             optimizer.state.clear()
-        data_t = self_play.iteration_data(t)
+        data_t = self_play.iteration_data(t, start, history, trained_on[t] if inside else None)
+        history.append(data_t["id"])
+        run.meta["iterations"] = list(history)
         pairs = self_play.pairs(t, data_t, "train")
         val_pairs = self_play.pairs(t, data_t, "val") if val_data is not None else None
         beta = spin.beta_at(t)

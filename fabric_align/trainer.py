@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
@@ -22,15 +23,27 @@ from lightning.fabric.connector import _is_using_cli
 from torch import nn
 from tqdm import tqdm
 
-from fabric_align.args import DataArgs, LoggerArgs, ModelArgs, TrainArgs
-from fabric_align.checkpoints import export_hf, find_resume_path, load_checkpoint, save_checkpoint
+from fabric_align.args import SEED_RANGE, DataArgs, LoggerArgs, ModelArgs, TrainArgs
+from fabric_align.checkpoints import (
+    checkpoint_dirs,
+    export_hf,
+    find_resume_path,
+    load_checkpoint,
+    require_finite_parameters,
+    save_checkpoint,
+)
 from fabric_align.data import StepPlan, pad_sequences, shard_evenly
+from fabric_align.errors import ConfigError, DataError, TrainingError
+from fabric_align.kernels.selfcheck import KernelCheckError
 from fabric_align.loggers import MetricLogger
 from fabric_align.modeling import (
     PolicyLogprobs,
     adopt_dtypes,
     broadcast_from_rank0,
+    check_model_config,
     fsdp2_parallelize,
+    is_random_init,
+    load_config,
     load_model,
     load_tokenizer,
     parameter_counts,
@@ -43,10 +56,6 @@ log = logging.getLogger("fabric_align")
 
 STRATEGIES = ("auto", "fsdp", "ddp")
 PRECISIONS = ("32-true", "bf16-true", "bf16-mixed", "16-mixed")
-
-
-class ConfigError(ValueError):
-    """An out-of-range or inconsistent flag, reported before anything is loaded."""
 
 
 # ------------------------------------------------------------------------------------------------------- setup
@@ -106,11 +115,17 @@ def resolve_launch(devices: int | str, num_nodes: int, precision: str | None, st
 
 def _count_devices(devices: int | str, accelerator: str) -> int:
     if isinstance(devices, str):
-        if devices in ("auto", "-1"):
+        text = devices.strip()
+        if text in ("auto", "-1"):
             return torch.cuda.device_count() if accelerator == "cuda" else 1
-        if "," in devices:
-            return len([d for d in devices.split(",") if d.strip()])
-        devices = int(devices)
+        if "," in text:  # a list of device indices
+            indices = [d.strip() for d in text.split(",") if d.strip()]
+            if not indices or not all(d.isdigit() for d in indices):
+                raise ConfigError(f"devices={devices!r}: expected a count, 'auto', or device indices like '0,1'")
+            return len(indices)
+        if not text.lstrip("-").isdigit():
+            raise ConfigError(f"devices={devices!r}: expected a count, 'auto', or device indices like '0,1'")
+        devices = int(text)
     if devices < 1:
         raise ConfigError(f"devices={devices}: expected a positive count")
     return devices
@@ -128,49 +143,33 @@ def param_dtype(precision: str) -> torch.dtype:
     return {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision, torch.float32)
 
 
-def eval_batch_size(args: TrainArgs) -> int:
-    return args.eval_batch_size or args.micro_batch_size
-
-
-def check_batch_sizes(args: TrainArgs, world_size: int) -> int:
-    """Gradient accumulation steps; raises when the batch sizes do not divide."""
-    for name in ("global_batch_size", "micro_batch_size", "eval_interval", "log_interval"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"train.{name}={getattr(args, name)}: must be at least 1")
-    if args.eval_batch_size is not None and args.eval_batch_size < 1:
-        raise ConfigError(f"train.eval_batch_size={args.eval_batch_size}: must be at least 1 (or null)")
-    if args.save_interval is not None and args.save_interval < 1:
-        raise ConfigError(f"train.save_interval={args.save_interval}: must be at least 1 (or null)")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise ConfigError(f"train.max_steps={args.max_steps}: must be at least 1 (or null)")
-    if args.epochs < 1:
-        raise ConfigError(f"train.epochs={args.epochs}: must be at least 1")
-    if args.lr <= 0 or args.min_lr < 0 or args.min_lr > args.lr:
-        raise ConfigError(f"train.lr={args.lr}, train.min_lr={args.min_lr}: need 0 <= min_lr <= lr and lr > 0")
-    if args.warmup_steps < 0:
-        raise ConfigError(f"train.warmup_steps={args.warmup_steps}: must not be negative")
-    if args.max_norm is not None and args.max_norm <= 0:
-        raise ConfigError(f"train.max_norm={args.max_norm}: must be positive (or null)")
-    per_step = args.micro_batch_size * world_size
-    if args.global_batch_size % per_step:
-        raise ConfigError(
-            f"train.global_batch_size={args.global_batch_size} is not divisible by train.micro_batch_size="
-            f"{args.micro_batch_size} x {world_size} rank(s) = {per_step}"
-        )
-    return args.global_batch_size // per_step
-
-
 def check_out_dir(out_dir: Path, resume: Any) -> None:
-    """Refuse to start a fresh run over an earlier one's checkpoints or export: nothing written is lost."""
-    if resume is not None:
-        return
-    taken = sorted(p.name for p in [*out_dir.glob("step-*"), *out_dir.glob("iter-*")])
+    """Refuse to start a fresh run over an earlier one's checkpoints or export: nothing written is lost. (With
+    ``resume=auto`` and no checkpoint, an earlier run's SPIN iterations may be reused if they match; its export
+    may not be overwritten.)"""
+    taken = sorted(p.name for p in [*out_dir.glob("step-*"), *out_dir.glob("iter-*")]) if resume is None else []
     taken += ["final"] if (out_dir / "final").exists() else []
     if taken:
         raise ConfigError(
             f"out_dir={out_dir} already holds {', '.join(taken[:3])}: pass resume=auto to continue "
             "that run, or choose another out_dir"
         )
+
+
+def check_writable(out_dir: Path) -> None:
+    """out_dir must be a directory we can write in, or creatable: found before any model is loaded or reference
+    pass is run, not at the first save."""
+    existing = out_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == out_dir else f"cannot be created: {existing} is a file"
+        raise ConfigError(f"out_dir={out_dir} {where}")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise ConfigError(f"out_dir={out_dir}: cannot write in {existing} ({err.strerror or err})") from None
 
 
 def make_optimizer(name: str, params: list[nn.Parameter], args: TrainArgs) -> torch.optim.Optimizer:
@@ -232,7 +231,10 @@ def reduce_metrics(fabric: Fabric, parts: list[dict[str, torch.Tensor]], spec: M
         if key.startswith("_"):
             continue
         total, weight = float(totals[2 * i]), float(totals[2 * i + 1])
-        out[key] = total if key not in spec else total / max(weight, 1e-12)
+        if key not in spec:
+            out[key] = total
+        elif weight > 0:  # a mean over no examples (a step without one label) is omitted, not logged as 0
+            out[key] = total / weight
     return out
 
 
@@ -302,6 +304,7 @@ class Run:
     total_steps: int
     meta: dict[str, Any]
     last_validated: int = -1
+    resumed_meta: dict[str, Any] = field(default_factory=dict)  # the resumed checkpoint's meta.json
     resumed_step: int = -1
     resumed_keys: set[str] = field(default_factory=set)  # what the resumed run had logged at resumed_step
 
@@ -321,7 +324,7 @@ def fit(
 ) -> None:
     """Train from ``state["step"]`` to ``end_step``; the plan is read at ``step - plan_offset``."""
     fabric, args, state = run.fabric, run.args, run.state
-    accum = check_batch_sizes(args, fabric.world_size)
+    accum = args.accumulation_steps(fabric.world_size)
     run.policy.train()
     bar = tqdm(
         total=end_step, initial=state["step"], desc="train", disable=not fabric.is_global_zero, dynamic_ncols=True
@@ -351,23 +354,30 @@ def fit(
         grad_norm = fabric.clip_gradients(
             run.policy, run.optimizer, max_norm=args.max_norm or float("inf"), error_if_nonfinite=False
         )
-        run.optimizer.step()
+        # Both are global (the loss reduced over ranks, the norm of the synchronized gradient), so every rank
+        # takes the same decision.
+        metrics = reduce_metrics(fabric, parts, recipe.metric_spec)
+        norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        if math.isfinite(metrics["loss"]) and math.isfinite(norm):
+            run.optimizer.step()
+            state["consecutive_skips"] = 0
+        else:
+            skip_step(run, step + 1, metrics["loss"], norm)
         run.optimizer.zero_grad(set_to_none=True)
         state["step"] = step + 1
-        metrics = reduce_metrics(fabric, parts, recipe.metric_spec)
         tokens = metrics.pop("tokens", 0.0)
         metrics = recipe.finalize(metrics)
         elapsed = time.perf_counter() - t0
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}")
         if state["step"] % args.log_interval == 0 or state["step"] == end_step:
-            norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             logged = {f"train/{k}": v for k, v in metrics.items()}
             logged.update(
                 {
                     "train/lr": lr,
-                    "train/grad_norm": float(norm),
+                    "train/grad_norm": norm,
                     "train/tokens_per_sec": tokens / elapsed,
+                    "train/skipped_steps": state["skipped_steps"],
                     "train/epoch": plan.epoch_of(step - plan_offset) + 1,
                     "train/step": state["step"],
                 }
@@ -375,8 +385,38 @@ def fit(
             logged.update(extra_metrics() if extra_metrics else {})
             run.logger.log(logged, step=state["step"])
         if args.save_interval and state["step"] % args.save_interval == 0:
-            save_checkpoint(fabric, run.out_dir, state, run.meta)
+            save(run)
     bar.close()
+
+
+def skip_step(run: Run, step: int, loss: float, grad_norm: float) -> None:
+    """A step whose loss or gradient norm is not finite leaves the weights and optimizer state as they were; too
+    many in a row stop the run, whose checkpoints (all saved from finite weights) stay as they are."""
+    state = run.state
+    state["skipped_steps"] += 1
+    state["consecutive_skips"] += 1
+    what = ", ".join(f"{k}={v}" for k, v in (("loss", loss), ("grad_norm", grad_norm)) if not math.isfinite(v))
+    if state["consecutive_skips"] > run.args.max_consecutive_skips:
+        found = checkpoint_dirs(run.out_dir)
+        kept = f"the last checkpoint is {found[-1][1]}" if found else "no checkpoint was saved"
+        raise TrainingError(
+            f"step {step}: not finite ({what}) for {state['consecutive_skips']} steps in a row "
+            f"(train.max_consecutive_skips={run.args.max_consecutive_skips}): stopped; {kept}. "
+            "Lower train.lr, set train.max_norm, or check the data"
+        )
+    log.warning(
+        "step %d: not finite (%s): update skipped (%d in a row, %d in all)",
+        step,
+        what,
+        state["consecutive_skips"],
+        state["skipped_steps"],
+    )
+
+
+def save(run: Run) -> None:
+    """A checkpoint of the run as it stands, refused (with an error) when a trained weight is not finite."""
+    require_finite_parameters(run.fabric, run.policy, f"step {run.state['step']}: not saving a checkpoint")
+    save_checkpoint(run.fabric, run.out_dir, run.state, run.meta)
 
 
 def log_validation(run: Run, recipe: Recipe, step: int) -> dict[str, float]:
@@ -432,21 +472,28 @@ def prepare_job(
     resume: Any,
     method: dict[str, Any],
 ) -> Job:
-    """Checks that need no data or model (flags, batch sizes, the resume target, out_dir's contents), then the
-    tokenizer. ``method`` holds the algorithm's argument group, for the logged hyperparameters."""
-    if data.max_length < 2:
-        raise ConfigError(f"data.max_length={data.max_length}: must be at least 2")
+    """Checks that need no data or model (every argument group's values, the launch, the model's config, out_dir and
+    the checkpoint to resume), then the tokenizer. ``method`` holds the algorithm's argument group."""
+    for group in (model, data, train, logger, *method.values()):
+        group.check()
+    if not 0 <= seed < SEED_RANGE:
+        raise ConfigError(f"seed={seed}: must be in [0, 2**32)")
+    if num_nodes < 1:
+        raise ConfigError(f"num_nodes={num_nodes}: must be at least 1")
     check_model_path(model)
     launch = resolve_launch(devices, num_nodes, precision, strategy)
-    check_batch_sizes(train, launch["world_size"])
+    train.accumulation_steps(launch["world_size"])
     if launch["strategy"] == "fsdp" and train.optimizer != "adamw":
         raise ConfigError(
             f"train.optimizer={train.optimizer}: bitsandbytes optimizers cannot step FSDP2's sharded "
             "(DTensor) parameters; use train.optimizer=adamw with strategy=fsdp, or strategy=ddp"
         )
+    check_writable(out_dir)
     resume_path = find_resume_path(out_dir, resume)
     if resume_path is None:
         check_out_dir(out_dir, resume)
+    tokenizer = load_hub_object(model, load_tokenizer, "its tokenizer")
+    check_model_config(model, load_hub_object(model, load_config, "its config"))
     config = hparams(
         model=model,
         data=data,
@@ -460,15 +507,33 @@ def prepare_job(
         precision=launch["precision"],
         strategy=strategy,
     )
-    return Job(model, data, train, logger, out_dir, seed, launch, resume_path, load_tokenizer(model), config)
+    return Job(model, data, train, logger, out_dir, seed, launch, resume_path, tokenizer, config)
+
+
+def load_hub_object(model: ModelArgs, loader: Callable[[ModelArgs], Any], what: str) -> Any:
+    """``loader(model)``, with any failure to find or fetch the model (offline, no such hub id or revision, a
+    directory without the files) as one ConfigError naming it."""
+    try:
+        return loader(model)
+    except Exception as err:  # transformers and huggingface_hub raise many types (OSError, HTTP errors, ValueError)
+        reason = " ".join(str(err).split())[:300] or type(err).__name__
+        where = "the directory" if Path(resolve_model_path(model.name_or_path)).is_dir() else "the Hugging Face hub"
+        raise ConfigError(
+            f"model.name_or_path={model.name_or_path}: could not load {what} from {where} ({reason})"
+        ) from None
 
 
 def check_model_path(model: ModelArgs) -> None:
     """A path that names a local directory (absolute, or starting with . or ~) must exist: otherwise transformers
     would try it as a hub id and fail with a message about repo id syntax."""
     name = model.name_or_path
-    if name.startswith(("/", ".", "~")) and not Path(resolve_model_path(name)).exists():
+    path = Path(resolve_model_path(name))
+    if name.startswith(("/", ".", "~")) and not path.exists():
         raise ConfigError(f"model.name_or_path={name}: no such directory")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"model.name_or_path={name}: a file, not a model directory")
+    if model.quantize and is_random_init(model):
+        raise ConfigError(f"model.quantize={model.quantize} needs pretrained weights; {name} holds only a config")
 
 
 def require_batches(num_examples: int, source: str, train: TrainArgs) -> None:
@@ -527,15 +592,33 @@ def open_run(
     total_steps: int = 0,
 ) -> Run:
     """The run's state (restored from the checkpoint to resume, if any) and its logger."""
-    full_state = {"model": policy, "optimizer": optimizer, "step": 0, **(state or {})}
+    full_state = {
+        "model": policy,
+        "optimizer": optimizer,
+        "step": 0,
+        "skipped_steps": 0,
+        "consecutive_skips": 0,
+        **(state or {}),
+    }
+    saved: dict[str, Any] = {}
     if job.resume_path is not None:
         saved = load_checkpoint(fabric, job.resume_path, full_state)
+        # The manifest was verified before launch; this catches what a checksum cannot (a file that was written
+        # damaged, a model that loaded wrongly).
+        require_finite_parameters(fabric, policy, f"resume={job.resume_path}")
         fabric.print(f"resumed from {job.resume_path} at step {full_state['step']}")
         if fabric.is_global_zero:
             warn_changed_settings(saved.get("config", {}), job.config)
-    logger = MetricLogger(job.logger, job.out_dir, is_global_zero=fabric.is_global_zero, config=job.config)
+    logger = MetricLogger(
+        job.logger,
+        job.out_dir,
+        is_global_zero=fabric.is_global_zero,
+        config=job.config,
+        fresh=job.resume_path is None,
+    )
     meta = {"method": method, "config": job.config}
     run = Run(fabric, policy, optimizer, job.train, job.out_dir, logger, full_state, total_steps, meta)
+    run.resumed_meta = saved
     if job.resume_path is not None:
         # What the resumed run logged at the checkpoint's step is kept, not logged twice; every rank must agree,
         # since validation is collective.
@@ -569,6 +652,18 @@ RESUME_SENSITIVE = (
 )
 
 
+def shaping_settings(config: dict[str, Any], exclude: Sequence[str] = ()) -> dict[str, Any]:
+    """The entries of the logged config that change what training computes (``RESUME_SENSITIVE``)."""
+    flat = json.loads(json.dumps(config, default=str))
+    out = {}
+    for key in RESUME_SENSITIVE:
+        group, _, name = key.partition(".")
+        if group in exclude or group not in flat:
+            continue
+        out[key] = flat[group].get(name) if name else flat[group]
+    return out
+
+
 def warn_changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> None:  # called on rank 0
     """Resuming with other data, objective or batch settings than the checkpoint's run is allowed (a deliberate
     change) but not silent."""
@@ -594,7 +689,8 @@ def finish(run: Run, recipe: Recipe, job: Job) -> Path:
     """Final validation, a last checkpoint, and the Hugging Face export to ``out_dir/final``."""
     log_validation(run, recipe, run.state["step"])
     if run.args.save_interval and not (run.out_dir / f"step-{run.state['step']:06d}").exists():
-        save_checkpoint(run.fabric, run.out_dir, run.state, run.meta)
+        save(run)
+    require_finite_parameters(run.fabric, run.policy, "not exporting final/")
     lora = job.model.lora
     final = export_hf(
         run.fabric, run.policy, job.tokenizer, run.out_dir, merge_lora=bool(lora and lora.merge_on_export)
@@ -609,15 +705,26 @@ def finish(run: Run, recipe: Recipe, job: Job) -> Path:
 
 
 def run_program(setup: Callable[..., Any], args: list[str] | None = None) -> None:
-    """The program entry: ``run_cli``, with bad input (a ``DataError`` or ``ConfigError``, which already names the
-    file, line and field or the flag) reported as one line on stderr and exit status 1 instead of a traceback."""
-    from fabric_align.data import DataError
-
+    """The program entry: ``run_cli``, with everything a user can act on (bad input: ``DataError`` and ``ConfigError``,
+    which name the file, line and field or the flag; a run that stopped: ``TrainingError``; the system: a full disk,
+    a permission) reported as one ``error:`` line on stderr and exit status 1 instead of a traceback."""
     try:
         run_cli(setup, args)
-    except (DataError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
+    except (DataError, ConfigError, TrainingError, KernelCheckError) as err:
+        exit_with_error(str(err))
+    except OSError as err:
+        exit_with_error(f"{err.filename}: {err.strerror}" if err.filename and err.strerror else str(err))
+
+
+def exit_with_error(message: str) -> None:
+    for bar in list(getattr(tqdm, "_instances", ())):  # end an open progress bar's line: the error gets its own
+        bar.close()
+    rank = int(os.environ.get("RANK", os.environ.get("GLOBAL_RANK", "0")) or 0)
+    print(f"error: {f'[rank {rank}] ' if rank else ''}{message}", file=sys.stderr, flush=True)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        with contextlib.suppress(Exception):  # best effort: every rank raised the same error
+            torch.distributed.destroy_process_group()
+    raise SystemExit(1) from None
 
 
 def run_cli(setup: Callable[..., Any], args: list[str] | None = None) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from fabric_align.kernels._dispatch import use_triton
+from fabric_align.kernels.selfcheck import TF32_TOLERANCE, TOLERANCE, ensure_checked
 
 __all__ = ["fused_linear_logprob", "linear_logprob_reference"]
 
@@ -110,8 +111,41 @@ def fused_linear_logprob(
             "use fp32/fp16 inputs, or the torch path on CPU"
         )
     with torch.autocast(device_type, enabled=False):
+        if triton_path:
+            ensure_checked("log-prob", hidden2d.device, dtype, _probe, _tolerance(dtype, hidden2d.device))
         logp = _FusedLinearLogprob.apply(hidden2d, weight, bias, targets1d, int(ignore_index), temperature, triton_path)
     return logp.reshape(out_shape)
+
+
+def _tolerance(dtype: torch.dtype, device: torch.device) -> float:
+    if dtype == torch.float32 and device.type == "cuda":
+        from fabric_align.kernels.logprob_triton import _dot_precision
+
+        return TF32_TOLERANCE if _dot_precision(dtype) == "tf32" else TOLERANCE[dtype]
+    return TOLERANCE[dtype]
+
+
+def _probe(device: torch.device, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Forward and backward of both implementations on a small problem with ragged tiles, ignored rows and a bias
+    (tiny under the Triton interpreter, which is slow)."""
+    interpreting = device.type != "cuda"
+    n, width, vocab = (21, 32, 80) if interpreting else (300, 256, 5000)
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, width, generator=gen)
+    weight = torch.randn(vocab, width, generator=gen) * (2.0 / width**0.5)
+    bias = torch.randn(vocab, generator=gen) * 0.5
+    targets = torch.randint(0, vocab, (n,), generator=gen)
+    targets[torch.rand(n, generator=gen) < 0.25] = -100
+    upstream = torch.randn(n, generator=gen)
+    results = {}
+    for triton_path in (True, False):
+        h, w, b = (x.to(device=device, dtype=dtype).requires_grad_() for x in (hidden, weight, bias))
+        with torch.enable_grad():
+            logp = _FusedLinearLogprob.apply(h, w, b, targets.to(device), -100, 1.0, triton_path)
+            grads = torch.autograd.grad(logp, (h, w, b), upstream.to(device))
+        results[triton_path] = (logp, *grads)
+    names = ("logp", "d_hidden", "d_weight", "d_bias")
+    return {name: (results[True][i], results[False][i]) for i, name in enumerate(names)}
 
 
 class _FusedLinearLogprob(torch.autograd.Function):

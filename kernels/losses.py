@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from fabric_align.kernels._dispatch import use_triton
+from fabric_align.kernels.selfcheck import ensure_checked
 
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 KTO_METRIC_KEYS = (
@@ -427,6 +428,8 @@ def kto_loss(
     _check_rows("ref_logps", ref_logps, batch)
     _check_rows("labels", labels, batch)
     device = token_logps.device
+    if use_triton(token_logps):
+        ensure_checked("KTO loss", device, token_logps.dtype, _probe_kto, _loss_tolerance(token_logps.dtype))
     loss, stats = _KTOLoss.apply(
         token_logps,
         ref_logps.detach().to(device),
@@ -462,6 +465,9 @@ def spin_loss(
     _check_rows("ref_real_logps", ref_real_logps, batch)
     _check_rows("ref_generated_logps", ref_generated_logps, batch)
     device = real_token_logps.device
+    if use_triton(real_token_logps, generated_token_logps):
+        dtype = real_token_logps.dtype
+        ensure_checked("SPIN loss", device, dtype, _probe_spin, _loss_tolerance(dtype))
     loss, stats = _SPINLoss.apply(
         real_token_logps,
         generated_token_logps.to(device),
@@ -471,3 +477,44 @@ def spin_loss(
         _normalizer(normalizer, batch, device),
     )
     return loss, dict(zip(SPIN_METRIC_KEYS, stats.unbind(0), strict=True))
+
+
+# ------------------------------------------------------------------------------------------- self-check
+
+
+def _loss_tolerance(dtype: torch.dtype) -> float:
+    # Both implementations sum the same token values in fp32: only the order of additions differs.
+    return 1e-5 if dtype == torch.float32 else 1e-3
+
+
+def _probe_tokens(gen: torch.Generator, rows: int, length: int) -> torch.Tensor:
+    tokens = -torch.rand(rows, length, generator=gen) * 3
+    lengths = torch.randint(1, length + 1, (rows,), generator=gen)
+    return torch.where(torch.arange(length)[None, :] < lengths[:, None], tokens, 0.0)  # ragged, 0 where masked
+
+
+def _probe_kto(device: torch.device, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Both KTO forwards (loss, metrics, per-row gradient) on an odd batch in two row blocks, several tiles."""
+    gen = torch.Generator().manual_seed(0)
+    rows, length = 19, 37
+    tokens = _probe_tokens(gen, rows, length).to(device=device, dtype=dtype)
+    ref = (tokens.float().sum(-1).cpu() + torch.randn(rows, generator=gen) * 2).to(device)
+    labels = (torch.rand(rows, generator=gen) < 0.5).to(device)
+    kl = torch.tensor(0.3, device=device)
+    got = _triton_module().kto_forward(
+        tokens, ref, labels, kl, beta=0.5, desirable_weight=1.3, undesirable_weight=0.7, use_kl=True, normalizer=23.0
+    )
+    want = _kto_torch_forward(tokens, ref, labels, kl, 0.5, 1.3, 0.7, True, 23.0)
+    return {name: (g, w) for name, g, w in zip(("loss", "metrics", "row gradient"), got, want, strict=True)}
+
+
+def _probe_spin(device: torch.device, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    rows = 19
+    real = _probe_tokens(gen, rows, 37).to(device=device, dtype=dtype)
+    generated = _probe_tokens(gen, rows, 29).to(device=device, dtype=dtype)
+    ref_real = (real.float().sum(-1).cpu() + torch.randn(rows, generator=gen)).to(device)
+    ref_generated = (generated.float().sum(-1).cpu() + torch.randn(rows, generator=gen)).to(device)
+    got = _triton_module().spin_forward(real, generated, ref_real, ref_generated, beta=0.4, normalizer=23.0)
+    want = _spin_torch_forward(real, generated, ref_real, ref_generated, 0.4, 23.0)
+    return {name: (g, w) for name, g, w in zip(("loss", "metrics", "row gradient"), got, want, strict=True)}

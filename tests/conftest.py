@@ -27,6 +27,16 @@ import pytest  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 # Small, fast settings for the tiny model; tests add what they check.
 FAST = ["--logger.backend=csv", "--data.max_length=96", "--train.warmup_steps=2"]
+# A 10-step KTO run with checkpoints at steps 3, 6, 9 and 10, for resume and fault tests.
+KTO_TEN_STEPS = [
+    *FAST,
+    "--train.global_batch_size=8",
+    "--train.micro_batch_size=4",
+    "--train.max_steps=10",
+    "--train.save_interval=3",
+    "--train.eval_interval=4",
+    "--train.lr=2e-3",
+]
 
 
 def run_cli(setup: Any, args: list[str]) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from fabric_align import kto, trainer
+from fabric_align.checkpoints import seal, verify_directory
 from fabric_align.data import DataError
 from fabric_align.trainer import ConfigError
 
@@ -25,7 +26,8 @@ def guarded_out_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An out_dir holding an earlier run's files, and a model loader that must never be reached."""
     out = tmp_path / "out"
     (out / "step-000004").mkdir(parents=True)
-    (out / "step-000004" / "meta.json").write_text("{}")
+    (out / "step-000004" / "state").write_text("weights")
+    seal(out / "step-000004", {"step": 4})  # an intact checkpoint, as far as its manifest tells
     (out / "cache").mkdir()
     (out / "cache" / "kto-reference-x.pt").write_text("keep me")
 
@@ -37,7 +39,8 @@ def guarded_out_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def assert_untouched(out: Path) -> None:
-    assert (out / "step-000004" / "meta.json").read_text() == "{}"
+    assert verify_directory(out / "step-000004") is None
+    assert (out / "step-000004" / "state").read_text() == "weights"
     assert (out / "cache" / "kto-reference-x.pt").read_text() == "keep me"
     assert sorted(p.name for p in out.iterdir()) == ["cache", "step-000004"]
 

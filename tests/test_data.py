@@ -151,11 +151,7 @@ def test_eos_written_inside_the_text_and_multi_message_completions_are_kept_whol
     tok = renderer.tokenizer
     eos = tok.eos_token
     inside = f"The token {eos} ends it; the rest matters."
-    multi = [
-        {"role": "assistant", "content": "first part"},
-        {"role": "user", "content": "and?"},
-        {"role": "assistant", "content": "second part"},
-    ]
+    multi = [{"role": "assistant", "content": "first part"}, {"role": "assistant", "content": "second part"}]
     single = [{"role": "assistant", "content": "first part"}]
     prompt = [{"role": "user", "content": "q"}]
     rows = [

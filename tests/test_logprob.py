@@ -72,6 +72,18 @@ def _assert_all_close(got, want, atol, rtol):
         torch.testing.assert_close(g, w, atol=atol, rtol=rtol, msg=lambda m, name=name: f"{name}: {m}")
 
 
+def _assert_fp32_close(got, want, naive):
+    """fp32 results within 5e-5 of float64, or, where the naive fp32 op itself is off by more (logits of +-100 leave
+    it ~1e-4 on d_hidden), within twice the naive op's error: the bound is fp32's, not a lucky rounding order."""
+    names = ("logp", "d_hidden", "d_weight", "d_bias")
+    for name, g, nv, w in zip(names, got, naive, want, strict=True):
+        if w is None:
+            assert g is None, name
+            continue
+        atol = max(5e-5, 2 * (nv - w).abs().max().item())
+        torch.testing.assert_close(g, w, atol=atol, rtol=5e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
 def _assert_within_naive_error(got, naive, want):
     """Each output's max error vs float64 may exceed the naive op's (same dtype) only by a small margin."""
     for name, g, nv, w in zip(("logp", "d_hidden", "d_weight", "d_bias"), got, naive, want, strict=True):
@@ -140,8 +152,9 @@ def test_torch_path_fp32(torch_path, monkeypatch, bias, temperature, w_scale, ch
     hidden, weight, b, targets, upstream = _problem(n, h, v, bias=bias, w_scale=w_scale)
     assert 23 <= int((targets != IGNORE).sum()) <= 25
     want = _run(_ref64_fn, hidden, weight, b, targets, upstream, temperature, torch.float64)
+    naive = _run(linear_logprob_reference, hidden, weight, b, targets, upstream, temperature, torch.float32)
     got = _run(fused_linear_logprob, hidden, weight, b, targets, upstream, temperature, torch.float32)
-    _assert_all_close(got, want, atol=5e-5, rtol=5e-5)
+    _assert_fp32_close(got, want, naive)
     assert torch.all(got[0][targets == IGNORE] == 0)
     assert torch.all(got[1][targets == IGNORE] == 0)
 
@@ -318,9 +331,10 @@ def test_triton_interpreter_fp32(triton_interpreter, bias, temperature, w_scale,
 
     hidden, weight, b, targets, upstream = _problem(37, 48, 131, bias=bias, w_scale=w_scale)
     want = _run(_ref64_fn, hidden, weight, b, targets, upstream, temperature, torch.float64)
+    naive = _run(linear_logprob_reference, hidden, weight, b, targets, upstream, temperature, torch.float32)
     with logprob_triton.override_config(**config):
         got = _run(fused_linear_logprob, hidden, weight, b, targets, upstream, temperature, torch.float32)
-    _assert_all_close(got, want, atol=5e-5, rtol=5e-5)
+    _assert_fp32_close(got, want, naive)
     assert torch.all(got[0][targets == IGNORE] == 0)
 
 

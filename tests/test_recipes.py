@@ -23,7 +23,7 @@ import yaml
 
 from fabric_align import kto, spin, sweep
 from fabric_align.args import TrainArgs
-from fabric_align.trainer import PRECISIONS, check_batch_sizes
+from fabric_align.trainer import PRECISIONS
 
 from conftest import FAST, REPO, column, read_metrics, run_cli
 
@@ -106,7 +106,9 @@ def test_real_recipe_settings_are_consistent(recipe: Path) -> None:
     config = yaml.safe_load(recipe.read_text())
     model, train = config["model"], config["train"]
     world = config["devices"] * config["num_nodes"]
-    check_batch_sizes(TrainArgs(**train), world)  # raises when the batch sizes do not divide
+    args = TrainArgs(**{**train, "betas": tuple(train["betas"])})
+    args.check()  # every value in range
+    args.accumulation_steps(world)  # raises when the batch sizes do not divide
     variant = recipe.stem.rsplit("-", 1)[1]
     assert (model["lora"] is None) == (variant == "full")
     assert (model["quantize"] == "4bit") == (variant == "qlora")

@@ -10,18 +10,11 @@ import torch
 
 from fabric_align import checkpoints, kto, trainer
 from fabric_align.checkpoints import checkpoint_dirs, find_resume_path
+from fabric_align.errors import ConfigError
 
-from conftest import FAST, column, load_safetensors, read_metrics, run_cli
+from conftest import KTO_TEN_STEPS, column, load_safetensors, read_metrics, run_cli
 
-ARGS = [
-    *FAST,
-    "--train.global_batch_size=8",
-    "--train.micro_batch_size=4",
-    "--train.max_steps=10",
-    "--train.save_interval=3",
-    "--train.eval_interval=4",
-    "--train.lr=2e-3",
-]
+ARGS = KTO_TEN_STEPS
 
 
 class Crash(RuntimeError):
@@ -73,7 +66,7 @@ def test_resume_from_an_explicit_path_and_the_final_step(
     validation = read_metrics(out)
     # A damaged reference cache is computed again (from the initial weights, as before), not a crash.
     (cache,) = (out / "cache").glob("kto-reference-*.pt")
-    cached = torch.load(cache, weights_only=True)
+    cached = torch.load(cache, weights_only=True)["logps"]
     cache.write_bytes(b"not a tensor file")
     # Resuming a finished run trains no further step and re-exports the same weights.
     calls = []
@@ -82,7 +75,7 @@ def test_resume_from_an_explicit_path_and_the_final_step(
     assert calls == []
     after = load_safetensors(out / "final" / "model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert torch.equal(torch.load(cache, weights_only=True), cached)
+    assert torch.equal(torch.load(cache, weights_only=True)["logps"], cached)
     # Its final validation replaces the one at that step instead of adding a second row.
     assert column(read_metrics(out), "val/step") == column(validation, "val/step") == [0, 4]
     assert column(read_metrics(out), "val/loss") == column(validation, "val/loss")
@@ -91,5 +84,5 @@ def test_resume_from_an_explicit_path_and_the_final_step(
     run_cli(kto.setup, [*short, f"--out_dir={out}", "--resume=auto", "--kto.beta=0.3", "--train.eval_interval=2"])
     assert "differ from the checkpoint's run: kto.beta: 0.1 -> 0.3" in caplog.text
     assert "eval_interval" not in caplog.text
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(ConfigError, match="not a complete checkpoint"):
         run_cli(kto.setup, [*short, f"--out_dir={out}", f"--resume={out / 'logs'}"])
