@@ -137,9 +137,17 @@ def loss_kernels(dtype: torch.dtype) -> None:
         loss.backward()
 
 
+def skip_self_check(*args, **kwargs) -> None:
+    """Compile-only launches compute nothing, so the first-use self-check would compare garbage with the torch path;
+    the kernels it would run are compiled here anyway."""
+
+
 def main() -> None:
+    from fabric_align.kernels import logprob, losses
+
     driver.set_active(HopperWithoutGPU())
     JITFunction.run = compile_only
+    logprob.ensure_checked = losses.ensure_checked = skip_self_check
     for dtype, precision in ((torch.bfloat16, "tf32"), (torch.float32, "tf32"), (torch.float32, "ieee")):
         CASE["name"] = f"{str(dtype).removeprefix('torch.')}/{precision}"
         logprob_kernels(dtype, precision, 300, 256, 2048, all_configs=True)

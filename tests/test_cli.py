@@ -106,7 +106,7 @@ def test_tiny_recipe_reproduces_the_default(capsys: pytest.CaptureFixture[str]) 
 
 def test_module_entry_point_from_the_repo_root() -> None:
     """`python -m fabric_align.kto` with the checkout on sys.path: the repo's kernels/ folder must not pass for
-    Hugging Face's `kernels` package when transformers probes for it."""
+    Hugging Face's `kernels` package (which transformers depends on and imports), nor hide it."""
     result = subprocess.run(
         [sys.executable, "-m", "fabric_align.kto", "--print_config"],
         cwd=REPO,
@@ -116,18 +116,17 @@ def test_module_entry_point_from_the_repo_root() -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "beta: 0.1" in result.stdout
-    probe = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import transformers.utils as u, kernels; print(u.is_kernels_available(), hasattr(kernels, 'kto_loss'))",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    probe = (
+        "import importlib.metadata as m, fabric_align, kernels, transformers.utils as u\n"
+        "from fabric_align.args import ModelArgs\n"
+        "from fabric_align.modeling import load_tokenizer\n"
+        "try:\n    installed = bool(m.version('kernels'))\nexcept m.PackageNotFoundError:\n    installed = False\n"
+        "eos = load_tokenizer(ModelArgs()).eos_token\n"
+        "print(u.is_kernels_available() == installed, hasattr(kernels, 'kto_loss'), eos)"
     )
-    assert probe.stdout.split() == ["False", "False"], probe.stderr[-3000:]
+    probe = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert probe.stdout.split()[:2] == ["True", "False"], probe.stderr[-3000:]
+    assert len(probe.stdout.split()) == 3, probe.stderr[-3000:]
 
 
 def test_shipped_tiny_model_and_demo_data_are_reproducible(tmp_path: Path) -> None:
