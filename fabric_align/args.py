@@ -8,6 +8,7 @@ range test written as ``x <= 0`` is false for NaN, so the checks below test fini
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -16,6 +17,11 @@ from fabric_align.errors import ConfigError
 __all__ = ["ConfigError"]  # re-exported: the groups' checks raise it
 
 EMBEDDED_MODEL = "fabric-align/tiny-llama"
+# The embedded demo training sets and the validation set each one comes with (data.val_path=auto).
+DEMO_VALIDATION = {
+    "fabric-align/kto-demo": "fabric-align/kto-demo-val",
+    "fabric-align/sft-demo": "fabric-align/sft-demo-val",
+}
 SEED_RANGE = 2**32  # numpy's seed range, which Fabric's seed_everything also enforces
 
 
@@ -126,8 +132,9 @@ class ModelArgs:
 class DataArgs:
     train_path: str = "fabric-align/kto-demo"
     """Training data: a local .jsonl/.json/.parquet file, a dataset directory, or a Hugging Face dataset id."""
-    val_path: str | None = "fabric-align/kto-demo-val"
-    """Validation data (same forms), or null for no validation."""
+    val_path: str | None = "auto"
+    """Validation data (same forms), or null for none. ``auto``: the demo's own validation set when training on an
+    embedded demo set, none otherwise (a user's data is never validated on ours)."""
     train_split: str = "train"
     """Split to use when ``train_path`` is a Hugging Face dataset."""
     val_split: str = "test"
@@ -139,7 +146,16 @@ class DataArgs:
     def check(self) -> None:
         if not self.train_path.strip():
             raise ConfigError("data.train_path is empty")
+        if self.val_path is not None and not self.val_path.strip():
+            raise ConfigError('data.val_path is empty (null for no validation, "auto" for the default)')
         check_count("data.max_length", self.max_length, minimum=2)
+
+    def validation_path(self) -> str | None:
+        """The validation data to use: ``val_path`` as given, or for ``auto`` the embedded demo's own validation
+        set when training on an embedded demo set, else none."""
+        if self.val_path != "auto":
+            return self.val_path
+        return DEMO_VALIDATION.get(self.train_path)
 
 
 @dataclass
@@ -154,15 +170,21 @@ class TrainArgs:
     lr: float = 5e-6
     """Peak learning rate."""
     min_lr: float = 0.0
-    """Learning rate at the end of the cosine decay."""
+    """Learning rate at the end of the decay (``cosine`` and ``linear`` schedules)."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """After the linear warmup: cosine or linear decay to ``min_lr`` at the last step, or constant."""
     weight_decay: float = 0.0
     """Decoupled weight decay."""
     betas: tuple[float, float] = (0.9, 0.95)
-    """Adam betas."""
-    optimizer: Literal["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"] = "adamw"
-    """torch AdamW, or a bitsandbytes 8-bit / paged AdamW."""
+    """Adam betas (not used by RMSprop)."""
+    optimizer: Literal["adamw", "rmsprop", "adamw8bit", "paged_adamw", "paged_adamw8bit"] = "adamw"
+    """torch AdamW or RMSprop (torch's defaults: alpha 0.99, eps 1e-8, no momentum, as Hugging Face's Trainer and the
+    SPIN authors use it), or a bitsandbytes 8-bit / paged AdamW."""
     warmup_steps: int = 10
-    """Linear warmup steps before the cosine decay."""
+    """Linear warmup steps before the decay."""
+    warmup_ratio: float | None = None
+    """Warmup as a fraction of the steps (SPIN: of each iteration's steps), rounded up; replaces ``warmup_steps``
+    when set."""
     max_steps: int | None = None
     """Optimizer steps to take; null: ``epochs`` passes over the training data."""
     epochs: int = 1
@@ -185,6 +207,7 @@ class TrainArgs:
         for name in ("eval_batch_size", "max_steps", "save_interval"):
             check_count(f"train.{name}", getattr(self, name), optional=True)
         check_count("train.warmup_steps", self.warmup_steps, minimum=0)
+        check_number("train.warmup_ratio", self.warmup_ratio, low=0, high=1, high_open=True, optional=True)
         check_count("train.max_consecutive_skips", self.max_consecutive_skips, minimum=0)
         check_positive("train.lr", self.lr)
         check_number("train.min_lr", self.min_lr, low=0, high=self.lr)
@@ -194,6 +217,12 @@ class TrainArgs:
             raise ConfigError(f"train.betas={list(self.betas)}: expected two values")
         for i, beta in enumerate(self.betas):
             check_number(f"train.betas[{i}]", beta, low=0, high=1, high_open=True)
+
+    def warmup_for(self, total_steps: int) -> int:
+        """Warmup steps of a run (or SPIN iteration) of ``total_steps`` optimizer steps."""
+        if self.warmup_ratio is None:
+            return self.warmup_steps
+        return math.ceil(self.warmup_ratio * total_steps)
 
     def accumulation_steps(self, world_size: int) -> int:
         """Micro-batches per optimizer step on each rank; raises when the batch sizes do not divide."""
@@ -232,8 +261,9 @@ class LoggerArgs:
 class KTOArgs:
     beta: float = 0.1
     """Strength of the implicit KL penalty: reward = beta * (log pi - log pi_ref)."""
-    desirable_weight: float = 1.0
-    """lambda_D, the weight of desirable examples' losses."""
+    desirable_weight: float | Literal["auto"] = 1.0
+    """lambda_D, the weight of desirable examples' losses. ``auto``: chosen from the training data's label counts so
+    that lambda_D n_D / (lambda_U n_U) lies in [1, 4/3], KTO's recommended band (1.0 when it already does)."""
     undesirable_weight: float = 1.0
     """lambda_U, the weight of undesirable examples' losses."""
     loss_type: Literal["kto", "apo_zero_unpaired"] = "kto"
@@ -241,8 +271,14 @@ class KTOArgs:
 
     def check(self) -> None:
         check_positive("kto.beta", self.beta)
-        check_positive("kto.desirable_weight", self.desirable_weight)
+        if self.desirable_weight != "auto":
+            check_positive("kto.desirable_weight", self.desirable_weight)
         check_positive("kto.undesirable_weight", self.undesirable_weight)
+
+    @property
+    def uses_kl_term(self) -> bool:
+        """Whether the loss reads the KL reference point z0 (and so the mismatched KL pairs)."""
+        return self.loss_type == "kto"
 
 
 @dataclass
@@ -251,8 +287,11 @@ class SPINArgs:
     """Self-play iterations; each starts by generating with the policy as it stands (the opponent)."""
     beta: float | list[float] = 0.1
     """Loss temperature: one value, or one per iteration."""
-    epochs_per_iteration: int = 1
-    """Passes over the iteration's pairs."""
+    lr: float | list[float] | None = None
+    """Peak learning rate of each iteration: one value, or one per iteration (the SPIN paper lowers it from 5e-7 to
+    1e-7 after two iterations); null: ``train.lr``."""
+    epochs_per_iteration: int | list[int] = 1
+    """Passes over the iteration's pairs: one value, or one per iteration."""
     temperature: float = 1.0
     """Sampling temperature for the opponent's answers (0: greedy)."""
     top_p: float = 1.0
@@ -263,24 +302,52 @@ class SPINArgs:
     """Prompts decoded together on each rank."""
     mix_previous: bool = False
     """Also train on the previous iteration's generated answers (rescored under the current opponent)."""
+    answer_turn: Literal["last", "first"] = "last"
+    """Which assistant turn of a conversation is the ground truth: ``last`` (everything before it is the prompt) or
+    ``first`` (the first assistant answer and what precedes it, as the SPIN authors train; later turns are unused)."""
+    reuse_generated: bool = False
+    """Iteration 0 trains on the rows' own ``generated`` answers (the SPIN authors' released iteration data,
+    ``UCLA-AGI/SPIN_iter0``) instead of sampling new ones; every row must have one. Later iterations generate."""
     num_logged_samples: int = 8
     """Generations per iteration shown in the W&B table."""
 
     def check(self) -> None:
         check_count("spin.iterations", self.iterations)
-        check_count("spin.epochs_per_iteration", self.epochs_per_iteration)
-        if isinstance(self.beta, list):
-            if len(self.beta) != self.iterations:
-                raise ConfigError(f"spin.beta has {len(self.beta)} values for spin.iterations={self.iterations}")
-            for i, beta in enumerate(self.beta):
-                check_positive(f"spin.beta[{i}]", beta)
-        else:
-            check_positive("spin.beta", self.beta)
+        self._check_per_iteration("beta", check_positive)
+        self._check_per_iteration("lr", check_positive, optional=True)
+        self._check_per_iteration("epochs_per_iteration", check_count)
         check_number("spin.temperature", self.temperature, low=0)
         check_number("spin.top_p", self.top_p, low=0, high=1, low_open=True)
         check_count("spin.max_new_tokens", self.max_new_tokens)
         check_count("spin.rollout_batch_size", self.rollout_batch_size)
         check_count("spin.num_logged_samples", self.num_logged_samples, minimum=0)
 
+    def check_with(self, train: TrainArgs) -> None:
+        """Rules that involve the training group: the decay ends at or below every iteration's peak."""
+        for t in range(self.iterations):
+            peak = self.lr_at(t, train.lr)
+            if train.min_lr > peak:
+                raise ConfigError(f"train.min_lr={train.min_lr}: must be at most iteration {t}'s peak lr {peak}")
+
+    def _check_per_iteration(self, name: str, check: Callable[..., None], optional: bool = False) -> None:
+        value = getattr(self, name)
+        if isinstance(value, list):
+            if len(value) != self.iterations:
+                raise ConfigError(f"spin.{name} has {len(value)} values for spin.iterations={self.iterations}")
+            for i, item in enumerate(value):
+                check(f"spin.{name}[{i}]", item)
+        else:
+            check(f"spin.{name}", value, optional=optional)
+
     def beta_at(self, iteration: int) -> float:
         return float(self.beta[iteration]) if isinstance(self.beta, list) else float(self.beta)
+
+    def lr_at(self, iteration: int, default: float) -> float:
+        """Iteration ``iteration``'s peak learning rate (``default``, ``train.lr``, when ``spin.lr`` is null)."""
+        if self.lr is None:
+            return default
+        return float(self.lr[iteration]) if isinstance(self.lr, list) else float(self.lr)
+
+    def epochs_at(self, iteration: int) -> int:
+        epochs = self.epochs_per_iteration
+        return int(epochs[iteration]) if isinstance(epochs, list) else int(epochs)

@@ -357,12 +357,13 @@ def _export_lora(peft_model: Any, state: dict[str, torch.Tensor], target: Path, 
         return
     base = peft_model.get_base_model()  # unquantized: ModelArgs.check refuses merge_on_export with quantize
     # Merge into a fresh CPU copy so the training model is left untouched.
-    from peft import get_peft_model
     from transformers import AutoModelForCausalLM
+
+    from fabric_align.modeling import with_adapters
 
     with torch.device("meta"):
         clean = AutoModelForCausalLM.from_config(base.config, dtype=next(iter(state.values())).dtype)
-    clean = get_peft_model(clean, peft_model.peft_config["default"])
+    clean = with_adapters(clean, peft_model.peft_config["default"])
     # Same key names as the training model's peft wrapper; assign=True takes the tensors off the meta device.
     clean.load_state_dict(state, strict=True, assign=True)
     merged = clean.merge_and_unload()

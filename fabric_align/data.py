@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from typing import Any
 import torch
 
 from fabric_align.errors import DataError
+
+log = logging.getLogger("fabric_align")
 
 ASSETS = Path(__file__).parent / "assets"
 EMBEDDED_DATA = {
@@ -260,6 +263,22 @@ def fit_length(prompt_ids: list[int], completion_ids: list[int], max_length: int
     if room < 1:
         return None
     return completion_ids[:room]
+
+
+def report_fit(source: str, total: int, dropped: int, cut: int, max_length: int, detail: str = "") -> None:
+    """Say what ``data.max_length`` did to a split: rows dropped because their prompt alone does not fit, and
+    completions cut to fit (their ends are not trained on)."""
+    if not dropped and not cut:
+        return
+    log.warning(
+        "%s: data.max_length=%d%s dropped %d of %d rows whose prompt alone does not fit and cut the completion of %d",
+        source,
+        max_length,
+        f" ({detail})" if detail else "",
+        dropped,
+        total,
+        cut,
+    )
 
 
 def derangement(n: int, seed: int) -> list[int]:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fabric_align.errors import TrainingError
-from fabric_align.modeling import hf_model
+from fabric_align.modeling import hf_model, with_adapters
 
 _MASK32 = 0xFFFFFFFF
 
@@ -81,9 +82,7 @@ def _rebuild(inner: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     with torch.device("meta"):  # a copy of the config: from_config records the dtype in it
         clone = AutoModelForCausalLM.from_config(copy.deepcopy(base.config), dtype=dtype)
     if hasattr(inner, "peft_config"):
-        from peft import get_peft_model
-
-        clone = get_peft_model(clone, copy.deepcopy(inner.peft_config["default"]))
+        clone = with_adapters(clone, copy.deepcopy(inner.peft_config["default"]))
         clone.load_state_dict(state, strict=True, assign=True)
         clone = clone.merge_and_unload()
     else:
@@ -154,6 +153,8 @@ def generate(
 
     device = next(model.parameters()).device
     decoder, head = model.get_decoder(), model.get_output_embeddings()
+    # transformers renamed the decoder's `past_key_values` argument to `cache` (the old name warns on every call).
+    cache_keyword = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
     results: list[list[int]] = [[] for _ in prompts]
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
@@ -176,8 +177,8 @@ def generate(
                 input_ids=step_ids,
                 attention_mask=mask,
                 position_ids=step_positions,
-                past_key_values=cache,
                 use_cache=True,
+                **{cache_keyword: cache},
             ).last_hidden_state[:, -1]
             logits = (hidden @ head.weight.T).float()  # [B, V] for the last position only
             if head.bias is not None:

@@ -10,6 +10,7 @@ r = log pi(y|x) - log pi_ref(y|x) summed over completion tokens. Reference log-p
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from fabric_align.data import (
     fit_length,
     pad_sequences,
     read_rows,
+    report_fit,
     require_dict,
     require_field,
     require_messages,
@@ -51,6 +53,7 @@ from fabric_align.trainer import (
     require_batches,
     run_program,
     score_sequences,
+    validation_source,
 )
 
 log = logging.getLogger("fabric_align")
@@ -120,6 +123,7 @@ def load_split(path: str, split: str, renderer: ChatRenderer, max_length: int, s
     if train:
         require_both_labels(rows[0].source, [label for _, _, label in parsed], "rows")
     encoded, kept = [], []
+    cut = 0
     for row, (prompt, completion, label) in zip(rows, parsed, strict=True):
         if not isinstance(prompt, str):
             renderer.check_chat(row, "prompt")
@@ -128,15 +132,9 @@ def load_split(path: str, split: str, renderer: ChatRenderer, max_length: int, s
         if completion_ids is not None:
             encoded.append((enc.prompt_ids, enc.completion_ids))
             kept.append(label)
+            cut += len(completion_ids) < len(enc.completion_ids)
     dropped = len(rows) - len(encoded)
-    if dropped:
-        log.warning(
-            "%s: dropped %d of %d rows whose prompt alone does not fit data.max_length=%d",
-            rows[0].source,
-            dropped,
-            len(rows),
-            max_length,
-        )
+    report_fit(rows[0].source, len(rows), dropped, cut, max_length)
     if len(encoded) < 2:
         why = f" (after dropping {dropped} whose prompt does not fit)" if dropped else ""
         raise DataError(
@@ -162,25 +160,54 @@ def require_both_labels(source: str, labels: list[bool], what: str) -> None:
         )
 
 
+# KTO's recommended band for lambda_D n_D / (lambda_U n_U) (Ethayarajh et al., 2024, section 4.2).
+WEIGHT_RATIO_BAND = (1.0, 4 / 3)
+
+
+def label_counts(data: KTOData) -> tuple[int, int]:
+    n_d = int(data.labels.sum())
+    return n_d, len(data.labels) - n_d
+
+
+def resolve_weights(data: KTOData, args: KTOArgs) -> KTOArgs:
+    """``args`` with ``desirable_weight=auto`` replaced by the value closest to 1.0 that puts lambda_D n_D /
+    (lambda_U n_U) into KTO's recommended band (1.0 when the counts are already balanced enough); logged."""
+    if args.desirable_weight != "auto":
+        return args
+    n_d, n_u = label_counts(data)
+    balanced = args.undesirable_weight * n_u / n_d  # lambda_D that makes the ratio exactly 1
+    low, high = WEIGHT_RATIO_BAND
+    weight = min(max(1.0, balanced * low), balanced * high)
+    log.info(
+        "kto.desirable_weight=auto: %.4g (%d desirable, %d undesirable, undesirable_weight=%g: ratio %.3f)",
+        weight,
+        n_d,
+        n_u,
+        args.undesirable_weight,
+        weight * n_d / (args.undesirable_weight * n_u),
+    )
+    return dataclasses.replace(args, desirable_weight=weight)
+
+
 def warn_weight_ratio(data: KTOData, args: KTOArgs) -> None:
     """KTO's paper recommends lambda_D n_D / (lambda_U n_U) in [1, 4/3]."""
-    n_d = int(data.labels.sum())
-    n_u = int((~data.labels).sum())
+    n_d, n_u = label_counts(data)
     ratio = args.desirable_weight * n_d / (args.undesirable_weight * n_u)
-    if not 1.0 <= ratio <= 4 / 3:
-        low = args.undesirable_weight * n_u / n_d
+    low, high = WEIGHT_RATIO_BAND
+    if not low <= ratio <= high:
+        balanced = args.undesirable_weight * n_u / n_d
         log.warning(
             "kto: desirable_weight * n_desirable / (undesirable_weight * n_undesirable) = %.3f * %d / "
             "(%.3f * %d) = %.3f is outside [1, 4/3]; e.g. --kto.desirable_weight=%.3g (any value in "
-            "[%.3g, %.3g] with undesirable_weight=%.3g)",
+            "[%.3g, %.3g] with undesirable_weight=%.3g), or --kto.desirable_weight=auto",
             args.desirable_weight,
             n_d,
             args.undesirable_weight,
             n_u,
             ratio,
-            low * 7 / 6,
-            low,
-            low * 4 / 3,
+            balanced * 7 / 6,
+            balanced * low,
+            balanced * high,
             args.undesirable_weight,
         )
 
@@ -233,7 +260,7 @@ class KTO:
         return totals
 
     def z0(self, data: KTOData, micro_batches: list[list[int]]) -> torch.Tensor:
-        if self.args.loss_type != "kto":
+        if not self.args.uses_kl_term:
             return torch.zeros((), device=self.fabric.device)
         totals = self.fabric.all_reduce(self.kl_sum(data, micro_batches), reduce_op="sum")
         return (totals[0] / totals[1].clamp(min=1)).clamp(min=0).float()
@@ -346,10 +373,12 @@ def setup(
     )
     renderer = ChatRenderer(job.tokenizer)
     train_data = load_split(data.train_path, data.train_split, renderer, data.max_length, seed, train=True)
-    val_data = None
-    if data.val_path:
-        val_data = load_split(data.val_path, data.val_split, renderer, data.max_length, seed + 1, train=False)
+    val_path, val_data = validation_source(data), None
+    if val_path:
+        val_data = load_split(val_path, data.val_split, renderer, data.max_length, seed + 1, train=False)
     require_batches(len(train_data), train_data.source, train)
+    kto = resolve_weights(train_data, kto)
+    job.config["kto"]["desirable_weight"] = kto.desirable_weight  # the value used, also under auto
     warn_weight_ratio(train_data, kto)
     main(make_fabric(job.launch), job, kto, train_data, val_data)
 
@@ -358,7 +387,7 @@ def main(fabric: Any, job: Job, kto: KTOArgs, train_data: KTOData, val_data: KTO
     policy, optimizer = build_policy(fabric, job)
     fabric.print(f"{len(train_data)} training examples, {len(val_data) if val_data else 0} validation examples")
     # Reference log-probs before any update (and before loading a checkpoint): no reference model is kept.
-    reference_logps(fabric, policy, job, train_data, val_data)
+    reference_logps(fabric, policy, job, kto, train_data, val_data)
     plan = StepPlan(len(train_data), job.train.global_batch_size, job.seed)
     total_steps = job.train.max_steps or job.train.epochs * plan.steps_per_epoch
     run = open_run(fabric, job, policy, optimizer, method="kto", total_steps=total_steps)
@@ -368,10 +397,14 @@ def main(fabric: Any, job: Job, kto: KTOArgs, train_data: KTOData, val_data: KTO
     finish(run, recipe, job)
 
 
-def reference_logps(fabric: Any, policy: PolicyLogprobs, job: Job, train: KTOData, val: KTOData | None) -> None:
-    """Fill ``ref_logps`` / ``ref_kl_logps`` of both splits from the cache, or compute them in one no-grad pass."""
+def reference_logps(
+    fabric: Any, policy: PolicyLogprobs, job: Job, kto: KTOArgs, train: KTOData, val: KTOData | None
+) -> None:
+    """Fill ``ref_logps`` (and, when the loss uses the KL term, ``ref_kl_logps``) of both splits from the cache, or
+    compute them in one no-grad pass. ``apo_zero_unpaired`` never reads the KL pairs: their half is skipped."""
+    with_kl = kto.uses_kl_term
     splits = [train] + ([val] if val is not None else [])
-    sequences = [s for d in splits for s in d.sequences + d.kl_sequences]
+    sequences = [s for d in splits for s in d.sequences + (d.kl_sequences if with_kl else [])]
     # The precision and strategy decide how the reference forward computes (FSDP2 gathers layers in bf16 under
     # bf16-mixed), so a cache made under other settings is not reused.
     key = content_hash(model_fingerprint(job.model, job.seed), job.precision, job.launch["strategy"], sequences)
@@ -398,8 +431,9 @@ def reference_logps(fabric: Any, policy: PolicyLogprobs, job: Job, train: KTODat
     offset = 0
     for d in splits:
         n = len(d)
-        d.ref_logps, d.ref_kl_logps = logps[offset : offset + n], logps[offset + n : offset + 2 * n]
-        offset += 2 * n
+        d.ref_logps = logps[offset : offset + n]
+        d.ref_kl_logps = logps[offset + n : offset + 2 * n] if with_kl else None
+        offset += 2 * n if with_kl else n
 
 
 def read_cache(path: Path, expected: int) -> torch.Tensor | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -169,7 +170,10 @@ def load_model(args: ModelArgs, *, dtype: torch.dtype, seed: int, on_meta: bool 
     if args.disable_dropout:
         disable_dropout(model)
     if args.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers' new name; the old one warns
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.lora is not None:
         model = add_lora(model, args.lora, quantized=args.quantize is not None)
     return model
@@ -186,7 +190,7 @@ def disable_dropout(model: nn.Module) -> None:
 
 
 def add_lora(model: nn.Module, args: LoRAArgs, *, quantized: bool) -> nn.Module:
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, prepare_model_for_kbit_training
 
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -197,7 +201,17 @@ def add_lora(model: nn.Module, args: LoRAArgs, *, quantized: bool) -> nn.Module:
         target_modules=args.target_modules,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    return with_adapters(model, config)
+
+
+def with_adapters(model: nn.Module, config: Any) -> nn.Module:
+    """``peft.get_peft_model``, without the FutureWarning it triggers by reading transformers' deprecated
+    ``is_gradient_checkpointing`` alias (a warning no user can act on)."""
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def hf_model(model: nn.Module) -> nn.Module:
@@ -230,7 +244,9 @@ class PolicyLogprobs(nn.Module):
             bias=head.bias,
             temperature=temperature,
         )
-        return logps.view_as(targets)
+        # A fresh tensor, not a view: FSDP2 registers its pre-backward hook on the root's output, and warns on every
+        # step that an in-place op on a view would drop that hook.
+        return logps.reshape(targets.shape).clone()
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:

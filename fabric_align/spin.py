@@ -28,11 +28,13 @@ from fabric_align.checkpoints import META, file_sha256, load_plain, read_meta, s
 from fabric_align.data import (
     ChatRenderer,
     DataError,
+    Messages,
     Row,
     content_hash,
     fit_length,
     pad_sequences,
     read_rows,
+    report_fit,
     require_dict,
     require_field,
     require_messages,
@@ -61,6 +63,7 @@ from fabric_align.trainer import (
     run_program,
     score_sequences,
     shaping_settings,
+    validation_source,
 )
 
 log = logging.getLogger("fabric_align")
@@ -70,46 +73,90 @@ NEMO_ROLES = {"User": "user", "Assistant": "assistant", "System": "system", "hum
 
 
 # ----------------------------------------------------------------------------------------------------------- data
-def parse_row(row: Row) -> tuple[str | list, str]:
-    """(prompt, ground-truth answer) from ``messages`` (last turn = the assistant's answer), plain
-    ``prompt``/``completion``, or NeMo-Aligner's ``system`` + ``conversations``."""
+@dataclass
+class SFTRow:
+    """A prompt (text or messages), its ground-truth answer and, when the row has one, a generated answer."""
+
+    prompt: str | Messages
+    answer: str
+    generated: str | None = None
+
+
+def parse_row(row: Row, answer_turn: str = "last") -> SFTRow:
+    """The prompt and ground-truth answer of a row: ``messages`` (the ``answer_turn`` assistant turn is the answer,
+    what precedes it the prompt), plain ``prompt``/``completion``, NeMo-Aligner's ``system`` + ``conversations``, or
+    the SPIN authors' ``real`` (messages) with an optional ``generated`` answer (messages or text)."""
     obj = require_dict(row)
-    if "messages" in obj or "conversations" in obj:
-        field = "messages" if "messages" in obj else "conversations"
-        if field == "messages":
-            messages = require_messages(row, obj["messages"], field)
-        else:
-            messages = require_messages(
-                row, obj["conversations"], field, key_role="from", key_content="value", role_map=NEMO_ROLES
-            )
-            system = require_text(row, obj.get("system", ""), "system", allow_empty=True)
-        last = len(messages) - 1  # index in the row's own list, for the error message
-        if field == "conversations" and system.strip():
-            messages = [{"role": "system", "content": system}, *messages]
-        if not messages or messages[-1]["role"] != "assistant":
-            raise row.error(field, "no assistant turn: the last message must be the assistant's answer")
-        if not any(m["role"] != "assistant" for m in messages[:-1]):
-            raise row.error(field, "no prompt: the assistant's answer must follow a user (or system) message")
-        if not messages[-1]["content"].strip():
-            raise row.error(f"{field}[{last}].{'content' if field == 'messages' else 'value'}", "is empty")
-        return messages[:-1], messages[-1]["content"]
+    if "real" in obj:
+        prompt, answer = split_turn(row, require_messages(row, obj["real"], "real"), "real", answer_turn)
+        value = obj.get("generated")
+        if value is None:
+            return SFTRow(prompt, answer)
+        if isinstance(value, str):
+            return SFTRow(prompt, answer, require_text(row, value, "generated", allow_empty=True))
+        messages = require_messages(row, value, "generated", or_string=True)
+        generated_prompt, generated = split_turn(row, messages, "generated", answer_turn, allow_empty=True)
+        if generated_prompt != prompt:
+            raise row.error("generated", "answers another prompt than 'real' (the messages before the answer differ)")
+        return SFTRow(prompt, answer, generated)
+    if "messages" in obj:
+        messages = require_messages(row, obj["messages"], "messages")
+        return SFTRow(*split_turn(row, messages, "messages", answer_turn))
+    if "conversations" in obj:
+        messages = require_messages(
+            row, obj["conversations"], "conversations", key_role="from", key_content="value", role_map=NEMO_ROLES
+        )
+        system = require_text(row, obj.get("system", ""), "system", allow_empty=True)
+        if system.strip():
+            prompt, answer = split_turn(row, messages, "conversations", answer_turn, content_key="value")
+            return SFTRow([{"role": "system", "content": system}, *prompt], answer)
+        return SFTRow(*split_turn(row, messages, "conversations", answer_turn, content_key="value"))
     if "prompt" not in obj and "completion" not in obj:
         raise row.error(
             "messages",
-            f"missing (expected 'messages', 'prompt'/'completion' or 'conversations'; the row has {sorted(obj)})",
+            "missing (expected 'messages', 'prompt'/'completion', 'conversations' or 'real'; the row has "
+            f"{sorted(obj)})",
         )
     prompt = require_text(row, require_field(row, obj, "prompt"), "prompt", allow_empty=True)
     answer = require_text(row, require_field(row, obj, "completion"), "completion", allow_empty=False)
-    return prompt, answer
+    return SFTRow(prompt, answer)
+
+
+def split_turn(
+    row: Row,
+    messages: Messages,
+    field: str,
+    answer_turn: str,
+    *,
+    content_key: str = "content",
+    allow_empty: bool = False,
+) -> tuple[Messages, str]:
+    """(the messages before the answer, the answer) of a conversation: its last message, which must be the
+    assistant's (``answer_turn=last``), or its first assistant message (``first``)."""
+    if answer_turn == "first":
+        index = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), None)
+        if index is None:
+            raise row.error(field, "no assistant turn: a conversation needs an assistant answer")
+    else:
+        index = len(messages) - 1
+        if messages[index]["role"] != "assistant":
+            raise row.error(field, "no assistant turn: the last message must be the assistant's answer")
+    if not any(m["role"] != "assistant" for m in messages[:index]):
+        raise row.error(field, "no prompt: the assistant's answer must follow a user (or system) message")
+    if not allow_empty and not messages[index]["content"].strip():
+        raise row.error(f"{field}[{index}].{content_key}", "is empty")
+    return messages[:index], messages[index]["content"]
 
 
 @dataclass
 class SFTData:
-    """Prompts and their ground-truth answers as token ids (answers cut to fit ``max_length``, ending in EOS)."""
+    """Prompts and their ground-truth answers as token ids (answers cut to fit ``max_length``, ending in EOS), and
+    the rows' own generated answers when they are used (``spin.reuse_generated``)."""
 
     source: str
     prompts: list[list[int]]
     answers: list[list[int]]
+    generated: list[list[int]] | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -120,36 +167,52 @@ class SFTData:
     def fingerprint(self) -> str:
         """A hash of the token ids: what the data is, whatever file it came from."""
         digest = hashlib.sha256()
-        for prompt, answer in zip(self.prompts, self.answers, strict=True):
+        for i, (prompt, answer) in enumerate(zip(self.prompts, self.answers, strict=True)):
             digest.update(array("q", [len(prompt), len(answer), *prompt, *answer]).tobytes())
+            if self.generated is not None:
+                digest.update(array("q", [len(self.generated[i]), *self.generated[i]]).tobytes())
         return digest.hexdigest()[:16]
 
 
-def load_split(path: str, split: str, renderer: ChatRenderer, max_length: int) -> SFTData:
+def load_split(
+    path: str,
+    split: str,
+    renderer: ChatRenderer,
+    max_length: int,
+    *,
+    answer_turn: str = "last",
+    with_generated: bool = False,
+) -> SFTData:
+    """Read, check and tokenize an SFT split; ``with_generated``: also the rows' ``generated`` answers, which every
+    row must then have."""
     rows = read_rows(path, split)
     if not rows:
         raise DataError(f"{path}: no rows")
-    parsed = [parse_row(row) for row in rows]
-    prompts, answers = [], []
-    for row, (prompt, answer) in zip(rows, parsed, strict=True):
-        if not isinstance(prompt, str):
+    parsed = [parse_row(row, answer_turn) for row in rows]
+    if with_generated:
+        for row, item in zip(rows, parsed, strict=True):
+            if item.generated is None:
+                raise row.error("generated", "missing: spin.reuse_generated needs every row's generated answer")
+    prompts, answers, generated = [], [], []
+    cut = 0
+    for row, item in zip(rows, parsed, strict=True):
+        if not isinstance(item.prompt, str):
             renderer.check_chat(row, "messages")
-        enc = renderer.encode(prompt, answer)
-        cut = fit_length(enc.prompt_ids, enc.completion_ids, max_length)
-        if cut is not None:
-            prompts.append(enc.prompt_ids)
-            answers.append(cut)
-    if len(prompts) < len(rows):
-        log.warning(
-            "%s: dropped %d of %d rows whose prompt alone does not fit data.max_length=%d",
-            rows[0].source,
-            len(rows) - len(prompts),
-            len(rows),
-            max_length,
-        )
+        enc = renderer.encode(item.prompt, item.answer)
+        answer = fit_length(enc.prompt_ids, enc.completion_ids, max_length)
+        if answer is None:
+            continue
+        cut += len(answer) < len(enc.completion_ids)
+        prompts.append(enc.prompt_ids)
+        answers.append(answer)
+        if with_generated:
+            ids = renderer.encode(item.prompt, item.generated or "").completion_ids
+            generated.append(fit_length(enc.prompt_ids, ids, max_length) or [])
+    source = rows[0].source
+    report_fit(source, len(rows), len(rows) - len(prompts), cut, max_length, f"answer_turn={answer_turn}")
     if not prompts:
-        raise DataError(f"{rows[0].source}: no usable rows after dropping over-long prompts")
-    return SFTData(rows[0].source, prompts, answers)
+        raise DataError(f"{source}: no usable rows after dropping over-long prompts")
+    return SFTData(source, prompts, answers, generated if with_generated else None)
 
 
 @dataclass
@@ -236,8 +299,10 @@ class SelfPlay:
             "top_p": args.top_p,
             "max_new_tokens": args.max_new_tokens,
             "mix_previous": args.mix_previous,
-            "epochs_per_iteration": args.epochs_per_iteration,
+            "reuse_generated": args.reuse_generated,
+            "epochs_before": [args.epochs_at(i) for i in range(t)],
             "betas_before": [args.beta_at(i) for i in range(t)],
+            "lrs_before": None if args.lr is None else [args.lr_at(i, 0.0) for i in range(t)],
         }
         return content_hash(self.shaping_config, generation)
 
@@ -262,17 +327,12 @@ class SelfPlay:
         return {"train": self.train} | ({"val": self.val} if self.val else {})
 
     def make(self, t: int) -> dict[str, Any]:
-        # The opponent decodes in the training forward's compute precision (autocast under the mixed precisions, its
-        # weights in the autocast dtype): fast, and any sampler is a valid opponent. The reference log-probs come
-        # from the policy itself, the opponent at this point, so they are exactly what its training forward gives.
-        device = self.fabric.device.type
-        with self.fabric.autocast():
-            compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        opponent = opponent_model(self.fabric, self.policy, compute_dtype)  # outside autocast: LoRA merges in fp32
-        with self.fabric.autocast():
-            generated = self.generate(t, opponent)
-        del opponent
-        self.policy.train()
+        if t == 0 and self.args.reuse_generated:
+            # The rows' own generated answers (the SPIN authors' iteration data), checked at load to be complete.
+            generated = {name: split.generated for name, split in self.splits().items()}
+            self.fabric.print("iteration 0: training on the data's own generated answers (spin.reuse_generated)")
+        else:
+            generated = self.sample(t)
         scores = self.score(t, generated)
         ref, offset = {}, 0
         for name in generated:  # score() lays out the scores in this order
@@ -284,6 +344,20 @@ class SelfPlay:
                 n *= 2
             offset += n
         return {"generated": generated, "ref": ref}
+
+    def sample(self, t: int) -> dict[str, list[list[int]]]:
+        # The opponent decodes in the training forward's compute precision (autocast under the mixed precisions, its
+        # weights in the autocast dtype): fast, and any sampler is a valid opponent. The reference log-probs come
+        # from the policy itself, the opponent at this point, so they are exactly what its training forward gives.
+        device = self.fabric.device.type
+        with self.fabric.autocast():
+            compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        opponent = opponent_model(self.fabric, self.policy, compute_dtype)  # outside autocast: LoRA merges in fp32
+        with self.fabric.autocast():
+            generated = self.generate(t, opponent)
+        del opponent
+        self.policy.train()
+        return generated
 
     def generate(self, t: int, opponent: nn.Module) -> dict[str, list[list[int]]]:
         """The opponent's answers to every prompt of each split (and, with mix_previous, last iteration's)."""
@@ -478,7 +552,7 @@ def iteration_bounds(args: SPINArgs, num_examples: int, global_batch_size: int) 
     bounds, start = [], 0
     for t in range(args.iterations):
         pairs = num_examples * (2 if args.mix_previous and t > 0 else 1)
-        steps = args.epochs_per_iteration * (pairs // global_batch_size)
+        steps = args.epochs_at(t) * (pairs // global_batch_size)
         bounds.append((start, start + steps))
         start += steps
     return bounds
@@ -487,7 +561,7 @@ def iteration_bounds(args: SPINArgs, num_examples: int, global_batch_size: int) 
 # ---------------------------------------------------------------------------------------------------------- entry
 def setup(
     model: ModelArgs = ModelArgs(),
-    data: DataArgs = DataArgs(train_path="fabric-align/sft-demo", val_path="fabric-align/sft-demo-val", max_length=160),
+    data: DataArgs = DataArgs(train_path="fabric-align/sft-demo", max_length=160),
     train: TrainArgs = TrainArgs(
         global_batch_size=16, micro_batch_size=8, lr=2e-3, warmup_steps=2, eval_interval=4, save_interval=4
     ),
@@ -508,10 +582,11 @@ def setup(
 
     Args:
         model: Which model, LoRA/QLoRA, activation checkpointing.
-        data: SFT data (``messages``, ``prompt``/``completion`` or NeMo ``conversations`` rows).
+        data: SFT data (``messages``, ``prompt``/``completion``, NeMo ``conversations`` or ``real``/``generated``
+            rows).
         train: Batch sizes, optimizer, schedule (restarted each iteration), intervals. ``max_steps`` and
             ``epochs`` are not used: ``spin.iterations`` and ``spin.epochs_per_iteration`` set the length.
-        spin: Iterations, beta, generation.
+        spin: Iterations, beta and learning rate per iteration, generation.
         logger: Metric logging (W&B, CSV).
         out_dir: Checkpoints, ``iter-{t}/`` generations and scores, the export (``final/``), logs.
         seed: Seed for initialization, data order and sampling.
@@ -538,8 +613,11 @@ def setup(
         method={"spin": spin},
     )
     renderer = ChatRenderer(job.tokenizer)
-    train_data = load_split(data.train_path, data.train_split, renderer, data.max_length)
-    val_data = load_split(data.val_path, data.val_split, renderer, data.max_length) if data.val_path else None
+    options = {"answer_turn": spin.answer_turn, "with_generated": spin.reuse_generated}
+    train_data = load_split(data.train_path, data.train_split, renderer, data.max_length, **options)
+    val_path, val_data = validation_source(data), None
+    if val_path:
+        val_data = load_split(val_path, data.val_split, renderer, data.max_length, **options)
     require_batches(len(train_data), train_data.source, train)
     main(make_fabric(job.launch), job, spin, train_data, val_data)
 
@@ -599,7 +677,8 @@ def main(fabric: Any, job: Job, spin: SPINArgs, train_data: SFTData, val_data: S
         run.total_steps = end - start
         plan = StepPlan(len(pairs), job.train.global_batch_size, job.seed + 1000 * t)
         per_step = {"train/iteration": t, "train/beta": beta, "train/generation/mean_length": mean_length}
-        fit(run, recipe, plan, end_step=end, plan_offset=start, extra_metrics=lambda m=per_step: m)
+        peak_lr = spin.lr_at(t, job.train.lr)
+        fit(run, recipe, plan, end_step=end, plan_offset=start, peak_lr=peak_lr, extra_metrics=lambda m=per_step: m)
         log_validation(run, recipe, run.state["step"])  # each iteration's end, on its own validation pairs
     finish(run, recipe, job)
 

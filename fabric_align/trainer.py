@@ -172,17 +172,24 @@ def check_writable(out_dir: Path) -> None:
         raise ConfigError(f"out_dir={out_dir}: cannot write in {existing} ({err.strerror or err})") from None
 
 
+BITSANDBYTES_OPTIMIZERS = ("adamw8bit", "paged_adamw", "paged_adamw8bit")
+
+
 def make_optimizer(name: str, params: list[nn.Parameter], args: TrainArgs) -> torch.optim.Optimizer:
-    kwargs = {"lr": args.lr, "weight_decay": args.weight_decay, "betas": tuple(args.betas)}
+    kwargs = {"lr": args.lr, "weight_decay": args.weight_decay}
     if name == "adamw":
         fused = all(p.is_cuda for p in params) and not any(hasattr(p, "full_tensor") for p in params)
-        return torch.optim.AdamW(params, fused=fused or None, **kwargs)
+        return torch.optim.AdamW(params, fused=fused or None, betas=tuple(args.betas), **kwargs)
+    if name == "rmsprop":
+        # torch's defaults (alpha 0.99, eps 1e-8, no momentum), as Hugging Face's Trainer builds it for optim=rmsprop.
+        return torch.optim.RMSprop(params, **kwargs)
     if any(hasattr(p, "full_tensor") for p in params):
         # bitsandbytes' update kernels take plain tensors: on FSDP2's DTensor shards they fail at the first step
         # ("got mixed torch.Tensor and DTensor" / "no sharding strategy registered").
         raise ConfigError(
             f"train.optimizer={name} (bitsandbytes) does not work with strategy=fsdp (FSDP2 shards parameters as "
-            "DTensors); use train.optimizer=adamw with fsdp, or strategy=ddp/auto with a bitsandbytes optimizer"
+            "DTensors); use train.optimizer=adamw or rmsprop with fsdp, or strategy=ddp/auto with a bitsandbytes "
+            "optimizer"
         )
     import bitsandbytes as bnb
 
@@ -191,16 +198,22 @@ def make_optimizer(name: str, params: list[nn.Parameter], args: TrainArgs) -> to
         "paged_adamw": bnb.optim.PagedAdamW,
         "paged_adamw8bit": bnb.optim.PagedAdamW8bit,
     }
-    return classes[name](params, **kwargs)
+    return classes[name](params, betas=tuple(args.betas), **kwargs)
 
 
-def lr_at(step: int, args: TrainArgs, total_steps: int) -> float:
-    """Linear warmup to ``lr``, then cosine decay to ``min_lr`` at ``total_steps``. A pure function of the step,
-    so resuming needs no scheduler state."""
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / (args.warmup_steps + 1)
-    progress = min(1.0, (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps))
-    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * progress))
+def lr_at(step: int, args: TrainArgs, total_steps: int, peak: float | None = None) -> float:
+    """Linear warmup to the peak (``args.lr`` unless given), then ``args.schedule``: cosine or linear decay to
+    ``min_lr`` at ``total_steps``, or constant. A pure function of the step, so resuming needs no scheduler state."""
+    peak = args.lr if peak is None else peak
+    warmup = args.warmup_for(total_steps)
+    if step < warmup:
+        return peak * (step + 1) / (warmup + 1)
+    if args.schedule == "constant":
+        return peak
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    if args.schedule == "linear":
+        return peak + (args.min_lr - peak) * progress
+    return args.min_lr + 0.5 * (peak - args.min_lr) * (1 + math.cos(math.pi * progress))
 
 
 def hparams(**groups: Any) -> dict[str, Any]:
@@ -320,9 +333,11 @@ def fit(
     *,
     end_step: int,
     plan_offset: int = 0,
+    peak_lr: float | None = None,
     extra_metrics: Callable[[], dict[str, float]] | None = None,
 ) -> None:
-    """Train from ``state["step"]`` to ``end_step``; the plan is read at ``step - plan_offset``."""
+    """Train from ``state["step"]`` to ``end_step``; the plan is read at ``step - plan_offset``; the learning rate
+    warms up to ``peak_lr`` (``train.lr`` unless given)."""
     fabric, args, state = run.fabric, run.args, run.state
     accum = args.accumulation_steps(fabric.world_size)
     run.policy.train()
@@ -334,7 +349,7 @@ def fit(
         if step % args.eval_interval == 0:
             log_validation(run, recipe, step)
         t0 = time.perf_counter()
-        lr = lr_at(step - plan_offset, args, run.total_steps)
+        lr = lr_at(step - plan_offset, args, run.total_steps, peak_lr)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         micro_batches = plan.micro_batches(
@@ -476,6 +491,9 @@ def prepare_job(
     the checkpoint to resume), then the tokenizer. ``method`` holds the algorithm's argument group."""
     for group in (model, data, train, logger, *method.values()):
         group.check()
+    for group in method.values():
+        if hasattr(group, "check_with"):  # rules that involve the training group too
+            group.check_with(train)
     if not 0 <= seed < SEED_RANGE:
         raise ConfigError(f"seed={seed}: must be in [0, 2**32)")
     if num_nodes < 1:
@@ -483,10 +501,10 @@ def prepare_job(
     check_model_path(model)
     launch = resolve_launch(devices, num_nodes, precision, strategy)
     train.accumulation_steps(launch["world_size"])
-    if launch["strategy"] == "fsdp" and train.optimizer != "adamw":
+    if launch["strategy"] == "fsdp" and train.optimizer in BITSANDBYTES_OPTIMIZERS:
         raise ConfigError(
             f"train.optimizer={train.optimizer}: bitsandbytes optimizers cannot step FSDP2's sharded "
-            "(DTensor) parameters; use train.optimizer=adamw with strategy=fsdp, or strategy=ddp"
+            "(DTensor) parameters; use train.optimizer=adamw or rmsprop with strategy=fsdp, or strategy=ddp"
         )
     check_writable(out_dir)
     resume_path = find_resume_path(out_dir, resume)
@@ -534,6 +552,20 @@ def check_model_path(model: ModelArgs) -> None:
         raise ConfigError(f"model.name_or_path={name}: a file, not a model directory")
     if model.quantize and is_random_init(model):
         raise ConfigError(f"model.quantize={model.quantize} needs pretrained weights; {name} holds only a config")
+
+
+def validation_source(data: DataArgs) -> str | None:
+    """The validation data to read (``DataArgs.validation_path``), and a log line that says which, or that there is
+    none and how to add it."""
+    path = data.validation_path()
+    if path is None:
+        why = "data.val_path=null" if data.val_path is None else "no data.val_path given for this training data"
+        log.info("no validation (%s): pass --data.val_path FILE to validate on held-out data", why)
+    elif data.val_path == "auto":
+        log.info("validation data: %s (the embedded demo's own, data.val_path=auto)", path)
+    else:
+        log.info("validation data: %s", path)
+    return path
 
 
 def require_batches(num_examples: int, source: str, train: TrainArgs) -> None:
@@ -643,6 +675,8 @@ RESUME_SENSITIVE = (
     "train.lr",
     "train.min_lr",
     "train.warmup_steps",
+    "train.warmup_ratio",
+    "train.schedule",
     "train.weight_decay",
     "train.betas",
     "train.optimizer",
@@ -742,3 +776,8 @@ def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # On CPUs with AVX512-BF16, importing bitsandbytes tries to fetch a CPU 4-bit matmul kernel from the Hugging Face
+    # hub and warns when it cannot. We never use it (modeling.load_model keeps the NF4 layout the GPU path uses).
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: "from kernels-community" not in record.getMessage()
+    )

@@ -60,6 +60,21 @@ def run_script(
     return result
 
 
+# Warnings a user could not act on, which no run may print (each fixed at its cause or silenced narrowly).
+UNACTIONABLE_WARNINGS = (
+    "returned a view tensor",  # FSDP2, when the root module's output is a view
+    "`past_key_values` is deprecated",  # transformers, when decoding passes the cache under its old name
+    "from kernels-community",  # bitsandbytes' hub fetch of a CPU kernel at import
+    "is_gradient_checkpointing` is deprecated",  # peft reading transformers' old alias
+    "gradient_checkpointing_enable` is deprecated",
+)
+
+
+def assert_no_unactionable_warnings(output: str) -> None:
+    for text in UNACTIONABLE_WARNINGS:
+        assert text not in output, f"the run printed a warning a user cannot act on ({text!r})"
+
+
 def fabric_cli() -> list[str]:
     return [str(Path(sys.executable).parent / "fabric"), "run"]
 

@@ -1,4 +1,4 @@
-"""SPEC section 7: every bad input is rejected with file, line and field, before any model is loaded, and
+"""Every bad input is rejected with file, line and field, before any model is loaded, and
 nothing already in out_dir is lost."""
 
 from __future__ import annotations

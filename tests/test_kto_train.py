@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import string
@@ -12,12 +13,12 @@ import torch
 
 from fabric_align import kto, trainer
 from fabric_align.args import KTOArgs, ModelArgs
-from fabric_align.data import pad_sequences
+from fabric_align.data import EMBEDDED_DATA, pad_sequences
 from fabric_align.modeling import PolicyLogprobs, load_model, load_tokenizer
 
 from conftest import FAST, column, read_metrics, run_cli, write_jsonl
 
-SPEC_METRICS = [
+DOCUMENTED_METRICS = [
     "loss",
     "kl",
     "rewards/chosen",
@@ -47,7 +48,7 @@ def test_default_run_trains_and_its_margin_grows(default_run: Path) -> None:
     assert sum(train_margins[-10:]) / 10 > sum(train_margins[:5]) / 5 + 1.0
     losses = column(rows, "train/loss")
     assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:3]) / 3
-    for name in SPEC_METRICS:
+    for name in DOCUMENTED_METRICS:
         assert column(rows, f"train/{name}") and column(rows, f"val/{name}"), name
     for name in ("lr", "grad_norm", "tokens_per_sec", "step", "epoch"):
         assert column(rows, f"train/{name}"), name
@@ -87,7 +88,7 @@ def test_export_loads_with_transformers_and_gives_the_trained_logps(default_run:
 
     exported = AutoModelForCausalLM.from_pretrained(default_run / "final").eval()
     # The trained weights as the trainer holds them: the last checkpoint, through our log-prob path.
-    state = torch.load(default_run / "step-000064" / "state", weights_only=False)
+    state = torch.load(default_run / "step-000064" / "state", weights_only=True)
     policy = PolicyLogprobs(load_model(ModelArgs(), dtype=torch.float32, seed=0)).eval()
     policy.load_state_dict(state["model"])
     initial = load_model(ModelArgs(), dtype=torch.float32, seed=42).eval()
@@ -140,7 +141,16 @@ def test_learns_a_rule_on_held_out_data(tmp_path: Path) -> None:
     assert margins[-1] > 0.5 and margins[-1] > margins[0] + 0.5
 
 
-def test_apo_zero_unpaired_trains_without_kl(tmp_path: Path) -> None:
+def test_apo_zero_unpaired_trains_without_kl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No KL term: z0 is 0, and the reference pass skips the KL pairs (half of it), which nothing reads."""
+    scored = []
+    real_score = kto.score_sequences
+
+    def counting_score(fabric: object, policy: object, sequences: list, **kwargs: object) -> torch.Tensor:
+        scored.append(len(sequences))
+        return real_score(fabric, policy, sequences, **kwargs)
+
+    monkeypatch.setattr(kto, "score_sequences", counting_score)
     out = tmp_path / "out"
     run_cli(
         kto.setup,
@@ -158,6 +168,9 @@ def test_apo_zero_unpaired_trains_without_kl(tmp_path: Path) -> None:
     assert set(column(rows, "train/kl")) == {0.0}
     margins = column(rows, "val/rewards/margins")
     assert margins[-1] > margins[0] + 0.5
+    train_rows = len(EMBEDDED_DATA["fabric-align/kto-demo"].read_text().splitlines())
+    val_rows = len(EMBEDDED_DATA["fabric-align/kto-demo-val"].read_text().splitlines())
+    assert scored == [train_rows + val_rows]  # one log-prob per example, none for KL pairs
 
 
 def test_lm_head_is_never_run_on_hidden_states(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -195,6 +208,65 @@ def test_weight_ratio_warning_suggests_weights(caplog: pytest.LogCaptureFixture)
     with caplog.at_level(logging.WARNING, logger="fabric_align"):
         kto.warn_weight_ratio(data, KTOArgs(desirable_weight=0.4))
     assert caplog.text == ""
+
+
+@pytest.mark.parametrize(
+    ("desirable", "undesirable", "undesirable_weight", "expected"),
+    [
+        (12, 4, 1.0, 4 / 9),  # many desirable: the weight that puts the ratio at the band's top, 4/3
+        (4, 12, 1.0, 3.0),  # many undesirable: the ratio at the band's bottom, 1
+        (9, 8, 1.0, 1.0),  # already inside the band: 1.0 stays
+        (5, 10, 0.5, 1.0),  # lambda_U n_U = 5 = n_D: ratio 1 with 1.0
+    ],
+)
+def test_desirable_weight_auto_lands_in_the_recommended_band(
+    desirable: int, undesirable: int, undesirable_weight: float, expected: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = kto.KTOData("x", [], [], torch.tensor([True] * desirable + [False] * undesirable))
+    args = KTOArgs(desirable_weight="auto", undesirable_weight=undesirable_weight)
+    with caplog.at_level(logging.INFO, logger="fabric_align"):
+        chosen = kto.resolve_weights(data, args)
+    assert chosen.desirable_weight == pytest.approx(expected)
+    ratio = chosen.desirable_weight * desirable / (undesirable_weight * undesirable)
+    assert 1 - 1e-9 <= ratio <= 4 / 3 + 1e-9
+    assert f"kto.desirable_weight=auto: {expected:.4g}" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fabric_align"):
+        kto.warn_weight_ratio(data, chosen)
+    assert caplog.text == ""
+
+
+def test_desirable_weight_auto_is_the_value_the_run_uses(tmp_path: Path) -> None:
+    """With 12 desirable and 4 undesirable rows, auto gives 4/9; the run's config (meta.json) records that number."""
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}", "label": i % 4 != 0} for i in range(16)]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    out = tmp_path / "out"
+    run_cli(
+        kto.setup,
+        [
+            *FAST,
+            f"--data.train_path={train}",
+            "--kto.desirable_weight=auto",
+            "--train.max_steps=1",
+            "--train.save_interval=1",
+            f"--out_dir={out}",
+        ],
+    )
+    meta = json.loads((out / "step-000001" / "meta.json").read_text())
+    assert meta["config"]["kto"]["desirable_weight"] == pytest.approx(4 / 9)
+
+
+def test_custom_training_data_is_not_validated_on_the_demo_set(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}", "label": i % 2 == 0} for i in range(16)]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="fabric_align"):
+        run_cli(kto.setup, [*FAST, f"--data.train_path={train}", "--train.max_steps=2", f"--out_dir={out}"])
+    assert "no validation (no data.val_path given for this training data)" in caplog.text
+    assert not [key for key in read_metrics(out)[0] if key.startswith("val/")]
+    assert column(read_metrics(out), "train/loss")
 
 
 def test_activation_checkpointing_and_bf16(tmp_path: Path) -> None:

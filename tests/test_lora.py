@@ -37,7 +37,7 @@ def lora_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_lora_trains_only_the_adapter(lora_run: Path) -> None:
-    state = torch.load(lora_run / "step-000008" / "state", weights_only=False)["model"]
+    state = torch.load(lora_run / "step-000008" / "state", weights_only=True)["model"]
     base = load_model(ModelArgs(), dtype=torch.float32, seed=42).state_dict()  # the same seeded init
     lora_keys = [k for k in state if "lora_" in k]
     assert lora_keys

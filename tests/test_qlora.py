@@ -234,13 +234,14 @@ def test_parameter_counts_count_4bit_values_not_storage(tiny_with_weights: Path)
 def test_qlora_under_fsdp2_and_bf16_mixed(tiny_with_weights: Path, tmp_path: Path) -> None:
     """FSDP2's bf16 all-gather would cast the floats that store packed 4-bit weights: 4-bit models are sharded
     without it, and QLoRA trains on 2 processes."""
-    from conftest import fabric_cli, run_script
+    from conftest import assert_no_unactionable_warnings, fabric_cli, run_script
 
     out = tmp_path / "out"
     args = [*FAST, *LORA, "--model.quantize=4bit", f"--model.name_or_path={tiny_with_weights}"]
     args += ["--train.global_batch_size=8", "--train.micro_batch_size=2", "--train.max_steps=3"]
     args += ["--precision=bf16-mixed", "--strategy=fsdp", f"--out_dir={out}"]
-    run_script("kto.py", args, launcher=[*fabric_cli(), "--accelerator=cpu", "--devices=2"])
+    result = run_script("kto.py", args, launcher=[*fabric_cli(), "--accelerator=cpu", "--devices=2"])
+    assert_no_unactionable_warnings(result.stdout + result.stderr)
     losses = column(read_metrics(out), "train/loss")
     assert len(losses) == 3 and all(0 < x < 1 for x in losses)
     assert (out / "final" / "adapter_model.safetensors").is_file()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -14,7 +15,17 @@ from fabric_align import checkpoints, spin, trainer
 from fabric_align.data import DataError
 from fabric_align.trainer import ConfigError
 
-from conftest import FAST, column, fabric_cli, load_safetensors, read_metrics, run_cli, run_script, write_jsonl
+from conftest import (
+    FAST,
+    assert_no_unactionable_warnings,
+    column,
+    fabric_cli,
+    load_safetensors,
+    read_metrics,
+    run_cli,
+    run_script,
+    write_jsonl,
+)
 
 SHORT = [*FAST, "--spin.max_new_tokens=16", "--spin.epochs_per_iteration=1", "--train.eval_interval=2"]
 
@@ -36,7 +47,7 @@ def test_default_run_completes_two_iterations(default_run: Path) -> None:
         assert all(r["generated_tokens"] > 0 and r["real"] and r["prompt"] for r in rows)
         assert all(isinstance(r["ref_logp_real"], float) and r["ref_logp_real"] < 0 for r in rows)
         assert json.loads((directory / "meta.json").read_text())["iteration"] == t
-    data = torch.load(default_run / "iter-1" / "pairs.pt", weights_only=False)
+    data = torch.load(default_run / "iter-1" / "pairs.pt", weights_only=True)
     assert data["ref"]["train"]["real"].shape == (64,)
     assert (default_run / "final" / "model.safetensors").is_file()
 
@@ -128,11 +139,12 @@ def test_fsdp2_two_processes_generate_and_train_like_one(tmp_path: Path) -> None
     args = [*SHORT, "--train.save_interval=4", "--spin.rollout_batch_size=8"]
     single, fsdp = tmp_path / "single", tmp_path / "fsdp"
     run_cli(spin.setup, [*args, "--train.micro_batch_size=8", f"--out_dir={single}"])
-    run_script(
+    result = run_script(
         "spin.py",
         [*args, "--train.micro_batch_size=4", "--strategy=fsdp", f"--out_dir={fsdp}"],
         launcher=[*fabric_cli(), "--accelerator=cpu", "--devices=2"],
     )
+    assert_no_unactionable_warnings(result.stdout + result.stderr)
     for t in (0, 1):
         a = [json.loads(x) for x in (single / f"iter-{t}" / "generations.jsonl").read_text().splitlines()]
         b = [json.loads(x) for x in (fsdp / f"iter-{t}" / "generations.jsonl").read_text().splitlines()]
@@ -158,13 +170,13 @@ def test_lora_spin_trains_the_adapter_and_keeps_the_base(tmp_path: Path) -> None
     run_cli(spin.setup, [*SHORT, "--model.lora.r=4", "--train.lr=1e-2", "--train.save_interval=8", f"--out_dir={out}"])
     assert (out / "final" / "adapter_model.safetensors").is_file()
     # Iteration 1's opponent is the adapted policy: its scores differ from iteration 0's (the base model).
-    ref0 = torch.load(out / "iter-0" / "pairs.pt", weights_only=False)["ref"]["train"]["real"]
-    ref1 = torch.load(out / "iter-1" / "pairs.pt", weights_only=False)["ref"]["train"]["real"]
+    ref0 = torch.load(out / "iter-0" / "pairs.pt", weights_only=True)["ref"]["train"]["real"]
+    ref1 = torch.load(out / "iter-1" / "pairs.pt", weights_only=True)["ref"]["train"]["real"]
     assert (ref1 - ref0).abs().max() > 1e-3
     nll = column(read_metrics(out), "val/nll")
     assert nll[-1] < nll[0]
     # Generating with the adapted policy never merged the adapter into the frozen base.
-    state = torch.load(out / "step-000008" / "state", weights_only=False)["model"]
+    state = torch.load(out / "step-000008" / "state", weights_only=True)["model"]
     base = load_model(ModelArgs(), dtype=torch.float32, seed=42).state_dict()
     for key, value in state.items():
         if "lora_" not in key:
@@ -175,7 +187,7 @@ def test_lora_spin_trains_the_adapter_and_keeps_the_base(tmp_path: Path) -> None
 def test_mix_previous_trains_on_both_iterations(tmp_path: Path) -> None:
     out = tmp_path / "out"
     run_cli(spin.setup, [*SHORT, "--spin.mix_previous=true", "--train.save_interval=null", f"--out_dir={out}"])
-    data = torch.load(out / "iter-1" / "pairs.pt", weights_only=False)
+    data = torch.load(out / "iter-1" / "pairs.pt", weights_only=True)
     assert len(data["generated"]["previous"]) == 64 and data["ref"]["previous"]["generated"].shape == (64,)
     # 4 steps in iteration 0, 8 in iteration 1 (twice the pairs).
     assert column(read_metrics(out), "train/iteration") == [0] * 4 + [1] * 8
@@ -285,6 +297,12 @@ def test_sft_forms_agree(tmp_path: Path) -> None:
         (["--spin.beta=0"], "spin.beta=0.0: must be positive"),
         (["--spin.top_p=0"], "top_p=0.0"),
         (["--spin.iterations=0"], "spin.iterations=0"),
+        (["--spin.lr=[1e-3,2e-3,3e-3]"], "spin.lr has 3 values for spin.iterations=2"),
+        (["--spin.lr=[1e-3,.nan]"], "spin.lr[1]=nan: must be a finite number"),
+        (["--spin.epochs_per_iteration=[1]"], "spin.epochs_per_iteration has 1 values"),
+        (["--spin.epochs_per_iteration=[1,0]"], "spin.epochs_per_iteration[1]=0"),
+        (["--spin.lr=[1e-3,1e-5]", "--train.min_lr=1e-4"], "train.min_lr=0.0001: must be at most iteration 1's"),
+        (["--train.warmup_ratio=1"], "train.warmup_ratio=1.0: must be in [0, 1)"),
     ],
 )
 def test_bad_spin_flags(flags: list[str], message: str, tmp_path: Path) -> None:
@@ -323,3 +341,168 @@ def test_resume_at_an_iteration_end_logs_like_an_unbroken_run(tmp_path: Path) ->
     assert column(rows_b, "generation/mean_length") == column(rows_a, "generation/mean_length")
     assert len(column(rows_b, "generation/mean_length")) == 2
     assert column(rows_b, "train/step") == column(rows_a, "train/step") == list(range(1, 9))
+
+
+# ------------------------------------------------------------------------------------------- as the authors ran it
+def test_per_iteration_lr_epochs_linear_schedule_and_rmsprop(tmp_path: Path) -> None:
+    """Each iteration warms up to its own peak (spin.lr), decays linearly to min_lr over its own steps
+    (spin.epochs_per_iteration), with RMSprop."""
+    out = tmp_path / "out"
+    args = [
+        *SHORT,
+        "--spin.lr=[2e-3,1e-3]",
+        "--spin.epochs_per_iteration=[1,2]",
+        "--train.schedule=linear",
+        "--train.warmup_ratio=0.25",
+        "--train.optimizer=rmsprop",
+        "--train.min_lr=1e-4",
+        "--train.save_interval=null",
+        f"--out_dir={out}",
+    ]
+    run_cli(spin.setup, args)
+    rows = read_metrics(out)
+    assert column(rows, "train/iteration") == [0] * 4 + [1] * 8  # 64 pairs / 16 per step x 1, then x 2
+
+    def linear(peak: float, steps: int) -> list[float]:
+        warmup = -(-steps // 4)  # ceil(0.25 x steps)
+        up = [peak * (s + 1) / (warmup + 1) for s in range(warmup)]
+        return up + [peak + (1e-4 - peak) * (s - warmup) / (steps - warmup) for s in range(warmup, steps)]
+
+    expected = linear(2e-3, 4) + linear(1e-3, 8)
+    torch.testing.assert_close(torch.tensor(column(rows, "train/lr")), torch.tensor(expected), rtol=1e-6, atol=0)
+
+
+def test_resume_is_bit_identical_with_rmsprop_and_a_linear_schedule(tmp_path: Path) -> None:
+    args = [
+        *SHORT,
+        "--spin.lr=[2e-3,1e-3]",
+        "--train.schedule=linear",
+        "--train.warmup_ratio=0.25",
+        "--train.optimizer=rmsprop",
+        "--train.save_interval=3",
+    ]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_cli(spin.setup, [*args, f"--out_dir={straight}"])
+    shutil.copytree(straight, resumed)
+    for name in ("step-000006", "step-000008", "final"):
+        shutil.rmtree(resumed / name)
+    run_cli(spin.setup, [*args, f"--out_dir={resumed}", "--resume=auto"])  # from step 3, inside iteration 0
+    a = load_safetensors(straight / "final" / "model.safetensors")
+    b = load_safetensors(resumed / "final" / "model.safetensors")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert column(read_metrics(resumed), "train/lr") == column(read_metrics(straight), "train/lr")
+
+
+def authors_rows(n: int, *, generated: bool = True) -> list[dict]:
+    """Rows in the SPIN authors' form (UCLA-AGI/SPIN_iter0): `real` and `generated` message lists."""
+    rows = []
+    for i in range(n):
+        user = {"role": "user", "content": f"question {i}?"}
+        row = {"real": [user, {"role": "assistant", "content": f"the true answer {i}."}]}
+        if generated:
+            row["generated"] = [user, {"role": "assistant", "content": f"model guess {i}"}]
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_authors_rows_with_and_without_reusing_their_generations(
+    reuse: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    train = write_jsonl(tmp_path / "train.jsonl", authors_rows(16))
+    calls: list[int] = []
+    real_rollout = spin.rollout
+
+    def counting_rollout(*args: object, **kwargs: object) -> list[list[int]]:
+        calls.append(1)
+        return real_rollout(*args, **kwargs)
+
+    monkeypatch.setattr(spin, "rollout", counting_rollout)
+    out = tmp_path / "out"
+    run_cli(
+        spin.setup,
+        [
+            *SHORT,
+            f"--data.train_path={train}",
+            f"--spin.reuse_generated={str(reuse).lower()}",
+            "--train.global_batch_size=8",
+            "--train.micro_batch_size=4",
+            "--train.save_interval=null",
+            f"--out_dir={out}",
+        ],
+    )
+    rows = [json.loads(line) for line in (out / "iter-0" / "generations.jsonl").read_text().splitlines()]
+    assert [r["real"] for r in rows] == [f"the true answer {i}." for i in range(16)]
+    assert all(f"question {i}?" in r["prompt"] for i, r in enumerate(rows))
+    if reuse:
+        assert [r["generated"] for r in rows] == [f"model guess {i}" for i in range(16)]
+        assert len(calls) == 1  # iteration 1 generates; iteration 0 took the rows' own answers
+    else:
+        assert [r["generated"] for r in rows] != [f"model guess {i}" for i in range(16)]
+        assert len(calls) == 2
+    iter1 = [json.loads(line) for line in (out / "iter-1" / "generations.jsonl").read_text().splitlines()]
+    assert [r["generated"] for r in iter1] != [f"model guess {i}" for i in range(16)]
+
+
+@pytest.mark.parametrize(
+    ("rows", "line", "field", "problem"),
+    [
+        (authors_rows(3) + authors_rows(1, generated=False), 4, "generated", "missing: spin.reuse_generated"),
+        (
+            authors_rows(2)
+            + [
+                {
+                    "real": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+                    "generated": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "c"}],
+                }
+            ],
+            3,
+            "generated",
+            "answers another prompt",
+        ),
+        ([{"real": [{"role": "user", "content": "a"}]}], 1, "real", "no assistant turn"),
+    ],
+)
+def test_bad_authors_rows(rows: list, line: int, field: str, problem: str, tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "sft.jsonl", rows)
+    with pytest.raises(DataError) as err:
+        run_cli(
+            spin.setup,
+            [*SHORT, f"--data.train_path={path}", "--spin.reuse_generated=true", f"--out_dir={tmp_path / 'out'}"],
+        )
+    assert str(err.value).startswith(f"{path}, line {line}, field '{field}'"), str(err.value)
+    assert problem in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_first_or_last_turn_and_what_max_length_cuts(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from fabric_align.args import ModelArgs
+    from fabric_align.data import ChatRenderer
+    from fabric_align.modeling import load_tokenizer
+
+    conversation = [
+        {"role": "user", "content": "First question?"},
+        {"role": "assistant", "content": "First answer, a long one: " + "x" * 60},
+        {"role": "user", "content": "Second question?"},
+        {"role": "assistant", "content": "Second answer."},
+    ]
+    path = str(write_jsonl(tmp_path / "d.jsonl", [{"messages": conversation}, {"real": conversation}]))
+    renderer = ChatRenderer(load_tokenizer(ModelArgs()))
+    decode = renderer.tokenizer.decode
+    last = spin.load_split(path, "train", renderer, 512)
+    first = spin.load_split(path, "train", renderer, 512, answer_turn="first")
+    assert [decode(a) for a in last.answers] == ["Second answer.</s>"] * 2
+    assert [decode(a) for a in first.answers] == [f"First answer, a long one: {'x' * 60}</s>"] * 2
+    assert "First answer" in decode(last.prompts[0]) and "Second question" in decode(last.prompts[0])
+    assert "First answer" not in decode(first.prompts[0]) and "Second" not in decode(first.prompts[0])
+    # With room for the first-turn prompt plus 20 tokens, the first-turn answers are cut, and the last-turn rows,
+    # whose prompt holds the long first answer, are dropped (leaving none). Both are reported.
+    length = len(first.prompts[0]) + 20
+    with caplog.at_level(logging.WARNING, logger="fabric_align"):
+        spin.load_split(path, "train", renderer, length, answer_turn="first")
+        with pytest.raises(DataError, match="no usable rows"):
+            spin.load_split(path, "train", renderer, length)
+    first_report = f"max_length={length} (answer_turn=first) dropped 0 of 2 rows whose prompt alone does not fit"
+    assert f"{first_report} and cut the completion of 2" in caplog.text
+    assert f"max_length={length} (answer_turn=last) dropped 2 of 2 rows" in caplog.text
