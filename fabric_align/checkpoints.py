@@ -341,11 +341,25 @@ def export_hf(fabric: Fabric, policy: nn.Module, tokenizer: Any, out_dir: Path, 
             _export_lora(inner, state, tmp, merge=merge_lora, tokenizer=tokenizer)
         else:
             model = hf_model(inner)
+            for name in tied_aliases(inner):  # stored once, as transformers does (the state holds separate copies)
+                state.pop(name, None)
             model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         publish(tmp, final)
     fabric.barrier()
     return final
+
+
+def tied_aliases(module: nn.Module) -> list[str]:
+    """Names of parameters that are another parameter under a second name (a tied lm_head), after the first."""
+    first: dict[int, str] = {}
+    aliases = []
+    for name, parameter in module.named_parameters(remove_duplicate=False):
+        if id(parameter) in first:
+            aliases.append(name)
+        else:
+            first[id(parameter)] = name
+    return aliases
 
 
 def _export_lora(peft_model: Any, state: dict[str, torch.Tensor], target: Path, *, merge: bool, tokenizer: Any) -> None:
@@ -366,6 +380,10 @@ def _export_lora(peft_model: Any, state: dict[str, torch.Tensor], target: Path, 
     clean = with_adapters(clean, peft_model.peft_config["default"])
     # Same key names as the training model's peft wrapper; assign=True takes the tensors off the meta device.
     clean.load_state_dict(state, strict=True, assign=True)
+    if getattr(base.config, "tie_word_embeddings", False):
+        # Loading assigned the embedding and the lm_head separate tensors: tie them again, or the merge unties the
+        # model for good (peft then rewrites the config) and the export stores the embedding twice.
+        clean.get_base_model().tie_weights()
     merged = clean.merge_and_unload()
     merged.save_pretrained(target / "merged", safe_serialization=True)
     tokenizer.save_pretrained(target / "merged")

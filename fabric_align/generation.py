@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -139,7 +140,7 @@ def generate(
     prompts: list[list[int]],
     keys: list[int],
     *,
-    eos_id: int,
+    eos_id: int | Collection[int],
     pad_id: int,
     max_new_tokens: int,
     temperature: float,
@@ -148,10 +149,13 @@ def generate(
     desc: str = "generate",
     show_progress: bool = True,
 ) -> list[list[int]]:
-    """One completion per prompt (token ids, ending with EOS unless ``max_new_tokens`` cut it)."""
+    """One completion per prompt (token ids, ending with an end token unless ``max_new_tokens`` cut it). ``eos_id``:
+    the end token, or every token that ends a generation (a chat model's turn end and its document end)."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
+    end_ids = [eos_id] if isinstance(eos_id, int) else sorted(set(eos_id))
+    ends = torch.tensor(end_ids, dtype=torch.long, device=device)
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     # transformers renamed the decoder's `past_key_values` argument to `cache` (the old name warns on every call).
     cache_keyword = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
@@ -186,7 +190,7 @@ def generate(
             token = sample_next(logits, batch_keys, t, temperature=temperature, top_p=top_p)
             token = torch.where(finished, torch.full_like(token, pad_id), token)
             out.append(token)
-            finished |= token == eos_id
+            finished |= torch.isin(token, ends)
             # One host sync per token for both: all rows done, or a distribution that is not a distribution (NaN
             # logits would make every draw token 0, an answer of NUL bytes).
             done, nonfinite = torch.stack([finished.all(), ~torch.isfinite(logits).all()]).tolist()
@@ -203,7 +207,8 @@ def generate(
         generated = torch.stack(out, dim=1).cpu()
         for row, i in enumerate(batch):
             tokens = generated[row].tolist()
-            results[i] = tokens[: tokens.index(eos_id) + 1] if eos_id in tokens else tokens
+            end = next((j for j, token in enumerate(tokens) if token in end_ids), None)
+            results[i] = tokens if end is None else tokens[: end + 1]
     return results
 
 

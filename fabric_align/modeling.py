@@ -31,9 +31,14 @@ WEIGHT_FILES = (
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """The embedded model's directory, a local path with ``~`` expanded (transformers does not), or a hub id."""
+    """The embedded model's directory, a packaged model's cache directory (``python -m fabric_align.models list``;
+    the trainers fetch it first), a local path with ``~`` expanded (transformers does not), or a hub id."""
+    from fabric_align.models import REGISTRY, models_cache
+
     if name_or_path == EMBEDDED_MODEL:
         return str(EMBEDDED_MODEL_DIR)
+    if name_or_path in REGISTRY:
+        return str(models_cache() / name_or_path)
     return str(Path(name_or_path).expanduser()) if name_or_path.startswith("~") else name_or_path
 
 
@@ -217,6 +222,15 @@ def with_adapters(model: nn.Module, config: Any) -> nn.Module:
 def hf_model(model: nn.Module) -> nn.Module:
     """The transformers model inside a peft wrapper (LoRA layers already injected into it)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def end_token_ids(model: nn.Module, tokenizer: Any) -> list[int]:
+    """Every token that ends a generation: the tokenizer's EOS and each ``eos_token_id`` the model's generation
+    config lists (a chat model's turn end and its document end, e.g. SmolLM2's ``<|im_end|>`` and
+    ``<|endoftext|>``; Llama 3's ``<|eot_id|>`` and ``<|end_of_text|>``)."""
+    listed = getattr(getattr(hf_model(model), "generation_config", None), "eos_token_id", None)
+    listed = listed if isinstance(listed, (list, tuple)) else [listed]
+    return sorted({tokenizer.eos_token_id, *(i for i in listed if isinstance(i, int))})
 
 
 class PolicyLogprobs(nn.Module):

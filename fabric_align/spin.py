@@ -44,7 +44,7 @@ from fabric_align.data import (
 from fabric_align.errors import TrainingError
 from fabric_align.generation import opponent_model, rollout
 from fabric_align.kernels import spin_loss
-from fabric_align.modeling import PolicyLogprobs
+from fabric_align.modeling import PolicyLogprobs, end_token_ids
 from fabric_align.trainer import (
     Job,
     MetricSpec,
@@ -368,7 +368,7 @@ class SelfPlay:
                 opponent,
                 split.prompts,
                 self.keys(t, name, len(split)),
-                eos_id=self.tokenizer.eos_token_id,
+                eos_id=end_token_ids(opponent, self.tokenizer),
                 pad_id=self.tokenizer.pad_token_id,
                 max_new_tokens=self.args.max_new_tokens,
                 temperature=self.args.temperature,

