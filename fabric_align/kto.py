@@ -20,10 +20,12 @@ from typing import Any, Literal
 import torch
 
 from fabric_align.args import DataArgs, KTOArgs, LoggerArgs, ModelArgs, TrainArgs
+from fabric_align.cli import configure_logging, run_program
 from fabric_align.data import (
     ChatRenderer,
     DataError,
     Row,
+    StepPlan,
     content_hash,
     derangement,
     fit_length,
@@ -34,27 +36,12 @@ from fabric_align.data import (
     require_field,
     require_messages,
     require_text,
-    shard_evenly,
 )
 from fabric_align.kernels import kto_loss
+from fabric_align.loop import Phase, fit, score_sequences
+from fabric_align.metrics import ONE, MetricSpec
 from fabric_align.modeling import PolicyLogprobs, model_fingerprint
-from fabric_align.trainer import (
-    Job,
-    MetricSpec,
-    StepPlan,
-    build_policy,
-    configure_logging,
-    finish,
-    fit,
-    make_fabric,
-    open_run,
-    prepare_job,
-    reduce_metrics,
-    require_batches,
-    run_program,
-    score_sequences,
-    validation_source,
-)
+from fabric_align.trainer import Job, build_policy, finish, open_run, prepare_job, require_batches, validation_source
 
 log = logging.getLogger("fabric_align")
 
@@ -217,14 +204,16 @@ class KTO:
     """The KTO step for the shared loop: z0 per optimizer step, then the loss per micro-batch."""
 
     metric_spec = MetricSpec(
-        {
+        means={
             "loss": "_examples",
-            "kl": "_one",
+            "kl": ONE,
             "rewards/chosen": "count/chosen",
             "logps/chosen": "count/chosen",
             "rewards/rejected": "count/rejected",
             "logps/rejected": "count/rejected",
-        }
+        },
+        sums=("count/chosen", "count/rejected", "tokens"),
+        weights=("_examples",),
     )
 
     def __init__(
@@ -235,11 +224,9 @@ class KTO:
         train: KTOData,
         val: KTOData | None,
         pad_id: int,
-        eval_batch_size: int,
     ) -> None:
         self.fabric, self.policy, self.args = fabric, policy, args
-        self.train, self.val = train, val
-        self.pad_id, self.eval_batch_size = pad_id, eval_batch_size
+        self.train, self.val, self.pad_id = train, val, pad_id
 
     def _logps(self, sequences: list[Sequence], indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         batch = self.fabric.to_device(pad_sequences([sequences[i] for i in indices], self.pad_id))
@@ -292,25 +279,14 @@ class KTO:
     def micro_step(self, indices: list[int], z0: torch.Tensor, normalizer: float) -> tuple[torch.Tensor, dict]:
         return self.loss(self.train, indices, z0, normalizer)
 
-    @torch.no_grad()
-    def validate(self) -> dict[str, float]:
-        """KTO's metrics on the validation set, with z0 from all of its KL pairs."""
-        if self.val is None:
-            return {}
-        self.policy.eval()
-        shares = shard_evenly(len(self.val), self.fabric.global_rank, self.fabric.world_size, self.eval_batch_size)
-        z0 = self.z0(self.val, shares)
-        parts = []
-        for indices in shares:
-            real = [i for i in indices if i >= 0]
-            _, metrics = self.loss(self.val, real or [0], z0, float(max(len(real), 1)))
-            if not real:  # a padding-only share ran its forward (FSDP collectives) and contributes nothing
-                metrics = {k: torch.zeros(()) for k in metrics}
-            parts.append(metrics)
-        self.policy.train()
-        metrics = reduce_metrics(self.fabric, parts, self.metric_spec)
-        metrics.pop("tokens", None)
-        return self.finalize(metrics)
+    def eval_size(self) -> int:
+        return len(self.val) if self.val is not None else 0
+
+    def prepare_eval(self, shares: list[list[int]]) -> torch.Tensor:
+        return self.z0(self.val, shares)  # over all of the validation set's KL pairs
+
+    def eval_batch(self, indices: list[int], z0: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.loss(self.val, indices, z0, float(len(indices)))[1]
 
     def finalize(self, metrics: dict[str, float]) -> dict[str, float]:
         if "rewards/chosen" in metrics and "rewards/rejected" in metrics:  # both labels were in the step
@@ -380,7 +356,7 @@ def setup(
     kto = resolve_weights(train_data, kto)
     job.config["kto"]["desirable_weight"] = kto.desirable_weight  # the value used, also under auto
     warn_weight_ratio(train_data, kto)
-    main(make_fabric(job.launch), job, kto, train_data, val_data)
+    main(job.launch.make_fabric(), job, kto, train_data, val_data)
 
 
 def main(fabric: Any, job: Job, kto: KTOArgs, train_data: KTOData, val_data: KTOData | None) -> None:
@@ -389,12 +365,10 @@ def main(fabric: Any, job: Job, kto: KTOArgs, train_data: KTOData, val_data: KTO
     # Reference log-probs before any update (and before loading a checkpoint): no reference model is kept.
     reference_logps(fabric, policy, job, kto, train_data, val_data)
     plan = StepPlan(len(train_data), job.train.global_batch_size, job.seed)
-    total_steps = job.train.max_steps or job.train.epochs * plan.steps_per_epoch
-    run = open_run(fabric, job, policy, optimizer, method="kto", total_steps=total_steps)
-    pad_id = job.tokenizer.pad_token_id
-    recipe = KTO(fabric, policy, kto, train_data, val_data, pad_id, job.train.eval_micro_batch_size)
-    fit(run, recipe, plan, end_step=total_steps)
-    finish(run, recipe, job)
+    run = open_run(fabric, job, policy, optimizer, method="kto")
+    recipe = KTO(fabric, policy, kto, train_data, val_data, job.tokenizer.pad_token_id)
+    fit(run, recipe, plan, Phase(0, job.train.max_steps or job.train.epochs * plan.steps_per_epoch))
+    finish(run, recipe)
 
 
 def reference_logps(
@@ -407,7 +381,7 @@ def reference_logps(
     sequences = [s for d in splits for s in d.sequences + (d.kl_sequences if with_kl else [])]
     # The precision and strategy decide how the reference forward computes (FSDP2 gathers layers in bf16 under
     # bf16-mixed), so a cache made under other settings is not reused.
-    key = content_hash(model_fingerprint(job.model, job.seed), job.precision, job.launch["strategy"], sequences)
+    key = content_hash(model_fingerprint(job.model, job.seed), job.launch.precision, job.launch.strategy, sequences)
     cache = job.out_dir / "cache" / f"kto-reference-{key}.pt"
     logps = read_cache(cache, len(sequences))
     if logps is not None:

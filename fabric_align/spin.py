@@ -25,11 +25,13 @@ from torch import nn
 
 from fabric_align.args import DataArgs, LoggerArgs, ModelArgs, SPINArgs, TrainArgs
 from fabric_align.checkpoints import META, file_sha256, load_plain, read_meta, seal, verify_directory
+from fabric_align.cli import configure_logging, run_program
 from fabric_align.data import (
     ChatRenderer,
     DataError,
     Messages,
     Row,
+    StepPlan,
     content_hash,
     fit_length,
     pad_sequences,
@@ -39,29 +41,20 @@ from fabric_align.data import (
     require_field,
     require_messages,
     require_text,
-    shard_evenly,
 )
 from fabric_align.errors import TrainingError
 from fabric_align.generation import opponent_model, rollout
 from fabric_align.kernels import spin_loss
+from fabric_align.loop import Phase, Run, fit, log_validation, score_sequences
+from fabric_align.metrics import MetricSpec
 from fabric_align.modeling import PolicyLogprobs, end_token_ids
 from fabric_align.trainer import (
     Job,
-    MetricSpec,
-    Run,
-    StepPlan,
     build_policy,
-    configure_logging,
     finish,
-    fit,
-    log_validation,
-    make_fabric,
     open_run,
     prepare_job,
-    reduce_metrics,
     require_batches,
-    run_program,
-    score_sequences,
     shaping_settings,
     validation_source,
 )
@@ -473,7 +466,7 @@ class SPIN:
     """The SPIN step for the shared loop: real and generated answers in one forward, then the logistic loss."""
 
     metric_spec = MetricSpec(
-        {
+        means={
             "loss": "_examples",
             "rewards/real": "count/pairs",
             "rewards/generated": "count/pairs",
@@ -481,11 +474,13 @@ class SPIN:
             "logps/real": "count/pairs",
             "logps/generated": "count/pairs",
             "nll": "_answer_tokens",
-        }
+        },
+        sums=("count/pairs", "tokens"),
+        weights=("_examples", "_answer_tokens"),
     )
 
-    def __init__(self, fabric: Any, policy: PolicyLogprobs, pad_id: int, eval_batch_size: int) -> None:
-        self.fabric, self.policy, self.pad_id, self.eval_batch_size = fabric, policy, pad_id, eval_batch_size
+    def __init__(self, fabric: Any, policy: PolicyLogprobs, pad_id: int) -> None:
+        self.fabric, self.policy, self.pad_id = fabric, policy, pad_id
         self.beta = 0.0
         self.train: Pairs | None = None
         self.val: Pairs | None = None
@@ -523,39 +518,31 @@ class SPIN:
     def micro_step(self, indices: list[int], context: None, normalizer: float) -> tuple[torch.Tensor, dict]:
         return self.loss(self.train, indices, normalizer)
 
-    @torch.no_grad()
-    def validate(self) -> dict[str, float]:
-        """Ground-truth NLL per answer token and the pair metrics on held-out prompts with the opponent's answers."""
-        if self.val is None:
-            return {}
-        self.policy.eval()
-        shares = shard_evenly(len(self.val), self.fabric.global_rank, self.fabric.world_size, self.eval_batch_size)
-        parts = []
-        for indices in shares:
-            real = [i for i in indices if i >= 0]
-            _, metrics = self.loss(self.val, real or [0], float(max(len(real), 1)))
-            if not real:  # a padding-only share: ran the forward (FSDP collectives), contributes nothing
-                metrics = {k: torch.zeros(()) for k in metrics}
-            parts.append(metrics)
-        self.policy.train()
-        metrics = reduce_metrics(self.fabric, parts, self.metric_spec)
-        metrics.pop("tokens", None)
-        return self.finalize(metrics)
+    def eval_size(self) -> int:
+        """Held-out prompts: the ground truth's NLL per token, the pair metrics with the opponent's answers."""
+        return len(self.val) if self.val is not None else 0
+
+    def prepare_eval(self, shares: list[list[int]]) -> None:
+        return None
+
+    def eval_batch(self, indices: list[int], context: None) -> dict[str, torch.Tensor]:
+        return self.loss(self.val, indices, float(len(indices)))[1]
 
     def finalize(self, metrics: dict[str, float]) -> dict[str, float]:
         metrics["rewards/margins"] = metrics["rewards/real"] - metrics["rewards/generated"]
         return metrics
 
 
-def iteration_bounds(args: SPINArgs, num_examples: int, global_batch_size: int) -> list[tuple[int, int]]:
-    """[start, end) optimizer steps of each iteration (mixing doubles the pairs after the first iteration)."""
-    bounds, start = [], 0
+def iteration_phases(args: SPINArgs, num_examples: int, train: TrainArgs) -> list[Phase]:
+    """The optimizer steps of each iteration (mixing doubles the pairs after the first) and its peak learning
+    rate."""
+    phases, start = [], 0
     for t in range(args.iterations):
         pairs = num_examples * (2 if args.mix_previous and t > 0 else 1)
-        steps = args.epochs_at(t) * (pairs // global_batch_size)
-        bounds.append((start, start + steps))
+        steps = args.epochs_at(t) * (pairs // train.global_batch_size)
+        phases.append(Phase(start, start + steps, args.lr_at(t, train.lr)))
         start += steps
-    return bounds
+    return phases
 
 
 # ---------------------------------------------------------------------------------------------------------- entry
@@ -619,12 +606,12 @@ def setup(
     if val_path:
         val_data = load_split(val_path, data.val_split, renderer, data.max_length, **options)
     require_batches(len(train_data), train_data.source, train)
-    main(make_fabric(job.launch), job, spin, train_data, val_data)
+    main(job.launch.make_fabric(), job, spin, train_data, val_data)
 
 
 def main(fabric: Any, job: Job, spin: SPINArgs, train_data: SFTData, val_data: SFTData | None) -> None:
     policy, optimizer = build_policy(fabric, job)
-    bounds = iteration_bounds(spin, len(train_data), job.train.global_batch_size)
+    phases = iteration_phases(spin, len(train_data), job.train)
     run = open_run(fabric, job, policy, optimizer, method="spin", state={"iteration": 0})
     shaping = {
         "settings": shaping_settings(job.config, exclude=("spin",)),
@@ -643,11 +630,12 @@ def main(fabric: Any, job: Job, spin: SPINArgs, train_data: SFTData, val_data: S
         job.out_dir,
         shaping,
     )
-    recipe = SPIN(fabric, policy, job.tokenizer.pad_token_id, job.train.eval_micro_batch_size)
+    recipe = SPIN(fabric, policy, job.tokenizer.pad_token_id)
     # The iteration data the resumed checkpoint trained on, by id: its own iterations are reused only as they were.
     trained_on: list[str] = list(run.resumed_meta.get("iterations", []))
     history: list[str] = []  # ids of the iteration data this run's policy has trained on, in order
-    for t, (start, end) in enumerate(bounds):
+    for t, phase in enumerate(phases):
+        start, end = phase.start, phase.end
         inside = run.state["step"] > start  # resumed from a checkpoint after this iteration's start
         if inside and len(trained_on) <= t:
             raise TrainingError(
@@ -674,13 +662,11 @@ def main(fabric: Any, job: Job, spin: SPINArgs, train_data: SFTData, val_data: S
         if run.state["step"] == start and not run.logged_before_resume("generation/mean_length", start):
             run.logger.log({"generation/mean_length": mean_length, "iteration": t, "beta": beta}, step=start)
             log_samples(run, job.tokenizer, train_data, data_t, t, spin.num_logged_samples, start)
-        run.total_steps = end - start
         plan = StepPlan(len(pairs), job.train.global_batch_size, job.seed + 1000 * t)
         per_step = {"train/iteration": t, "train/beta": beta, "train/generation/mean_length": mean_length}
-        peak_lr = spin.lr_at(t, job.train.lr)
-        fit(run, recipe, plan, end_step=end, plan_offset=start, peak_lr=peak_lr, extra_metrics=lambda m=per_step: m)
+        fit(run, recipe, plan, phase, extra_metrics=lambda m=per_step: m)
         log_validation(run, recipe, run.state["step"])  # each iteration's end, on its own validation pairs
-    finish(run, recipe, job)
+    finish(run, recipe)
 
 
 def log_samples(run: Run, tokenizer: Any, train: SFTData, data: dict[str, Any], t: int, n: int, step: int) -> None:

@@ -42,7 +42,7 @@ KTO_TEN_STEPS = [
 
 def run_cli(setup: Any, args: list[str]) -> None:
     """Parse ``args`` exactly as the command line would and run ``setup`` in this process."""
-    from fabric_align.trainer import run_cli as parse_and_run
+    from fabric_align.cli import run_cli as parse_and_run
 
     parse_and_run(setup, args)
 

@@ -14,7 +14,7 @@ import pytest
 from fabric_align import kto, trainer
 from fabric_align.checkpoints import seal, verify_directory
 from fabric_align.data import DataError
-from fabric_align.trainer import ConfigError
+from fabric_align.errors import ConfigError
 
 from conftest import FAST, REPO, run_cli, write_jsonl
 

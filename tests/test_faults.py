@@ -1,7 +1,7 @@
 """Faults and bad input: a run ends correct, or stops with one ``error:`` line and exit status 1, never trains
 garbage, never runs code from a file, and never loses what is already in out_dir.
 
-Runs go through ``trainer.run_program`` (the program's own entry, in this process) so the error line and the exit
+Runs go through ``cli.run_program`` (the program's own entry, in this process) so the error line and the exit
 status are what a user sees; resumed runs are compared byte for byte with uninterrupted ones.
 """
 
@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fabric_align import checkpoints, kto, spin, trainer
+from fabric_align import checkpoints, cli, kto, loop, spin, trainer
 from fabric_align.checkpoints import checkpoint_dirs, seal, verify_directory
-from fabric_align.trainer import reduce_metrics
+from fabric_align.metrics import reduce_metrics
 
 from conftest import FAST, KTO_TEN_STEPS, column, load_safetensors, read_metrics, write_jsonl
 
@@ -44,7 +44,7 @@ class Result:
 def program(setup: object, args: list[str], capsys: pytest.CaptureFixture[str]) -> Result:
     """Run as the installed program does: its exit status, stdout and stderr."""
     try:
-        trainer.run_program(setup, args)  # type: ignore[arg-type]
+        cli.run_program(setup, args)  # type: ignore[arg-type]
         code = 0
     except SystemExit as exit_info:
         code = int(exit_info.code or 0)
@@ -98,7 +98,7 @@ def earlier_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def kto_straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted KTO run: checkpoints at steps 3, 6, 9 and 10."""
     out = tmp_path_factory.mktemp("straight") / "out"
-    trainer.run_cli(kto.setup, [*KTO_ARGS, f"--out_dir={out}"])
+    cli.run_cli(kto.setup, [*KTO_ARGS, f"--out_dir={out}"])
     return out
 
 
@@ -311,7 +311,7 @@ def test_a_non_finite_step_is_skipped_and_counted(
     out = tmp_path / "out"
     poison_steps(monkeypatch, {4, 5}, accum=2, kind=kind)
     args = [a for a in KTO_ARGS if not a.startswith("--train.save_interval")] + ["--train.save_interval=1"]
-    trainer.run_cli(kto.setup, [*args, f"--out_dir={out}"])
+    cli.run_cli(kto.setup, [*args, f"--out_dir={out}"])
     rows = read_metrics(out)
     assert column(rows, "train/skipped_steps") == [0, 0, 0, 1, 2, 2, 2, 2, 2, 2]
     what = "loss=nan, grad_norm=nan" if kind == "loss" else "grad_norm=nan"
@@ -534,20 +534,20 @@ def test_a_fresh_run_never_appends_to_an_earlier_runs_logs(
 ) -> None:
     """An earlier run died before its first checkpoint: its log is set aside, and the new one holds each step once."""
     out = tmp_path / "out"
-    real_lr = trainer.lr_at
+    real_lr = loop.lr_at
 
     def die_at_step_3(step: int, *args: object) -> float:
         if step == 2:  # before step 3 and its checkpoint
             raise KeyboardInterrupt
         return real_lr(step, *args)
 
-    monkeypatch.setattr(trainer, "lr_at", die_at_step_3)
+    monkeypatch.setattr(loop, "lr_at", die_at_step_3)
     with pytest.raises(KeyboardInterrupt):
-        trainer.run_cli(kto.setup, [*KTO_ARGS, f"--out_dir={out}"])
+        cli.run_cli(kto.setup, [*KTO_ARGS, f"--out_dir={out}"])
     monkeypatch.undo()
     assert column(read_metrics(out), "train/step") == [1, 2]
     assert not checkpoint_dirs(out)
-    trainer.run_cli(kto.setup, [*KTO_ARGS, f"--out_dir={out}", "--resume=auto"])
+    cli.run_cli(kto.setup, [*KTO_ARGS, f"--out_dir={out}", "--resume=auto"])
     assert column(read_metrics(out), "train/step") == list(range(1, 11))
     assert (out / "logs-earlier-1" / "metrics.csv").is_file()
     assert "holds an earlier run's logs: moved to" in caplog.text
@@ -618,6 +618,7 @@ def test_a_label_absent_from_a_step_is_omitted_not_zero() -> None:
         "logps/rejected": torch.tensor(0.0),
         "count/chosen": torch.tensor(4.0),
         "count/rejected": torch.tensor(0.0),
+        "tokens": torch.tensor(40.0),
     }
     metrics = reduce_metrics(OneRank(), [only_chosen, dict(only_chosen)], spec)  # type: ignore[arg-type]
     assert metrics["rewards/chosen"] == pytest.approx(0.3) and metrics["count/rejected"] == 0
@@ -629,7 +630,7 @@ def test_validation_without_undesirable_examples_logs_no_rejected_metrics(tmp_pa
     val = write_jsonl(tmp_path / "val.jsonl", [r for r in kto_rows(12) if r["label"]])
     out = tmp_path / "out"
     args = [a for a in KTO_ARGS if not a.startswith("--train.max_steps")] + ["--train.max_steps=4"]
-    trainer.run_cli(kto.setup, [*args, f"--data.val_path={val}", f"--out_dir={out}"])
+    cli.run_cli(kto.setup, [*args, f"--data.val_path={val}", f"--out_dir={out}"])
     rows = read_metrics(out)
     assert column(rows, "val/rewards/chosen") and column(rows, "val/count/rejected") == [0, 0]
     for name in ("rewards/rejected", "logps/rejected", "rewards/margins"):

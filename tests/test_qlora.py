@@ -14,8 +14,9 @@ import torch
 from fabric_align import kto, spin
 from fabric_align.args import LoRAArgs, ModelArgs, TrainArgs
 from fabric_align.data import ChatRenderer, pad_sequences
+from fabric_align.errors import ConfigError
 from fabric_align.modeling import PolicyLogprobs, load_model, load_tokenizer
-from fabric_align.trainer import ConfigError, make_optimizer
+from fabric_align.optim import make_optimizer
 
 from conftest import FAST, column, load_safetensors, read_metrics, run_cli
 

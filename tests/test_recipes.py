@@ -23,7 +23,7 @@ import yaml
 
 from fabric_align import kto, spin, sweep
 from fabric_align.args import KTOArgs, SPINArgs, TrainArgs
-from fabric_align.trainer import PRECISIONS
+from fabric_align.launch import PRECISIONS
 
 from conftest import FAST, REPO, column, read_metrics, run_cli
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fabric_align import checkpoints, kto, trainer
+from fabric_align import checkpoints, kto, loop
 from fabric_align.checkpoints import checkpoint_dirs, find_resume_path
 from fabric_align.errors import ConfigError
 
@@ -70,7 +70,7 @@ def test_resume_from_an_explicit_path_and_the_final_step(
     cache.write_bytes(b"not a tensor file")
     # Resuming a finished run trains no further step and re-exports the same weights.
     calls = []
-    monkeypatch.setattr(trainer, "lr_at", lambda *a: calls.append(a) or 1.0)
+    monkeypatch.setattr(loop, "lr_at", lambda *a: calls.append(a) or 1.0)
     run_cli(kto.setup, [*short, f"--out_dir={out}", f"--resume={out / 'step-000004'}"])
     assert calls == []
     after = load_safetensors(out / "final" / "model.safetensors")

@@ -13,7 +13,7 @@ import torch
 
 from fabric_align import checkpoints, spin, trainer
 from fabric_align.data import DataError
-from fabric_align.trainer import ConfigError
+from fabric_align.errors import ConfigError
 
 from conftest import (
     FAST,

@@ -1,0 +1,62 @@
+"""The program entry of every method: the typed command line (jsonargparse from ``setup``'s signature), logging, and
+one ``error:`` line with exit status 1 for everything a user can act on."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from fabric_align.errors import ConfigError, DataError, TrainingError
+from fabric_align.kernels.selfcheck import KernelCheckError
+
+
+def run_program(setup: Callable[..., Any], args: list[str] | None = None) -> None:
+    """The program entry: ``run_cli``, with everything a user can act on (bad input: ``DataError`` and ``ConfigError``,
+    which name the file, line and field or the flag; a run that stopped: ``TrainingError``; the system: a full disk,
+    a permission) reported as one ``error:`` line on stderr and exit status 1 instead of a traceback."""
+    try:
+        run_cli(setup, args)
+    except (DataError, ConfigError, TrainingError, KernelCheckError) as err:
+        exit_with_error(str(err))
+    except OSError as err:
+        exit_with_error(f"{err.filename}: {err.strerror}" if err.filename and err.strerror else str(err))
+
+
+def exit_with_error(message: str) -> None:
+    for bar in list(getattr(tqdm, "_instances", ())):  # end an open progress bar's line: the error gets its own
+        bar.close()
+    rank = int(os.environ.get("RANK", os.environ.get("GLOBAL_RANK", "0")) or 0)
+    print(f"error: {f'[rank {rank}] ' if rank else ''}{message}", file=sys.stderr, flush=True)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        with contextlib.suppress(Exception):  # best effort: every rank raised the same error
+            torch.distributed.destroy_process_group()
+    raise SystemExit(1) from None
+
+
+def run_cli(setup: Callable[..., Any], args: list[str] | None = None) -> None:
+    """Parse the command line (or ``args``) into ``setup``'s typed signature and call it."""
+    import jsonargparse
+
+    try:  # attribute docstrings of the argument dataclasses become --help text
+        jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    except (AttributeError, TypeError):  # jsonargparse < 4.35
+        jsonargparse.set_docstring_parse_options(attribute_docstrings=True)
+    jsonargparse.auto_cli(setup, args=args, as_positional=False)
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # On CPUs with AVX512-BF16, importing bitsandbytes tries to fetch a CPU 4-bit matmul kernel from the Hugging Face
+    # hub and warns when it cannot. We never use it (modeling.load_model keeps the NF4 layout the GPU path uses).
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: "from kernels-community" not in record.getMessage()
+    )

@@ -1,0 +1,129 @@
+"""Where and how a run executes: devices, nodes, precision and the sharding strategy, resolved once into a ``Launch``
+(also under ``fabric run``, whose ``LT_*`` variables decide them), and the Fabric built from it."""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from lightning.fabric import Fabric
+
+from fabric_align.errors import ConfigError
+from fabric_align.modeling import fsdp2_parallelize
+
+STRATEGIES = ("auto", "fsdp", "ddp")
+PRECISIONS = ("32-true", "bf16-true", "bf16-mixed", "16-mixed")
+
+
+def under_fabric_run() -> bool:
+    """Whether ``fabric run`` launched this process (it sets ``LT_CLI_USED``; Fabric itself checks the same)."""
+    return bool(int(os.environ.get("LT_CLI_USED", "0") or 0))
+
+
+@dataclass(frozen=True)
+class Launch:
+    """The resolved launch settings of a run."""
+
+    accelerator: str
+    """``cuda`` or ``cpu``."""
+    devices: int
+    """Processes per node."""
+    num_nodes: int
+    precision: str
+    """One of ``PRECISIONS``."""
+    strategy: str
+    """One of ``STRATEGIES``: ``fsdp`` is FSDP2 (``fully_shard`` through Fabric's ``ModelParallelStrategy``)."""
+    under_cli: bool
+    """Launched by ``fabric run``: Fabric then reads devices, nodes and precision from ``LT_*`` itself."""
+
+    @property
+    def world_size(self) -> int:
+        return self.devices * self.num_nodes
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        """The dtype weights are loaded in (mixed precisions keep fp32 masters)."""
+        return {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(self.precision, torch.float32)
+
+    def fabric_kwargs(self) -> dict[str, Any]:
+        """Fabric's arguments. Under ``fabric run`` its defaults, so nothing conflicts with what it reads from
+        ``LT_*``."""
+        strategy: Any = self.strategy
+        if self.strategy == "fsdp":
+            from lightning.fabric.strategies import ModelParallelStrategy
+
+            # bf16-mixed: all-gather in bf16 (fp32 shards and gradient reduction). Not 16-mixed, whose loss scaler
+            # would then see fp16 gradients before the reduction.
+            compute_dtype = torch.bfloat16 if self.precision == "bf16-mixed" else None
+            strategy = ModelParallelStrategy(
+                parallelize_fn=functools.partial(fsdp2_parallelize, compute_dtype=compute_dtype),
+                data_parallel_size=self.world_size,
+                tensor_parallel_size=1,
+            )
+        if self.under_cli:
+            return {"accelerator": "auto", "devices": "auto", "num_nodes": 1, "precision": None, "strategy": strategy}
+        return {
+            "accelerator": self.accelerator,
+            "devices": self.devices,
+            "num_nodes": self.num_nodes,
+            "precision": self.precision,
+            "strategy": strategy,
+        }
+
+    def make_fabric(self) -> Fabric:
+        # Metrics go through MetricLogger (rank 0 only), not Fabric's loggers.
+        fabric = Fabric(**self.fabric_kwargs())
+        if not self.under_cli:
+            fabric.launch()
+        return fabric
+
+
+def default_precision() -> str:
+    # Mixed, not bf16-true: with bf16 weights most AdamW updates at alignment learning rates (5e-7..5e-6) round
+    # to nothing; bf16-mixed keeps fp32 master weights and computes in bf16.
+    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def resolve_launch(devices: int | str, num_nodes: int, precision: str | None, strategy: str) -> Launch:
+    """The launch of this run. Under ``fabric run`` the ``LT_*`` variables decide devices, nodes, precision and
+    strategy (``fabric run --strategy fsdp`` means FSDP2 here: Fabric's own FSDP1 strategy refuses CPUs)."""
+    under_cli = under_fabric_run()
+    if under_cli:
+        if os.environ.get("LT_STRATEGY"):
+            strategy = os.environ.pop("LT_STRATEGY")
+        devices = os.environ.get("LT_DEVICES", devices)
+        num_nodes = int(os.environ.get("LT_NUM_NODES", num_nodes))
+        precision = os.environ.get("LT_PRECISION") or precision
+    precision = precision or default_precision()
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision={precision!r}: expected one of {PRECISIONS}")
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"strategy={strategy!r}: expected one of {STRATEGIES}")
+    if num_nodes < 1:
+        raise ConfigError(f"num_nodes={num_nodes}: must be at least 1")
+    accelerator = os.environ.get("LT_ACCELERATOR", "auto") if under_cli else "auto"
+    if accelerator == "auto":
+        accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    return Launch(accelerator, count_devices(devices, accelerator), num_nodes, precision, strategy, under_cli)
+
+
+def count_devices(devices: int | str, accelerator: str) -> int:
+    """Processes per node from ``devices``: a count, ``auto`` / ``-1`` (every GPU), or device indices (``0,1``)."""
+    if isinstance(devices, str):
+        text = devices.strip()
+        if text in ("auto", "-1"):
+            return torch.cuda.device_count() if accelerator == "cuda" else 1
+        if "," in text:  # a list of device indices
+            indices = [d.strip() for d in text.split(",") if d.strip()]
+            if not indices or not all(d.isdigit() for d in indices):
+                raise ConfigError(f"devices={devices!r}: expected a count, 'auto', or device indices like '0,1'")
+            return len(indices)
+        if not text.lstrip("-").isdigit():
+            raise ConfigError(f"devices={devices!r}: expected a count, 'auto', or device indices like '0,1'")
+        devices = int(text)
+    if devices < 1:
+        raise ConfigError(f"devices={devices}: expected a positive count")
+    return devices
