@@ -44,10 +44,7 @@ def run_cli(setup: Callable[..., Any], args: list[str] | None = None) -> None:
     """Parse the command line (or ``args``) into ``setup``'s typed signature and call it."""
     import jsonargparse
 
-    try:  # attribute docstrings of the argument dataclasses become --help text
-        jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    except (AttributeError, TypeError):  # jsonargparse < 4.35
-        jsonargparse.set_docstring_parse_options(attribute_docstrings=True)
+    jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)  # attribute docstrings -> --help
     jsonargparse.auto_cli(setup, args=args, as_positional=False)
 
 

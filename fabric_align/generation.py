@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Collection
 from typing import Any
 
@@ -157,8 +156,6 @@ def generate(
     end_ids = [eos_id] if isinstance(eos_id, int) else sorted(set(eos_id))
     ends = torch.tensor(end_ids, dtype=torch.long, device=device)
     decoder, head = model.get_decoder(), model.get_output_embeddings()
-    # transformers renamed the decoder's `past_key_values` argument to `cache` (the old name warns on every call).
-    cache_keyword = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
     results: list[list[int]] = [[] for _ in prompts]
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
@@ -182,7 +179,7 @@ def generate(
                 attention_mask=mask,
                 position_ids=step_positions,
                 use_cache=True,
-                **{cache_keyword: cache},
+                cache=cache,  # transformers' name since 5.x (`past_key_values` warns on every call)
             ).last_hidden_state[:, -1]
             logits = (hidden @ head.weight.T).float()  # [B, V] for the last position only
             if head.bias is not None:

@@ -175,10 +175,7 @@ def load_model(args: ModelArgs, *, dtype: torch.dtype, seed: int, on_meta: bool 
     if args.disable_dropout:
         disable_dropout(model)
     if args.activation_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers' new name; the old one warns
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if args.lora is not None:
         model = add_lora(model, args.lora, quantized=args.quantize is not None)
     return model

@@ -1,0 +1,112 @@
+"""The small pure pieces of the loop, each against numbers worked out by hand: the learning-rate schedule, the metric
+reduction, the launch settings."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from fabric_align.args import TrainArgs
+from fabric_align.errors import ConfigError
+from fabric_align.launch import resolve_launch
+from fabric_align.metrics import ONE, MetricSpec, reduce_metrics
+from fabric_align.optim import lr_at
+
+
+# -------------------------------------------------------------------------------------------------- schedule
+def test_warmup_then_cosine_to_min_lr() -> None:
+    args = TrainArgs(lr=1.0, min_lr=0.1, warmup_steps=3)
+    assert [lr_at(s, args, 13) for s in range(3)] == [0.25, 0.5, 0.75]  # (s + 1) / (warmup + 1)
+    assert lr_at(3, args, 13) == 1.0  # the peak right after warmup
+    assert lr_at(8, args, 13) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the decay: cos(pi / 2) = 0
+    assert lr_at(13, args, 13) == pytest.approx(0.1) and lr_at(20, args, 13) == pytest.approx(0.1)
+
+
+def test_linear_constant_ratio_and_peak() -> None:
+    linear = TrainArgs(lr=1.0, min_lr=0.0, schedule="linear", warmup_steps=99, warmup_ratio=0.2)
+    # warmup_ratio replaces warmup_steps: ceil(0.2 x 12) = 3 steps, then a straight line to 0 at step 12.
+    assert [lr_at(s, linear, 12) for s in (0, 2, 3, 6, 12)] == pytest.approx([0.25, 0.75, 1.0, 2 / 3, 0.0])
+    assert lr_at(3, linear, 12, peak=0.5) == 0.5 and lr_at(6, linear, 12, peak=0.5) == pytest.approx(1 / 3)
+    constant = TrainArgs(lr=2.0, schedule="constant", warmup_steps=1)
+    assert [lr_at(s, constant, 10) for s in (0, 1, 9, 50)] == [1.0, 2.0, 2.0, 2.0]
+
+
+# --------------------------------------------------------------------------------------------------- metrics
+class OneRank:
+    world_size, global_rank, device = 1, 0, torch.device("cpu")
+
+    @staticmethod
+    def all_reduce(tensor: torch.Tensor, reduce_op: str) -> torch.Tensor:
+        return tensor
+
+
+SPEC = MetricSpec(means={"loss": "_examples", "kl": ONE, "reward": "count"}, sums=("count",), weights=("_examples",))
+
+
+def part(loss: float, examples: float, kl: float, reward: float, count: float) -> dict[str, torch.Tensor]:
+    values = {"loss": loss, "_examples": examples, "kl": kl, "reward": reward, "count": count}
+    return {k: torch.tensor(v) for k, v in values.items()}
+
+
+def test_means_are_weighted_sums_add_and_weights_stay_hidden() -> None:
+    metrics = reduce_metrics(OneRank(), [part(1.0, 3, 0.2, 0.5, 2), part(2.0, 1, 0.4, -1.0, 0)], SPEC)  # type: ignore[arg-type]
+    assert metrics == pytest.approx({"loss": (3 + 2) / 4, "kl": 0.3, "reward": 0.5, "count": 2.0})
+
+
+def test_a_mean_over_nothing_is_omitted() -> None:
+    metrics = reduce_metrics(OneRank(), [part(1.0, 2, 0.0, 0.0, 0)], SPEC)  # type: ignore[arg-type]
+    assert "reward" not in metrics and metrics["count"] == 0
+
+
+def test_undeclared_or_missing_metrics_are_errors() -> None:
+    extra = part(1.0, 1, 0.0, 0.0, 1) | {"surprise": torch.tensor(1.0)}
+    with pytest.raises(KeyError, match=r"undeclared \['surprise'\]"):
+        reduce_metrics(OneRank(), [extra], SPEC)  # type: ignore[arg-type]
+    missing = {k: v for k, v in part(1.0, 1, 0.0, 0.0, 1).items() if k != "kl"}
+    with pytest.raises(KeyError, match=r"missing \['kl'\]"):
+        reduce_metrics(OneRank(), [missing], SPEC)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="neither a sum nor a weight"):
+        MetricSpec(means={"loss": "_examples"})
+    with pytest.raises(ValueError, match="must start with '_'"):
+        MetricSpec(means={"loss": "examples"}, weights=("examples",))
+
+
+# ---------------------------------------------------------------------------------------------------- launch
+def test_launch_from_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LT_CLI_USED", raising=False)
+    launch = resolve_launch("0,1,2", 2, "bf16-mixed", "fsdp")
+    assert (launch.devices, launch.num_nodes, launch.world_size) == (3, 2, 6)
+    assert launch.param_dtype == torch.float32  # mixed precision keeps fp32 masters
+    kwargs = launch.fabric_kwargs()
+    assert kwargs["devices"] == 3 and kwargs["precision"] == "bf16-mixed"
+    assert type(kwargs["strategy"]).__name__ == "ModelParallelStrategy"
+    assert resolve_launch(2, 1, "bf16-true", "ddp").param_dtype == torch.bfloat16
+    for devices, message in ((0, "devices=0"), ("abc", "devices='abc'"), ("0,x", "devices='0,x'")):
+        with pytest.raises(ConfigError, match=message):
+            resolve_launch(devices, 1, None, "auto")
+    with pytest.raises(ConfigError, match="precision='fp8'"):
+        resolve_launch(1, 1, "fp8", "auto")
+    with pytest.raises(ConfigError, match="num_nodes=0"):
+        resolve_launch(1, 0, None, "auto")
+
+
+def test_launch_under_fabric_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fabric run` decides devices, nodes and precision through LT_*; its --strategy fsdp means FSDP2 here; Fabric is
+    then given its defaults, so its conflict check passes."""
+    for name, value in {
+        "LT_CLI_USED": "1",
+        "LT_DEVICES": "4",
+        "LT_NUM_NODES": "2",
+        "LT_PRECISION": "bf16-mixed",
+        "LT_STRATEGY": "fsdp",
+        "LT_ACCELERATOR": "cpu",
+    }.items():
+        monkeypatch.setenv(name, value)
+    launch = resolve_launch(1, 1, "32-true", "auto")
+    assert (launch.world_size, launch.precision, launch.strategy) == (8, "bf16-mixed", "fsdp")
+    assert launch.accelerator == "cpu"
+    kwargs = launch.fabric_kwargs()
+    assert (kwargs["devices"], kwargs["num_nodes"], kwargs["precision"]) == ("auto", 1, None)
+    assert "LT_STRATEGY" not in os.environ  # taken, so Fabric does not pick its FSDP1 strategy
