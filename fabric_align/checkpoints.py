@@ -19,7 +19,7 @@ import pickle
 import random
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -208,10 +208,21 @@ def share_checksums(fabric: Fabric, root: Path) -> dict[str, dict[str, Any]]:
     return dict(sorted(merged.items()))
 
 
-def publish(tmp: Path, final: Path) -> None:
-    """Move a completely written ``tmp`` directory to ``final``. An existing ``final`` (the same step saved again
-    by a resumed run, a re-export) is swapped out first and removed only once the new one is in place."""
+def publish(tmp: Path, final: Path, *, keep_replaced: bool = False) -> None:
+    """Make a completely written ``tmp`` directory ``final`` with one rename: the one way every directory here is
+    published (checkpoints, the export, SPIN iterations, the reference cache). An existing ``final`` is swapped out
+    first and removed once the new one is in place (the same step saved again by a resumed run, a re-export); with
+    ``keep_replaced`` it is set aside as ``.replaced-NAME-N`` (``.incomplete-NAME-N`` without a completion marker)
+    instead, never deleted."""
     if not final.exists():
+        tmp.rename(final)
+        return
+    if keep_replaced:
+        kind = "replaced" if (final / META).is_file() else "incomplete"
+        n = 1
+        while (aside := final.with_name(f".{kind}-{final.name}-{n}")).exists():
+            n += 1
+        final.rename(aside)
         tmp.rename(final)
         return
     old = final.with_name(f".old-{final.name}")
@@ -220,6 +231,18 @@ def publish(tmp: Path, final: Path) -> None:
     final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old)
+
+
+def write_sealed(final: Path, write: Callable[[Path], dict[str, Any]], *, keep_replaced: bool = False) -> None:
+    """Write a directory in one process: ``write(tmp)`` fills a temporary directory beside ``final`` and returns its
+    metadata, the manifest is sealed into ``meta.json`` last, and the whole is published (a crash never leaves a
+    half-written ``final``)."""
+    tmp = final.with_name(f".tmp-{final.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # our own leftovers from a write that crashed
+    tmp.mkdir(parents=True)
+    seal(tmp, write(tmp))
+    publish(tmp, final, keep_replaced=keep_replaced)
 
 
 def load_checkpoint(fabric: Fabric, path: Path, state: dict[str, Any]) -> dict[str, Any]:

@@ -11,7 +11,6 @@ r = log pi(y|x) - log pi_ref(y|x) summed over completion tokens. Reference log-p
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any, Literal
 import torch
 
 from fabric_align.args import DataArgs, KTOArgs, LoggerArgs, ModelArgs, TrainArgs
+from fabric_align.checkpoints import load_plain, verify_directory, write_sealed
 from fabric_align.cli import configure_logging, run_program
 from fabric_align.data import (
     ChatRenderer,
@@ -37,6 +37,7 @@ from fabric_align.data import (
     require_messages,
     require_text,
 )
+from fabric_align.errors import TrainingError
 from fabric_align.kernels import kto_loss
 from fabric_align.loop import Phase, fit, score_sequences
 from fabric_align.metrics import ONE, MetricSpec
@@ -382,8 +383,8 @@ def reference_logps(
     # The precision and strategy decide how the reference forward computes (FSDP2 gathers layers in bf16 under
     # bf16-mixed), so a cache made under other settings is not reused.
     key = content_hash(model_fingerprint(job.model, job.seed), job.launch.precision, job.launch.strategy, sequences)
-    cache = job.out_dir / "cache" / f"kto-reference-{key}.pt"
-    logps = read_cache(cache, len(sequences))
+    cache = job.out_dir / "cache" / f"kto-reference-{key}"
+    logps = read_reference_cache(cache, len(sequences))
     if logps is not None:
         fabric.print(f"reference log-probs from {cache}")
     else:
@@ -397,10 +398,12 @@ def reference_logps(
             reference=True,
         )
         if fabric.is_global_zero:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp")
-            torch.save({"logps": logps, "sha256": tensor_sha256(logps)}, tmp)
-            tmp.replace(cache)
+
+            def write(tmp: Path) -> dict[str, Any]:
+                torch.save(logps, tmp / REFERENCE_FILE)
+                return {"sequences": len(sequences)}
+
+            write_sealed(cache, write)
         fabric.barrier()
     offset = 0
     for d in splits:
@@ -410,28 +413,26 @@ def reference_logps(
         offset += 2 * n if with_kl else n
 
 
-def read_cache(path: Path, expected: int) -> torch.Tensor | None:
-    """The cached reference log-probs, or None when there are none or the file is unreadable or damaged (then they
-    are computed again and the file replaced: the cache only ever holds what this function can recompute)."""
-    if not path.is_file():
-        return None
-    try:
-        cached = torch.load(path, weights_only=True)
-    except Exception as err:  # truncated or corrupted files raise several types
-        log.warning("%s is unreadable (%s): computing the reference log-probs again", path, err)
-        return None
-    logps = cached.get("logps") if isinstance(cached, dict) else None
-    if not isinstance(logps, torch.Tensor) or logps.shape != (expected,) or logps.dtype != torch.float32:
-        log.warning("%s does not hold %d reference log-probs: computing them again", path, expected)
-        return None
-    if cached.get("sha256") != tensor_sha256(logps):
-        log.warning("%s does not match its checksum (damaged): computing the reference log-probs again", path)
-        return None
-    return logps
+REFERENCE_FILE = "logps.pt"
 
 
-def tensor_sha256(tensor: torch.Tensor) -> str:
-    return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
+def read_reference_cache(path: Path, expected: int) -> torch.Tensor | None:
+    """The cached reference log-probs, or None when there are none or the directory is damaged (then they are
+    computed again and the directory replaced: the cache only ever holds what this run can recompute)."""
+    if not path.is_dir():
+        return None
+    problem = verify_directory(path)
+    if problem is None:
+        try:
+            logps = load_plain(path / REFERENCE_FILE)
+        except TrainingError as err:  # holds more than a tensor
+            problem = str(err)
+        else:
+            if isinstance(logps, torch.Tensor) and logps.shape == (expected,) and logps.dtype == torch.float32:
+                return logps
+            problem = f"it does not hold {expected} reference log-probs"
+    log.warning("%s is unusable (%s): computing the reference log-probs again", path, problem)
+    return None
 
 
 def cli(args: list[str] | None = None) -> None:

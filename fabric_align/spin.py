@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import zlib
 from array import array
 from dataclasses import dataclass
@@ -21,10 +20,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import nn
 
 from fabric_align.args import DataArgs, LoggerArgs, ModelArgs, SPINArgs, TrainArgs
-from fabric_align.checkpoints import META, file_sha256, load_plain, read_meta, seal, verify_directory
+from fabric_align.checkpoints import META, file_sha256, load_plain, read_meta, verify_directory, write_sealed
 from fabric_align.cli import configure_logging, run_program
 from fabric_align.data import (
     ChatRenderer,
@@ -222,9 +220,157 @@ class Pairs:
         return len(self.real)
 
 
+@dataclass
+class IterationData:
+    """What iteration t's opponent made: its answer to every prompt of each split, the reference log-probs of the
+    real and generated answers under it, and with mix_previous the previous iteration's training answers rescored.
+    ``id`` names it (the SHA-256 of its stored form): a checkpoint records the ids it trained on."""
+
+    generated: dict[str, list[list[int]]]
+    ref_real: dict[str, torch.Tensor]
+    ref_generated: dict[str, torch.Tensor]
+    previous: list[list[int]] | None = None
+    ref_previous: torch.Tensor | None = None
+    id: str = ""
+
+    def to_plain(self) -> dict[str, Any]:
+        """Lists and tensors only, loadable with ``weights_only=True`` (the ``pairs.pt`` layout)."""
+        generated = dict(self.generated)
+        ref: dict[str, dict[str, torch.Tensor]] = {
+            name: {"real": self.ref_real[name], "generated": self.ref_generated[name]} for name in self.generated
+        }
+        if self.previous is not None:
+            generated["previous"] = self.previous
+            ref["previous"] = {"generated": self.ref_previous}
+        return {"generated": generated, "ref": ref}
+
+    @classmethod
+    def from_plain(cls, plain: dict[str, Any], id: str) -> IterationData:
+        generated = {k: v for k, v in plain["generated"].items() if k != "previous"}
+        return cls(
+            generated=generated,
+            ref_real={name: plain["ref"][name]["real"] for name in generated},
+            ref_generated={name: plain["ref"][name]["generated"] for name in generated},
+            previous=plain["generated"].get("previous"),
+            ref_previous=plain["ref"].get("previous", {}).get("generated"),
+            id=id,
+        )
+
+
+class IterationStore:
+    """``out_dir/iter-{t}/``: each iteration's data, ``generations.jsonl`` to read, ``pairs.pt`` to reuse and
+    ``meta.json`` (its provenance and a manifest) last. A run reuses an iteration only when its provenance is what the
+    run would make; a replaced directory is set aside, never deleted."""
+
+    def __init__(self, out_dir: Path, tokenizer: Any, splits: dict[str, SFTData]) -> None:
+        self.out_dir, self.tokenizer, self.splits = out_dir, tokenizer, splits
+
+    def directory(self, t: int) -> Path:
+        return self.out_dir / f"iter-{t}"
+
+    def load(self, t: int) -> IterationData:
+        """An iteration's data, read as plain tensors and lists (never code)."""
+        directory = self.directory(t)
+        return IterationData.from_plain(load_plain(directory / "pairs.pt"), read_meta(directory)["id"])
+
+    def reusable(self, t: int, provenance: dict[str, Any], *, quiet: bool) -> IterationData | None:
+        """Iteration t's stored data when it is intact and has this provenance; else None (and a warning why)."""
+        directory = self.directory(t)
+        if not (directory / META).is_file():
+            return None
+        why_not = verify_directory(directory) or provenance_mismatch(read_meta(directory), provenance)
+        if why_not is None:
+            return self.load(t)
+        if not quiet:
+            log.warning("iteration %d: not reusing %s: %s; generating again", t, directory, why_not)
+        return None
+
+    def required(self, t: int, data_id: str, start: int) -> IterationData:
+        """The data a checkpoint inside iteration t trained on, which cannot be made again (its opponent is gone)."""
+        directory = self.directory(t)
+        problem = verify_directory(directory)
+        if problem is None and read_meta(directory).get("id") != data_id:
+            problem = f"it holds other iteration data than the checkpoint trained on (id {data_id})"
+        if problem is not None:
+            raise TrainingError(
+                f"{directory}: {problem}; the checkpoint being resumed is inside iteration {t}, whose opponent "
+                f"is gone, so it cannot be made again: resume from a checkpoint at or before step {start} (the "
+                "iteration's start)"
+            )
+        return self.load(t)
+
+    def previous_answers(self, t: int) -> list[list[int]]:
+        """Iteration t - 1's generated training answers, for mix_previous."""
+        problem = verify_directory(self.directory(t - 1))
+        if problem is not None:
+            raise TrainingError(f"spin.mix_previous needs iteration {t - 1}'s answers: {problem}")
+        return self.load(t - 1).generated["train"]
+
+    def save(self, t: int, data: IterationData, provenance: dict[str, Any], args: SPINArgs) -> None:
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+
+        def write(tmp: Path) -> dict[str, Any]:
+            with (tmp / "generations.jsonl").open("w", encoding="utf-8") as f:
+                for name, split in self.splits.items():
+                    for i in range(len(split)):
+                        row = {
+                            "split": name,
+                            "index": i,
+                            "prompt": self.tokenizer.decode(split.prompts[i]),
+                            "real": decode(split.answers[i]),
+                            "generated": decode(data.generated[name][i]),
+                            "generated_tokens": len(data.generated[name][i]),
+                            "ref_logp_real": float(data.ref_real[name][i]),
+                            "ref_logp_generated": float(data.ref_generated[name][i]),
+                        }
+                        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            torch.save(data.to_plain(), tmp / "pairs.pt")
+            lengths = [len(g) for g in data.generated["train"]]
+            return {
+                "iteration": t,
+                "id": file_sha256(tmp / "pairs.pt"),
+                **provenance,
+                "examples": len(self.splits["train"]),
+                "mean_generated_tokens": sum(lengths) / len(lengths),
+                "args": vars(args),
+            }
+
+        write_sealed(self.directory(t), write, keep_replaced=True)
+
+
+def iteration_provenance(
+    args: SPINArgs, shaping: dict[str, Any], t: int, start: int, history: list[str]
+) -> dict[str, Any]:
+    """What decides iteration t's data: the policy that makes it (the step it stands at, the iteration data it
+    trained on before, the run's settings and data that shaped it) and the generation settings."""
+    generation = {
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "max_new_tokens": args.max_new_tokens,
+        "mix_previous": args.mix_previous,
+        "reuse_generated": args.reuse_generated,
+        "epochs_before": [args.epochs_at(i) for i in range(t)],
+        "betas_before": [args.beta_at(i) for i in range(t)],
+        "lrs_before": None if args.lr is None else [args.lr_at(i, 0.0) for i in range(t)],
+    }
+    return {"made_at_step": start, "history": list(history), "settings": content_hash(shaping, generation)}
+
+
+def provenance_mismatch(meta: dict[str, Any], provenance: dict[str, Any]) -> str | None:
+    if meta.get("made_at_step") != provenance["made_at_step"]:
+        made, start = meta.get("made_at_step"), provenance["made_at_step"]
+        return f"made at step {made}, this iteration starts at step {start}"
+    if meta.get("history") != provenance["history"]:
+        return "made by a policy that trained on other iteration data"
+    if meta.get("settings") != provenance["settings"]:
+        return "made under other settings (model, data, training or generation)"
+    return None
+
+
 # ------------------------------------------------------------------------------------------------- self-play phase
 class SelfPlay:
-    """Generates the opponent's answers and scores them, once per iteration; persisted in ``out_dir/iter-{t}/``."""
+    """The opponent's side of an iteration: it answers every prompt, and the real and generated answers are scored
+    under it (the reference log-probs)."""
 
     def __init__(
         self,
@@ -232,111 +378,36 @@ class SelfPlay:
         policy: PolicyLogprobs,
         tokenizer: Any,
         args: SPINArgs,
-        train: SFTData,
-        val: SFTData | None,
+        splits: dict[str, SFTData],
         max_length: int,
         batch_size: int,
         seed: int,
-        out_dir: Path,
-        shaping_config: dict[str, Any],
     ) -> None:
         self.fabric, self.policy, self.tokenizer, self.args = fabric, policy, tokenizer, args
-        self.train, self.val = train, val
-        self.max_length, self.batch_size, self.seed, self.out_dir = max_length, batch_size, seed, out_dir
-        self.shaping_config = shaping_config  # the run's settings and data that shape the policy
+        self.splits, self.max_length, self.batch_size, self.seed = splits, max_length, batch_size, seed
 
     def keys(self, iteration: int, split: str, n: int) -> list[int]:
         return [zlib.crc32(f"{self.seed}:{iteration}:{split}:{i}".encode()) for i in range(n)]
 
-    def iteration_data(self, t: int, start: int, history: list[str], required: str | None) -> dict[str, Any]:
-        """Generated ids and reference scores of iteration t (starting at step ``start``, after training on the
-        iteration data ``history``): read back when ``iter-{t}/`` holds what this run would make, else made and
-        saved. ``required``: the id of the data a checkpoint inside iteration t trained on, which cannot be made
-        again (its opponent is gone) and must be the one on disk."""
-        directory = self.out_dir / f"iter-{t}"
-        if required is not None:
-            problem = verify_directory(directory)
-            if problem is None and read_meta(directory).get("id") != required:
-                problem = f"it holds other iteration data than the checkpoint trained on (id {required})"
-            if problem is not None:
-                raise TrainingError(
-                    f"{directory}: {problem}; the checkpoint being resumed is inside iteration {t}, whose opponent "
-                    "is gone, so it cannot be made again: resume from a checkpoint at or before step "
-                    f"{start} (the iteration's start)"
-                )
-            self.fabric.print(f"iteration {t}: reusing {directory}")
-            return self.load(directory)
-        provenance = self.provenance(t, start, history)
-        if (directory / META).is_file():
-            why_not = verify_directory(directory) or self.mismatch(read_meta(directory), provenance)
-            if why_not is None:
-                self.fabric.print(f"iteration {t}: reusing {directory}")
-                return self.load(directory)
-            if self.fabric.is_global_zero:
-                log.warning("iteration %d: not reusing %s: %s; generating again", t, directory, why_not)
-        data = self.make(t)
-        if self.fabric.is_global_zero:
-            self.save(t, data, provenance)
-        self.fabric.barrier()
-        return self.load(directory)
-
-    def provenance(self, t: int, start: int, history: list[str]) -> dict[str, Any]:
-        """What decides iteration t's data: the policy that makes it (the step it stands at, the iteration data it
-        trained on before, the settings that shaped it) and the generation settings."""
-        return {"made_at_step": start, "history": list(history), "settings": self.settings_key(t)}
-
-    def settings_key(self, t: int) -> str:
-        args = self.args
-        generation = {
-            "temperature": args.temperature,
-            "top_p": args.top_p,
-            "max_new_tokens": args.max_new_tokens,
-            "mix_previous": args.mix_previous,
-            "reuse_generated": args.reuse_generated,
-            "epochs_before": [args.epochs_at(i) for i in range(t)],
-            "betas_before": [args.beta_at(i) for i in range(t)],
-            "lrs_before": None if args.lr is None else [args.lr_at(i, 0.0) for i in range(t)],
-        }
-        return content_hash(self.shaping_config, generation)
-
-    @staticmethod
-    def mismatch(meta: dict[str, Any], provenance: dict[str, Any]) -> str | None:
-        if meta.get("made_at_step") != provenance["made_at_step"]:
-            made, start = meta.get("made_at_step"), provenance["made_at_step"]
-            return f"made at step {made}, this iteration starts at step {start}"
-        if meta.get("history") != provenance["history"]:
-            return "made by a policy that trained on other iteration data"
-        if meta.get("settings") != provenance["settings"]:
-            return "made under other settings (model, data, training or generation)"
-        return None
-
-    def load(self, directory: Path) -> dict[str, Any]:
-        """An iteration's data, read as plain tensors and lists (never code), with its id."""
-        data = load_plain(directory / "pairs.pt")
-        data["id"] = read_meta(directory)["id"]
-        return data
-
-    def splits(self) -> dict[str, SFTData]:
-        return {"train": self.train} | ({"val": self.val} if self.val else {})
-
-    def make(self, t: int) -> dict[str, Any]:
+    def make(self, t: int, previous: list[list[int]] | None) -> IterationData:
+        """Iteration t's data, from the policy as it stands (the opponent); ``previous``: last iteration's training
+        answers to rescore (mix_previous)."""
         if t == 0 and self.args.reuse_generated:
             # The rows' own generated answers (the SPIN authors' iteration data), checked at load to be complete.
-            generated = {name: split.generated for name, split in self.splits().items()}
+            generated = {name: split.generated for name, split in self.splits.items()}
             self.fabric.print("iteration 0: training on the data's own generated answers (spin.reuse_generated)")
         else:
             generated = self.sample(t)
-        scores = self.score(t, generated)
-        ref, offset = {}, 0
+        scores = self.score(t, generated, previous)
+        data, offset = IterationData(generated, {}, {}), 0
         for name in generated:  # score() lays out the scores in this order
             n = len(generated[name])
-            if name == "previous":
-                ref[name] = {"generated": scores[offset : offset + n]}
-            else:
-                ref[name] = {"real": scores[offset : offset + n], "generated": scores[offset + n : offset + 2 * n]}
-                n *= 2
-            offset += n
-        return {"generated": generated, "ref": ref}
+            data.ref_real[name] = scores[offset : offset + n]
+            data.ref_generated[name] = scores[offset + n : offset + 2 * n]
+            offset += 2 * n
+        if previous is not None:
+            data.previous, data.ref_previous = previous, scores[offset : offset + len(previous)]
+        return data
 
     def sample(self, t: int) -> dict[str, list[list[int]]]:
         # The opponent decodes in the training forward's compute precision (autocast under the mixed precisions, its
@@ -347,45 +418,35 @@ class SelfPlay:
             compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         opponent = opponent_model(self.fabric, self.policy, compute_dtype)  # outside autocast: LoRA merges in fp32
         with self.fabric.autocast():
-            generated = self.generate(t, opponent)
+            generated = {
+                name: rollout(
+                    self.fabric,
+                    opponent,
+                    split.prompts,
+                    self.keys(t, name, len(split)),
+                    eos_id=end_token_ids(opponent, self.tokenizer),
+                    pad_id=self.tokenizer.pad_token_id,
+                    max_new_tokens=self.args.max_new_tokens,
+                    temperature=self.args.temperature,
+                    top_p=self.args.top_p,
+                    batch_size=self.args.rollout_batch_size,
+                    desc=f"iteration {t}: generate {name}",
+                )
+                for name, split in self.splits.items()
+            }
         del opponent
         self.policy.train()
         return generated
 
-    def generate(self, t: int, opponent: nn.Module) -> dict[str, list[list[int]]]:
-        """The opponent's answers to every prompt of each split (and, with mix_previous, last iteration's)."""
-        generated = {}
-        for name, split in self.splits().items():
-            generated[name] = rollout(
-                self.fabric,
-                opponent,
-                split.prompts,
-                self.keys(t, name, len(split)),
-                eos_id=end_token_ids(opponent, self.tokenizer),
-                pad_id=self.tokenizer.pad_token_id,
-                max_new_tokens=self.args.max_new_tokens,
-                temperature=self.args.temperature,
-                top_p=self.args.top_p,
-                batch_size=self.args.rollout_batch_size,
-                desc=f"iteration {t}: generate {name}",
-            )
-        if self.args.mix_previous and t > 0:
-            previous = self.out_dir / f"iter-{t - 1}"
-            problem = verify_directory(previous)
-            if problem is not None:
-                raise TrainingError(f"spin.mix_previous needs iteration {t - 1}'s answers: {problem}")
-            generated["previous"] = self.load(previous)["generated"]["train"]
-        return generated
-
-    def score(self, t: int, generated: dict[str, list[list[int]]]) -> torch.Tensor:
+    def score(self, t: int, generated: dict[str, list[list[int]]], previous: list[list[int]] | None) -> torch.Tensor:
         """Reference log-probs under the policy as it stands (the opponent): per split, its real answers, then its
-        generated ones; then last iteration's generations (mix_previous)."""
+        generated ones; then last iteration's training answers (mix_previous)."""
         sequences = []
-        for name, split in self.splits().items():
+        for name, split in self.splits.items():
             sequences += [split.real(i) for i in range(len(split))]
             sequences += [self.sequence(split, i, generated[name][i]) for i in range(len(split))]
-        if "previous" in generated:
-            sequences += [self.sequence(self.train, i, g) for i, g in enumerate(generated["previous"])]
+        if previous is not None:
+            sequences += [self.sequence(self.splits["train"], i, g) for i, g in enumerate(previous)]
         return score_sequences(
             self.fabric,
             self.policy,
@@ -402,61 +463,20 @@ class SelfPlay:
             answer = [self.tokenizer.eos_token_id]
         return prompt + answer, len(prompt)
 
-    def save(self, t: int, data: dict[str, Any], provenance: dict[str, Any]) -> None:
-        """``iter-{t}/generations.jsonl`` to read, ``pairs.pt`` to reuse, ``meta.json`` (provenance and a manifest)
-        last; written under a temporary name and renamed, so a crash never leaves a half-written iteration that
-        would be reused. A directory it replaces is set aside, never deleted."""
-        final, tmp = self.out_dir / f"iter-{t}", self.out_dir / f".tmp-iter-{t}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-        with (tmp / "generations.jsonl").open("w", encoding="utf-8") as f:
-            for name, split in self.splits().items():
-                for i in range(len(split)):
-                    row = {
-                        "split": name,
-                        "index": i,
-                        "prompt": self.tokenizer.decode(split.prompts[i]),
-                        "real": decode(split.answers[i]),
-                        "generated": decode(data["generated"][name][i]),
-                        "generated_tokens": len(data["generated"][name][i]),
-                        "ref_logp_real": float(data["ref"][name]["real"][i]),
-                        "ref_logp_generated": float(data["ref"][name]["generated"][i]),
-                    }
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        torch.save(data, tmp / "pairs.pt")
-        lengths = [len(g) for g in data["generated"]["train"]]
-        meta = {
-            "iteration": t,
-            "id": file_sha256(tmp / "pairs.pt"),
-            **provenance,
-            "examples": len(self.train),
-            "mean_generated_tokens": sum(lengths) / len(lengths),
-            "args": vars(self.args),
-        }
-        seal(tmp, meta)
-        if final.exists():  # incomplete (a crash) or not this run's: set it aside, never delete
-            kind = "incomplete" if not (final / META).is_file() else "replaced"
-            final.rename(self.out_dir / f".{kind}-iter-{t}-{zlib.crc32(str(final.stat()).encode())}")
-        tmp.rename(final)
-
-    def pairs(self, t: int, data: dict[str, Any], split: str) -> Pairs:
-        source = self.train if split == "train" else self.val
-        generated, ref = data["generated"][split], data["ref"][split]
-        pairs = Pairs(
-            [source.real(i) for i in range(len(source))],
-            [self.sequence(source, i, g) for i, g in enumerate(generated)],
-            ref["real"],
-            ref["generated"],
-        )
-        if split == "train" and "previous" in data["generated"]:
-            previous = [self.sequence(source, i, g) for i, g in enumerate(data["generated"]["previous"])]
+    def pairs(self, data: IterationData, name: str) -> Pairs:
+        """The (real, generated) training or validation pairs of an iteration; the training pairs also hold last
+        iteration's answers against the same real ones (mix_previous)."""
+        split = self.splits[name]
+        real = [split.real(i) for i in range(len(split))]
+        generated = [self.sequence(split, i, g) for i, g in enumerate(data.generated[name])]
+        pairs = Pairs(real, generated, data.ref_real[name], data.ref_generated[name])
+        if name == "train" and data.previous is not None:
+            previous = [self.sequence(split, i, g) for i, g in enumerate(data.previous)]
             pairs = Pairs(
-                pairs.real + pairs.real,
-                pairs.generated + previous,
-                torch.cat([ref["real"], ref["real"]]),
-                torch.cat([ref["generated"], data["ref"]["previous"]["generated"]]),
+                real + real,
+                generated + previous,
+                torch.cat([pairs.ref_real, pairs.ref_real]),
+                torch.cat([pairs.ref_generated, data.ref_previous]),
             )
         return pairs
 
@@ -617,19 +637,10 @@ def main(fabric: Any, job: Job, spin: SPINArgs, train_data: SFTData, val_data: S
         "settings": shaping_settings(job.config, exclude=("spin",)),
         "data": [split.fingerprint() for split in (train_data, val_data) if split is not None],
     }
-    self_play = SelfPlay(
-        fabric,
-        policy,
-        job.tokenizer,
-        spin,
-        train_data,
-        val_data,
-        job.data.max_length,
-        job.train.eval_micro_batch_size,
-        job.seed,
-        job.out_dir,
-        shaping,
-    )
+    splits = {"train": train_data} | ({"val": val_data} if val_data is not None else {})
+    store = IterationStore(job.out_dir, job.tokenizer, splits)
+    batch_size = job.train.eval_micro_batch_size
+    self_play = SelfPlay(fabric, policy, job.tokenizer, spin, splits, job.data.max_length, batch_size, job.seed)
     recipe = SPIN(fabric, policy, job.tokenizer.pad_token_id)
     # The iteration data the resumed checkpoint trained on, by id: its own iterations are reused only as they were.
     trained_on: list[str] = list(run.resumed_meta.get("iterations", []))
@@ -649,15 +660,29 @@ def main(fabric: Any, job: Job, spin: SPINArgs, train_data: SFTData, val_data: S
         if run.state["step"] == start and t > 0:
             # Each iteration is a fresh fine-tuning run from the new opponent (as in the SPIN authors' recipe).
             optimizer.state.clear()
-        data_t = self_play.iteration_data(t, start, history, trained_on[t] if inside else None)
-        history.append(data_t["id"])
+        if inside:
+            data_t = store.required(t, trained_on[t], start)
+            fabric.print(f"iteration {t}: reusing {store.directory(t)}")
+        else:
+            provenance = iteration_provenance(spin, shaping, t, start, history)
+            data_t = store.reusable(t, provenance, quiet=not fabric.is_global_zero)
+            if data_t is None:
+                previous = store.previous_answers(t) if spin.mix_previous and t > 0 else None
+                made = self_play.make(t, previous)
+                if fabric.is_global_zero:
+                    store.save(t, made, provenance, spin)
+                fabric.barrier()
+                data_t = store.load(t)  # what was stored, on every rank
+            else:
+                fabric.print(f"iteration {t}: reusing {store.directory(t)}")
+        history.append(data_t.id)
         run.meta["iterations"] = list(history)
-        pairs = self_play.pairs(t, data_t, "train")
-        val_pairs = self_play.pairs(t, data_t, "val") if val_data is not None else None
+        pairs = self_play.pairs(data_t, "train")
+        val_pairs = self_play.pairs(data_t, "val") if val_data is not None else None
         beta = spin.beta_at(t)
         recipe.set_iteration(beta, pairs, val_pairs)
         run.state["iteration"] = t
-        lengths = [len(g) for g in data_t["generated"]["train"]]
+        lengths = [len(g) for g in data_t.generated["train"]]
         mean_length = sum(lengths) / len(lengths)
         if run.state["step"] == start and not run.logged_before_resume("generation/mean_length", start):
             run.logger.log({"generation/mean_length": mean_length, "iteration": t, "beta": beta}, step=start)
@@ -669,13 +694,13 @@ def main(fabric: Any, job: Job, spin: SPINArgs, train_data: SFTData, val_data: S
     finish(run, recipe)
 
 
-def log_samples(run: Run, tokenizer: Any, train: SFTData, data: dict[str, Any], t: int, n: int, step: int) -> None:
+def log_samples(run: Run, tokenizer: Any, train: SFTData, data: IterationData, t: int, n: int, step: int) -> None:
     rows = [
         [
             t,
             tokenizer.decode(train.prompts[i], skip_special_tokens=True),
             tokenizer.decode(train.answers[i], skip_special_tokens=True),
-            tokenizer.decode(data["generated"]["train"][i], skip_special_tokens=True),
+            tokenizer.decode(data.generated["train"][i], skip_special_tokens=True),
         ]
         for i in range(min(n, len(train)))
     ]

@@ -68,7 +68,8 @@ def test_default_run_writes_checkpoints_and_export(default_run: Path) -> None:
     final = default_run / "final"
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
         assert (final / name).is_file(), name
-    assert list((default_run / "cache").glob("kto-reference-*.pt"))
+    (cache,) = (default_run / "cache").glob("kto-reference-*")
+    assert (cache / "logps.pt").is_file() and (cache / "meta.json").is_file()
 
 
 def sequence_logps_hf(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -65,9 +65,9 @@ def test_resume_from_an_explicit_path_and_the_final_step(
     before = load_safetensors(out / "final" / "model.safetensors")
     validation = read_metrics(out)
     # A damaged reference cache is computed again (from the initial weights, as before), not a crash.
-    (cache,) = (out / "cache").glob("kto-reference-*.pt")
-    cached = torch.load(cache, weights_only=True)["logps"]
-    cache.write_bytes(b"not a tensor file")
+    (cache,) = (out / "cache").glob("kto-reference-*")
+    cached = torch.load(cache / "logps.pt", weights_only=True)
+    (cache / "logps.pt").write_bytes(b"not a tensor file")
     # Resuming a finished run trains no further step and re-exports the same weights.
     calls = []
     monkeypatch.setattr(loop, "lr_at", lambda *a: calls.append(a) or 1.0)
@@ -75,7 +75,7 @@ def test_resume_from_an_explicit_path_and_the_final_step(
     assert calls == []
     after = load_safetensors(out / "final" / "model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert torch.equal(torch.load(cache, weights_only=True)["logps"], cached)
+    assert torch.equal(torch.load(cache / "logps.pt", weights_only=True), cached)
     # Its final validation replaces the one at that step instead of adding a second row.
     assert column(read_metrics(out), "val/step") == column(validation, "val/step") == [0, 4]
     assert column(read_metrics(out), "val/loss") == column(validation, "val/loss")
