@@ -18,6 +18,8 @@ import pytest
 
 HOPPER_SHARED_MEMORY = 227 * 1024
 
+pytestmark = pytest.mark.slow  # compiles every kernel config through Triton and ptxas (a minute or two)
+
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
