@@ -98,9 +98,15 @@ def load_plain(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        found = [line for line in str(err).splitlines() if "Unsupported" in line or "global" in line.lower()]
-        reason = " ".join((found[0] if found else str(err).splitlines()[0]).split())[:200]
-        raise TrainingError(f"{path}: refused to load (it holds more than tensors and plain data: {reason})") from None
+        problem = f"refused to load (it holds more than tensors and plain data: {refusal(err)})"
+        raise TrainingError(f"{path}: {problem}") from None
+
+
+def refusal(err: Exception) -> str:
+    """The line of torch's weights-only refusal that names what was refused (its message runs over many lines)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    found = [line for line in lines if "Unsupported" in line or "GLOBAL" in line or "global" in line]
+    return " ".join((found[0] if found else lines[0] if lines else type(err).__name__).split())[:200]
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -125,6 +131,9 @@ def find_resume_path(out_dir: Path, resume: str | Path | None) -> Path | None:
         return None
     if str(resume) == "auto":
         found = checkpoint_dirs(out_dir)
+        for child in sorted(out_dir.glob("step-*")) if out_dir.is_dir() else ():
+            if STEP_DIR.match(child.name) and not (child / META).is_file():
+                log.warning("resume=auto: %s has no %s (an unfinished or damaged checkpoint): passed over", child, META)
         for _, path in reversed(found):
             problem = verify_directory(path)
             if problem is None:
@@ -252,7 +261,7 @@ def load_checkpoint(fabric: Fabric, path: Path, state: dict[str, Any]) -> dict[s
     try:
         remainder = fabric.load(path / "state", state, weights_only=True)
     except pickle.UnpicklingError as err:
-        problem = f"refused to load (it holds more than tensors and numbers: {err})"
+        problem = f"refused to load (it holds more than tensors and numbers: {refusal(err)})"
         raise TrainingError(f"{path / 'state'}: {problem}") from None
     for key, value in remainder.items():
         state[key] = value

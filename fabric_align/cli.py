@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -41,11 +42,22 @@ def exit_with_error(message: str) -> None:
 
 
 def run_cli(setup: Callable[..., Any], args: list[str] | None = None) -> None:
-    """Parse the command line (or ``args``) into ``setup``'s typed signature and call it."""
+    """Parse the command line (or ``args``) into ``setup``'s typed signature and call it. A flag the parser rejects
+    (an unknown name, a value of the wrong type, a YAML file it cannot read) is a ``ConfigError`` in one line."""
     import jsonargparse
 
     jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)  # attribute docstrings -> --help
-    jsonargparse.auto_cli(setup, args=args, as_positional=False)
+    try:
+        jsonargparse.auto_cli(setup, args=args, as_positional=False, exit_on_error=False)
+    except jsonargparse.ArgumentError as err:
+        raise ConfigError(f"{parser_message(str(err))} (see --help)") from None
+
+
+def parser_message(text: str) -> str:
+    """jsonargparse's multi-line explanation as one line: ``kto.beta: expected a float, got inf``."""
+    text = re.sub(r"<class '(\w+)'>", r"\1", " ".join(text.split()))
+    text = re.sub(r'^Parser key "([^"]+)":\s*', r"\1: ", text)
+    return text.replace(". Got value: ", ", got ").replace("a typing.Literal[", "one of [")
 
 
 def configure_logging() -> None:

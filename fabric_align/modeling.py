@@ -7,6 +7,7 @@ states and hands them with the lm_head weight to ``fused_linear_logprob``, which
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import warnings
 from collections.abc import Iterator
@@ -83,6 +84,33 @@ def check_model_config(args: ModelArgs, config: Any) -> None:
             )
     if getattr(config, "is_encoder_decoder", False):
         raise ConfigError(f"model.name_or_path={args.name_or_path}: an encoder-decoder model, not a causal LM")
+
+
+def check_model_structure(args: ModelArgs, config: Any) -> None:
+    """What only the module tree tells, found by building it on the meta device (no memory, no weights read): that
+    the attention implementation exists for this model, and that every LoRA target module names a module in it."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"trust_remote_code": args.trust_remote_code}
+    if args.attn_implementation:
+        kwargs["attn_implementation"] = args.attn_implementation
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(copy.deepcopy(config), **kwargs)
+    except (ValueError, ImportError) as err:  # an unknown or unavailable attn_implementation, an unknown model type
+        reason = " ".join(str(err).split())[:300]
+        raise ConfigError(f"model.name_or_path={args.name_or_path}: cannot build the model ({reason})") from None
+    targets = args.lora.target_modules if args.lora is not None else None
+    if isinstance(targets, list):
+        names = [name for name, _ in model.named_modules()]
+        # peft's rule for a list: a module matches when its name is the entry or ends with "." + the entry.
+        missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+        if missing:
+            leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+            raise ConfigError(
+                f"model.lora.target_modules: {missing} name no module of {args.name_or_path} (its linear layers: "
+                f"{', '.join(leaves)})"
+            )
 
 
 def model_fingerprint(args: ModelArgs, seed: int) -> dict[str, Any]:

@@ -18,8 +18,9 @@ from lightning.fabric import Fabric
 from torch import nn
 
 from fabric_align.args import SEED_RANGE, DataArgs, LoggerArgs, ModelArgs, TrainArgs
-from fabric_align.checkpoints import export_hf, find_resume_path, load_checkpoint, require_finite_parameters
+from fabric_align.checkpoints import META, export_hf, find_resume_path, load_checkpoint, require_finite_parameters
 from fabric_align.errors import ConfigError
+from fabric_align.kernels._dispatch import kernel_choice
 from fabric_align.launch import Launch, resolve_launch
 from fabric_align.loggers import MetricLogger
 from fabric_align.loop import Recipe, Run, log_validation, save
@@ -28,6 +29,7 @@ from fabric_align.modeling import (
     adopt_dtypes,
     broadcast_from_rank0,
     check_model_config,
+    check_model_structure,
     is_random_init,
     load_config,
     load_model,
@@ -120,6 +122,10 @@ def prepare_job(
     launch = resolve_launch(devices, num_nodes, precision, strategy)
     check_model_path(model)
     train.accumulation_steps(launch.world_size)
+    try:
+        kernel_choice()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if launch.strategy == "fsdp" and train.optimizer in BITSANDBYTES_OPTIMIZERS:
         raise ConfigError(
             f"train.optimizer={train.optimizer}: bitsandbytes optimizers cannot step FSDP2's sharded "
@@ -130,7 +136,9 @@ def prepare_job(
     if resume_path is None:
         check_out_dir(out_dir, resume)
     tokenizer = load_hub_object(model, load_tokenizer, "its tokenizer")
-    check_model_config(model, load_hub_object(model, load_config, "its config"))
+    model_config = load_hub_object(model, load_config, "its config")
+    check_model_config(model, model_config)
+    check_model_structure(model, model_config)
     config = hparams(
         model=model,
         data=data,
@@ -341,7 +349,8 @@ def warn_changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> Non
 def finish(run: Run, recipe: Recipe) -> Path:
     """Final validation, a last checkpoint, and the Hugging Face export to ``out_dir/final``."""
     log_validation(run, recipe, run.state["step"])
-    if run.args.save_interval and not (run.out_dir / f"step-{run.state['step']:06d}").exists():
+    # A last checkpoint, unless the run stopped at one (a damaged one without its marker is replaced).
+    if run.args.save_interval and not (run.out_dir / f"step-{run.state['step']:06d}" / META).is_file():
         save(run)
     require_finite_parameters(run.fabric, run.policy, "not exporting final/")
     lora = run.job.model.lora

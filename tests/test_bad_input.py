@@ -197,7 +197,7 @@ def test_fresh_run_refuses_an_out_dir_with_checkpoints(guarded_out_dir: Path) ->
 
 
 def test_unknown_flag_is_rejected_by_the_cli(guarded_out_dir: Path) -> None:
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError, match="unrecognized arguments: --kto.betta=0.2"):
         run_cli(kto.setup, [*FAST, "--kto.betta=0.2", f"--out_dir={guarded_out_dir}"])
     assert_untouched(guarded_out_dir)
 

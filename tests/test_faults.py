@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import math
 import pickle
 import shutil
@@ -132,6 +133,18 @@ KTO_FLAGS = {
         "merge_on_export needs an unquantized base",
     ),
     "max_length one": (["--data.max_length=1"], "data.max_length=1: must be at least 2"),
+    # What the parser itself rejects (a type, a name, a file) is one line too, exit status 1.
+    "beta infinite": (["--kto.beta=inf"], "kto.beta: Expected a float, got inf (see --help)"),
+    "unknown flag": (["--kto.betta=0.2"], "unrecognized arguments: --kto.betta=0.2"),
+    "loss type unknown": (["--kto.loss_type=dpo"], "kto.loss_type: Expected one of ['kto', 'apo_zero_unpaired']"),
+    "betas not a pair": (["--train.betas=[0.9]"], "train.betas: Expected a tuple with 2 elements"),
+    "config file missing": (["--config=/no/such/recipe.yaml"], "config: File does not exist"),
+    # What only the model's module tree tells, found on the meta device before any weight is read.
+    "lora target that is not a module": (
+        ["--model.lora.r=4", "--model.lora.target_modules=[qkv_proj]"],
+        "model.lora.target_modules: ['qkv_proj'] name no module of fabric-align/tiny-llama (its linear layers: ",
+    ),
+    "attention implementation unknown": (["--model.attn_implementation=bogus"], "cannot build the model"),
 }
 
 
@@ -181,6 +194,12 @@ def test_environment_failures_are_one_line(
     for flags, message in cases:
         default_out = [] if any(f.startswith("--out_dir") for f in flags) else [f"--out_dir={tmp_path / 'o'}"]
         assert_one_line_error(program(kto.setup, [*FAST, *default_out, *flags], capsys), message)
+    monkeypatch.setenv("FABRIC_ALIGN_KERNELS", "cuda")
+    assert_one_line_error(
+        program(kto.setup, [*FAST, f"--out_dir={tmp_path / 'o'}"], capsys),
+        "FABRIC_ALIGN_KERNELS='cuda': expected 'triton', 'torch' or unset",
+    )
+    monkeypatch.delenv("FABRIC_ALIGN_KERNELS")
     # A hub id that cannot be fetched (in offline mode, so the test does not wait for the hub's retries).
     import huggingface_hub.constants
 
@@ -413,6 +432,17 @@ def test_a_crafted_rng_file_is_never_unpickled(
     assert not marker.exists()
 
 
+def test_a_crafted_training_state_is_refused_in_one_line(
+    tmp_path: Path, kto_straight: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, marker = tmp_path / "out", tmp_path / "pwned"
+    shutil.copytree(kto_straight, out)
+    plant(out / "step-000010" / "state", marker)
+    result = program(kto.setup, [*KTO_ARGS, f"--out_dir={out}", "--resume=auto"], capsys)
+    assert_one_line_error(result, "step-000010/state: refused to load", "Unsupported global")
+    assert not marker.exists()
+
+
 def test_a_crafted_spin_iteration_is_never_unpickled(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out, marker = tmp_path / "out", tmp_path / "pwned"
     args = [*SPIN_ARGS, "--spin.iterations=1", "--train.save_interval=null"]
@@ -487,7 +517,7 @@ def test_a_damaged_newest_checkpoint_falls_back(
 
 
 def test_a_damaged_completion_marker_falls_back_and_nothing_intact_is_an_error(
-    tmp_path: Path, kto_straight: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, kto_straight: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "out"
     shutil.copytree(kto_straight, out)
@@ -495,6 +525,14 @@ def test_a_damaged_completion_marker_falls_back_and_nothing_intact_is_an_error(
     truncate(out / "step-000010" / "meta.json")
     assert_ok(program(kto.setup, [*KTO_ARGS, f"--out_dir={out}", "--resume=auto"], capsys))
     assert_same_weights(weights(kto_straight), weights(out))
+    # A checkpoint directory without its marker at all is passed over with a warning naming it.
+    shutil.rmtree(out / "final")
+    (out / "step-000010" / "meta.json").unlink()
+    with caplog.at_level(logging.WARNING, logger="fabric_align"):
+        assert_ok(program(kto.setup, [*KTO_ARGS, f"--out_dir={out}", "--resume=auto"], capsys))
+    assert f"{out / 'step-000010'} has no meta.json" in caplog.text
+    assert_same_weights(weights(kto_straight), weights(out))
+    assert (out / "step-000010" / "meta.json").is_file()  # the run's last checkpoint, written anew
     for step in (3, 6, 9, 10):
         empty(out / f"step-{step:06d}" / "state")
     result = program(kto.setup, [*KTO_ARGS, f"--out_dir={out}", "--resume=auto"], capsys)
