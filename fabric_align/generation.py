@@ -167,11 +167,12 @@ def generate(
             input_ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
             mask[row, width - len(prompts[i]) :] = 1
         input_ids, mask = input_ids.to(device), mask.to(device)
-        batch_keys = torch.tensor([keys[i] for i in batch], dtype=torch.int64, device=device)
+        row_keys = torch.tensor([keys[i] for i in batch], dtype=torch.int64, device=device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
+        rows = torch.arange(len(batch), device=device)  # the batch rows still decoding
         finished = torch.zeros(len(batch), dtype=torch.bool, device=device)
-        out = []
+        out = torch.full((len(batch), max_new_tokens), pad_id, dtype=torch.long, device=device)
         step_ids, step_positions = input_ids, positions
         for t in range(max_new_tokens):
             hidden = decoder(
@@ -181,27 +182,34 @@ def generate(
                 use_cache=True,
                 cache=cache,  # transformers' name since 5.x (`past_key_values` warns on every call)
             ).last_hidden_state[:, -1]
-            logits = (hidden @ head.weight.T).float()  # [B, V] for the last position only
+            logits = (hidden @ head.weight.T).float()  # [rows, V] for the last position only
             if head.bias is not None:
                 logits = logits + head.bias.float()
-            token = sample_next(logits, batch_keys, t, temperature=temperature, top_p=top_p)
+            token = sample_next(logits, row_keys, t, temperature=temperature, top_p=top_p)
             token = torch.where(finished, torch.full_like(token, pad_id), token)
-            out.append(token)
+            out[rows, t] = token
             finished |= torch.isin(token, ends)
-            # One host sync per token for both: all rows done, or a distribution that is not a distribution (NaN
+            # One host sync per token for both: how many rows are done, and whether the distribution is one (NaN
             # logits would make every draw token 0, an answer of NUL bytes).
-            done, nonfinite = torch.stack([finished.all(), ~torch.isfinite(logits).all()]).tolist()
+            done, nonfinite = torch.stack([finished.sum(), (~torch.isfinite(logits)).any()]).tolist()
             if nonfinite:
                 raise TrainingError(
                     f"generation: the next-token logits are not finite at answer position {t} (the model's weights "
                     "are NaN/inf or it diverged); refusing to sample from them"
                 )
-            if done:
+            if done == len(rows):
                 break
             step_ids = token.unsqueeze(1)
             step_positions = step_positions[:, -1:] + 1
             mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
-        generated = torch.stack(out, dim=1).cpu()
+            if done * 4 >= len(rows):
+                # A quarter of the rows have ended: stop decoding them (their draws never mattered). Each row's noise
+                # is keyed by its own key and position, so the others sample exactly what they would have.
+                keep = (~finished).nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                rows, row_keys, finished = rows[keep], row_keys[keep], finished[keep]
+                step_ids, step_positions, mask = step_ids[keep], step_positions[keep], mask[keep]
+        generated = out.cpu()
         for row, i in enumerate(batch):
             tokens = generated[row].tolist()
             end = next((j for j, token in enumerate(tokens) if token in end_ids), None)

@@ -145,3 +145,30 @@ def test_decoding_stops_at_every_end_token(model_and_tokenizer: tuple) -> None:
         assert end_token_ids(model, tok) == sorted({tok.eos_token_id, 5})
     finally:
         config.eos_token_id = before
+
+
+def test_rows_that_ended_stop_decoding_and_the_others_sample_as_alone(model_and_tokenizer: tuple) -> None:
+    """Once a quarter of a batch has drawn an end token, those rows leave the batch (its KV cache too); every other
+    row samples exactly what it samples alone, since its noise is keyed by its own key and position."""
+    model, tok = model_and_tokenizer
+    prompts = [tok(p)["input_ids"] for p in PROMPTS * 2]
+    keys = list(range(20, 28))
+    probe = dict(pad_id=tok.pad_token_id, max_new_tokens=10, temperature=1.0, top_p=1.0, show_progress=False)
+    free = generate(model, prompts, keys, eos_id=tok.eos_token_id, batch_size=8, **probe)
+    # End tokens that half of the rows draw early: the tokens they sample at position 1.
+    extra = {row[1] for row in free[:4]}
+    ends = [tok.eos_token_id, *extra]
+    rows_seen: list[int] = []
+    hook = model.get_decoder().register_forward_pre_hook(
+        lambda module, args, kwargs: rows_seen.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    try:
+        together = generate(model, prompts, keys, eos_id=ends, batch_size=8, **probe)
+    finally:
+        hook.remove()
+    alone = [
+        generate(model, [p], [k], eos_id=ends, batch_size=1, **probe)[0] for p, k in zip(prompts, keys, strict=True)
+    ]
+    assert together == alone
+    assert rows_seen[0] == 8 and min(rows_seen) < 8  # the batch shrank as rows ended
+    assert any(len(row) < 10 for row in together) and any(len(row) > 3 for row in together)
