@@ -93,6 +93,22 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "rope_theta": 10000.0,
         "tie_word_embeddings": False,
     },
+    # llama-small's widths, twice as deep and without grouped-query attention (8 KV heads): 58.5M parameters
+    # (32.8M of them in the untied embedding and lm_head).
+    "llama-58m": {
+        "model_type": "llama",
+        "vocab_size": 32000,
+        "hidden_size": 512,
+        "intermediate_size": 1408,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+    },
     # Qwen2.5-0.5B's shapes (494M parameters, tied embeddings).
     "qwen0.5b": {
         "model_type": "qwen2",
@@ -253,24 +269,47 @@ def worker_fabric_align(cfg: dict[str, Any]) -> dict[str, Any]:
     kto.cli(argv)
     result = clock.summary(t_entry)
     result.update(baseline_mib=baseline, peak_mib=clock.peak_mib, ref_pass_s=sum(ref_seconds) or None)
-    # fabric-align's own metric (attention-mask tokens / step time, per step) as a cross-check.
-    csv_path = out_dir / "logs" / "metrics.csv"
-    if csv_path.is_file():
-        import csv
-
-        with csv_path.open() as f:
-            rows = [r for r in csv.DictReader(f) if r.get("train/tokens_per_sec")]
-        own = [float(r["train/tokens_per_sec"]) for r in rows[1:]]
-        result["own_tokens_per_sec_mean"] = sum(own) / len(own) if own else None
+    result.update(own_tokens_per_sec(out_dir))
     result["threads"] = torch.get_num_threads()
     return result
+
+
+def own_tokens_per_sec(out_dir: Path) -> dict[str, float | None]:
+    """fabric-align's own metric (attention-mask tokens / step time, per step), mean over steps 2..N, from its CSV
+    log: a cross-check of the benchmark's timing ({} when there is no log)."""
+    csv_path = out_dir / "logs" / "metrics.csv"
+    if not csv_path.is_file():
+        return {}
+    import csv
+
+    with csv_path.open() as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/tokens_per_sec")]
+    own = [float(r["train/tokens_per_sec"]) for r in rows[1:]]
+    return {"own_tokens_per_sec_mean": sum(own) / len(own) if own else None}
+
+
+def trainer_step_timer(holder: dict[str, Any], clock: StepClock) -> Any:
+    """A TrainerCallback that reports each finished optimizer step and its tokens to ``clock``: TRL's trainers count
+    the attention-mask tokens of every training micro-batch in ``_total_train_tokens`` (``holder["trainer"]``)."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.seen = 0
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            total = holder["trainer"]._total_train_tokens
+            clock.step_end(total - self.seen)
+            self.seen = total
+
+    return StepTimer()
 
 
 def worker_trl(cfg: dict[str, Any], *, precompute: bool) -> dict[str, Any]:
     import torch
     import trl
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
     from trl import KTOConfig, KTOTrainer
 
     baseline = rss_mib()
@@ -278,16 +317,6 @@ def worker_trl(cfg: dict[str, Any], *, precompute: bool) -> dict[str, Any]:
     ref_seconds: list[float] = []
     KTOTrainer._precompute_ref_logps = _timed(KTOTrainer._precompute_ref_logps, ref_seconds)
     holder: dict[str, Any] = {}
-
-    class StepTimer(TrainerCallback):
-        def __init__(self) -> None:
-            self.seen = 0
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            # KTOTrainer counts the attention-mask tokens of every training batch in _total_train_tokens.
-            total = holder["trainer"]._total_train_tokens
-            clock.step_end(total - self.seen)
-            self.seen = total
 
     dtype = torch.bfloat16 if cfg["bf16"] else torch.float32
     t_entry = time.perf_counter()
@@ -328,7 +357,7 @@ def worker_trl(cfg: dict[str, Any], *, precompute: bool) -> dict[str, Any]:
     )
     trainer = KTOTrainer(model=cfg["model_dir"], args=args, train_dataset=dataset, processing_class=tokenizer)
     holder["trainer"] = trainer
-    trainer.add_callback(StepTimer())
+    trainer.add_callback(trainer_step_timer(holder, clock))
     trainer.train()
     result = clock.summary(t_entry)
     result.update(
@@ -444,11 +473,13 @@ def _cpu_model() -> str:
         return platform.processor() or "unknown"
 
 
-def launch(name: str, cfg: dict[str, Any], log_path: Path) -> dict[str, Any]:
+def launch(name: str, cfg: dict[str, Any], log_path: Path, script: Path | None = None) -> dict[str, Any]:
+    """Run one worker (``script --worker NAME``, this file by default) in a fresh process; its RESULT line."""
     env = dict(
         os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false"
     )
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--worker-config", json.dumps(cfg)]
+    script = script or Path(__file__).resolve()
+    cmd = [sys.executable, str(script), "--worker", name, "--worker-config", json.dumps(cfg)]
     t = time.perf_counter()
     with log_path.open("w") as log:
         proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=log, text=True, cwd=str(REPO / "benchmarks"))
@@ -460,6 +491,49 @@ def launch(name: str, cfg: dict[str, Any], log_path: Path) -> dict[str, Any]:
     result = json.loads(lines[-1][len("RESULT ") :])
     result["process_wall_s"] = wall
     return result
+
+
+def run_rounds(
+    frameworks: list[str],
+    rounds: int,
+    steps: int,
+    work: Path,
+    config_for: Callable[[str, int], dict[str, Any]],
+    script: Path | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """Every framework's worker once per round, one after another, in alternating order (reversed on odd rounds);
+    ``config_for(name, round)`` gives a worker's config. Prints each run's figures and the load average around it."""
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in frameworks}
+    for round_index in range(rounds):
+        names = list(frameworks) if round_index % 2 == 0 else list(reversed(frameworks))
+        for name in names:
+            cfg = config_for(name, round_index)
+            load_before = os.getloadavg()[0]
+            result = launch(name, cfg, work / f"{name}-{round_index}.log", script)
+            result["loadavg_1min"] = [load_before, os.getloadavg()[0]]
+            print(
+                f"round {round_index} {name}: {result['tokens_per_s']:.0f} tokens/s, steps 2..{steps}: "
+                + ", ".join(f"{s:.1f}" for s in result["step_s"])
+                + f" s; tokens/step {result['tokens_per_step']}; first step at "
+                f"{result['time_to_first_step_s']:.1f} s; {result['tokens_per_cpu_s']:.0f} tokens per CPU-s; "
+                f"process {result['process_wall_s']:.0f} s; "
+                f"1-min load average {load_before:.1f} -> {result['loadavg_1min'][1]:.1f}",
+                flush=True,
+            )
+            runs[name].append(result)
+    return runs
+
+
+def require_trl(parser: argparse.ArgumentParser, frameworks: list[str]) -> None:
+    """Stop with a usage error when a TRL framework is asked for and TRL is not installed."""
+    if any(name.startswith("trl") for name in frameworks):
+        import importlib.util
+
+        if importlib.util.find_spec("trl") is None:
+            parser.error(
+                "TRL is not installed (it is not a dependency of fabric-align): `pip install --no-deps trl` into "
+                "this environment (then `pip check`), or pass --frameworks fabric-align"
+            )
 
 
 def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -508,21 +582,22 @@ def table(results: list[dict[str, Any]], device: str) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def benchmark_parser(doc: str, frameworks: tuple[str, ...], unit: str) -> argparse.ArgumentParser:
+    """The command line shared by the step benchmarks (KTO here, SPIN in spin_step.py); ``unit``: what a batch holds."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument(
         "--config", choices=sorted(CONFIGS), default=None, help="default: llama-small on CPU, qwen0.5b on CUDA"
     )
-    parser.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS, default=list(FRAMEWORKS))
+    parser.add_argument("--frameworks", nargs="+", choices=frameworks, default=list(frameworks))
     parser.add_argument(
         "--steps", type=int, default=None, help="optimizer steps per run (default: 4 on CPU, 12 on CUDA)"
     )
     parser.add_argument(
         "--rounds", type=int, default=2, help="runs per framework, in alternating order; the table shows medians"
     )
-    parser.add_argument("--global-batch", type=int, default=None, help="default: 8 on CPU, 32 on CUDA")
-    parser.add_argument("--micro-batch", type=int, default=None, help="default: 4 on CPU, 8 on CUDA")
+    parser.add_argument("--global-batch", type=int, default=None, help=f"{unit} per step (default: 8 CPU, 32 CUDA)")
+    parser.add_argument("--micro-batch", type=int, default=None, help=f"{unit} per forward (default: 4 CPU, 8 CUDA)")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--seed", type=int, default=0)
@@ -530,8 +605,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--work-dir", type=Path, default=None, help="default: a temporary directory, removed after")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    parser.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=frameworks, help=argparse.SUPPRESS)
     parser.add_argument("--worker-config", help=argparse.SUPPRESS)
+    return parser
+
+
+def main() -> None:
+    parser = benchmark_parser(__doc__, FRAMEWORKS, unit="examples")
     args = parser.parse_args()
 
     if args.worker:
@@ -545,14 +625,7 @@ def main() -> None:
     micro_batch = args.micro_batch or (8 if cuda else 4)
     if steps < 2 or global_batch % micro_batch or micro_batch < 2 or args.rounds < 1:
         parser.error("need --steps >= 2, --rounds >= 1, --micro-batch >= 2 (TRL's KL term) dividing --global-batch")
-    if any(name.startswith("trl") for name in args.frameworks):
-        import importlib.util
-
-        if importlib.util.find_spec("trl") is None:
-            parser.error(
-                "TRL is not installed (it is not a dependency of fabric-align): `pip install --no-deps trl` into "
-                "this environment (then `pip check`), or pass --frameworks fabric-align"
-            )
+    require_trl(parser, args.frameworks)
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="kto-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -578,39 +651,26 @@ def main() -> None:
         )
         print(setting)
         print(json.dumps(env))
-        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in args.frameworks}
-        for round_index in range(args.rounds):
-            names = list(args.frameworks) if round_index % 2 == 0 else list(reversed(args.frameworks))
-            for name in names:
-                cfg = {
-                    "device": args.device,
-                    "bf16": cuda,
-                    "model_dir": str(model_dir),
-                    "data": str(data),
-                    "data_trl": str(data_trl),
-                    "out_dir": str(work / f"out-{name}-{round_index}"),  # fresh: no reference cache, no checkpoints
-                    "seq_len": args.seq_len,
-                    "global_batch": global_batch,
-                    "micro_batch": micro_batch,
-                    "steps": steps,
-                    "lr": args.lr,
-                    "seed": args.seed,
-                    "activation_checkpointing": args.activation_checkpointing,
-                    "threads": args.threads,
-                }
-                load_before = os.getloadavg()[0]
-                result = launch(name, cfg, work / f"{name}-{round_index}.log")
-                result["loadavg_1min"] = [load_before, os.getloadavg()[0]]
-                print(
-                    f"round {round_index} {name}: {result['tokens_per_s']:.0f} tokens/s, steps 2..{steps}: "
-                    + ", ".join(f"{s:.1f}" for s in result["step_s"])
-                    + f" s; tokens/step {result['tokens_per_step']}; first step at "
-                    f"{result['time_to_first_step_s']:.1f} s; {result['tokens_per_cpu_s']:.0f} tokens per CPU-s; "
-                    f"process {result['process_wall_s']:.0f} s; "
-                    f"1-min load average {load_before:.1f} -> {result['loadavg_1min'][1]:.1f}",
-                    flush=True,
-                )
-                runs[name].append(result)
+
+        def config_for(name: str, round_index: int) -> dict[str, Any]:
+            return {
+                "device": args.device,
+                "bf16": cuda,
+                "model_dir": str(model_dir),
+                "data": str(data),
+                "data_trl": str(data_trl),
+                "out_dir": str(work / f"out-{name}-{round_index}"),  # fresh: no reference cache, no checkpoints
+                "seq_len": args.seq_len,
+                "global_batch": global_batch,
+                "micro_batch": micro_batch,
+                "steps": steps,
+                "lr": args.lr,
+                "seed": args.seed,
+                "activation_checkpointing": args.activation_checkpointing,
+                "threads": args.threads,
+            }
+
+        runs = run_rounds(args.frameworks, args.rounds, steps, work, config_for)
         results = [aggregate(runs[name]) for name in args.frameworks]
         text = table(results, args.device)
         print(text)
