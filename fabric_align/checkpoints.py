@@ -190,9 +190,10 @@ def save_checkpoint(fabric: Fabric, out_dir: Path, state: dict[str, Any], meta: 
             record = {**meta, "step": step, "world_size": fabric.world_size, "files": files}
             (tmp / META).write_text(json.dumps(record, indent=2))
             publish(tmp, final)
-    except OSError:
+    except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        # Name the checkpoint, not the temporary file a library wrote it through (which may live in /tmp).
+        raise OSError(err.errno, f"could not write the checkpoint ({err.strerror or err})", str(final)) from None
     fabric.barrier()
     return final
 

@@ -145,11 +145,12 @@ def fit(
         # takes the same decision.
         metrics = reduce_metrics(fabric, parts, recipe.metric_spec)
         norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        stop = None
         if math.isfinite(metrics["loss"]) and math.isfinite(norm):
             run.optimizer.step()
             state["consecutive_skips"] = 0
         else:
-            skip_step(run, step + 1, metrics["loss"], norm)
+            stop = skip_step(run, step + 1, metrics["loss"], norm)
         run.optimizer.zero_grad(set_to_none=True)
         state["step"] = step + 1
         tokens = metrics.pop("tokens", 0.0)
@@ -171,14 +172,16 @@ def fit(
             )
             logged.update(extra_metrics() if extra_metrics else {})
             run.logger.log(logged, step=state["step"])
+        if stop is not None:  # after logging, so the log counts the step that stopped the run
+            raise TrainingError(stop)
         if args.save_interval and state["step"] % args.save_interval == 0:
             save(run)
     bar.close()
 
 
-def skip_step(run: Run, step: int, loss: float, grad_norm: float) -> None:
-    """A step whose loss or gradient norm is not finite leaves the weights and optimizer state as they were; too
-    many in a row stop the run, whose checkpoints (all saved from finite weights) stay as they are."""
+def skip_step(run: Run, step: int, loss: float, grad_norm: float) -> str | None:
+    """A step whose loss or gradient norm is not finite leaves the weights and optimizer state as they were. Returns
+    why the run must stop when too many came in a row (its checkpoints, all saved from finite weights, stay)."""
     state = run.state
     state["skipped_steps"] += 1
     state["consecutive_skips"] += 1
@@ -186,7 +189,7 @@ def skip_step(run: Run, step: int, loss: float, grad_norm: float) -> None:
     if state["consecutive_skips"] > run.args.max_consecutive_skips:
         found = checkpoint_dirs(run.out_dir)
         kept = f"the last checkpoint is {found[-1][1]}" if found else "no checkpoint was saved"
-        raise TrainingError(
+        return (
             f"step {step}: not finite ({what}) for {state['consecutive_skips']} steps in a row "
             f"(train.max_consecutive_skips={run.args.max_consecutive_skips}): stopped; {kept}. "
             "Lower train.lr, set train.max_norm, or check the data"
@@ -198,6 +201,7 @@ def skip_step(run: Run, step: int, loss: float, grad_norm: float) -> None:
         state["consecutive_skips"],
         state["skipped_steps"],
     )
+    return None
 
 
 def save(run: Run) -> None:

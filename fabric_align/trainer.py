@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, is_dataclass
@@ -123,9 +124,14 @@ def prepare_job(
     check_model_path(model)
     train.accumulation_steps(launch.world_size)
     try:
-        kernel_choice()
+        kernels = kernel_choice()
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if kernels == "triton" and launch.accelerator != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(
+            "FABRIC_ALIGN_KERNELS=triton on a CPU needs TRITON_INTERPRET=1 (Triton's interpreter, slow; for tests): "
+            "the compiled kernels run on CUDA GPUs"
+        )
     if launch.strategy == "fsdp" and train.optimizer in BITSANDBYTES_OPTIMIZERS:
         raise ConfigError(
             f"train.optimizer={train.optimizer}: bitsandbytes optimizers cannot step FSDP2's sharded "
