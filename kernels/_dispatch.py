@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Literal
 
 import torch
 
@@ -17,12 +18,18 @@ def kernel_choice() -> str:
     return choice
 
 
-def use_triton(*tensors: torch.Tensor) -> bool:
-    """Triton on CUDA tensors, torch elsewhere; ``FABRIC_ALIGN_KERNELS=triton|torch`` forces one.
+Implementation = Literal["auto", "triton", "torch"]
+
+
+def use_triton(*tensors: torch.Tensor, implementation: Implementation | None = None) -> bool:
+    """Whether to run the Triton kernel: ``implementation`` when given, else ``FABRIC_ALIGN_KERNELS``; ``auto`` means
+    Triton on CUDA tensors and torch elsewhere.
 
     Forcing ``triton`` on CPU tensors only works under ``TRITON_INTERPRET=1`` (the Triton interpreter).
     """
-    choice = kernel_choice()
+    choice = implementation or kernel_choice()
+    if choice not in ("auto", "triton", "torch"):
+        raise ValueError(f"implementation={choice!r}: expected 'auto', 'triton' or 'torch'")
     if choice != "auto":
         return choice == "triton"
     if not all(t.is_cuda for t in tensors):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from fabric_align.kernels._dispatch import use_triton
+from fabric_align.kernels._dispatch import Implementation, use_triton
 from fabric_align.kernels.selfcheck import TF32_TOLERANCE, TOLERANCE, ensure_checked
 
 __all__ = ["fused_linear_logprob", "linear_logprob_reference"]
@@ -57,6 +57,7 @@ def fused_linear_logprob(
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
     temperature: float = 1.0,
+    implementation: Implementation | None = None,
 ) -> torch.Tensor:
     """Log-probability of ``targets`` under ``log_softmax((hidden @ weight.T + bias) / temperature)``.
 
@@ -66,6 +67,7 @@ def fused_linear_logprob(
         targets: ``[N]`` (or ``hidden.shape[:-1]``) integer token ids; ``ignore_index`` marks skipped rows.
         bias: optional ``[V]``.
         temperature: logits are divided by it after adding the bias.
+        implementation: ``triton``, ``torch`` or ``auto`` (Triton on CUDA tensors); None: ``FABRIC_ALIGN_KERNELS``.
 
     Returns:
         float32 tensor shaped like ``targets``; exactly 0 at ignored positions. Gradients flow to hidden,
@@ -103,7 +105,9 @@ def fused_linear_logprob(
         bias = bias.to(dtype)
 
     # The Triton kernels take 16-bit and fp32 inputs (tl.dot has no fp64 form on GPUs); fp64 goes to torch.
-    triton_path = dtype in (torch.float32, torch.bfloat16, torch.float16) and use_triton(hidden2d, weight, targets1d)
+    triton_path = dtype in (torch.float32, torch.bfloat16, torch.float16) and use_triton(
+        hidden2d, weight, targets1d, implementation=implementation
+    )
     if triton_path and dtype == torch.bfloat16 and not hidden2d.is_cuda:
         # Forced Triton on CPU tensors runs in the interpreter, whose bf16 tl.dot returns garbage (not an error).
         raise ValueError(
@@ -289,18 +293,21 @@ def _target_cols(targets: torch.Tensor, v0: int, cols: int) -> tuple[torch.Tenso
     return local.clamp_(0, cols - 1).unsqueeze(1), inside
 
 
-def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, a32: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (fp32) += a @ b for low-precision a, b without rounding each partial product to low precision
-    (a32 is a in fp32). On CUDA a low-precision GEMM with an fp32 output; elsewhere an fp32 GEMM."""
+def accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, a32: torch.Tensor | None = None) -> None:
+    """acc (fp32) += a @ b without rounding the partial product to a low-precision a's dtype: on CUDA a 16-bit GEMM
+    with an fp32 output, elsewhere an fp32 GEMM (``a32``: a in fp32, when the caller already has it)."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+        return
     if acc.is_cuda:
         try:
             acc.add_(torch.mm(a, b, out_dtype=torch.float32))
             return
         except torch.OutOfMemoryError:
             raise
-        except (RuntimeError, TypeError, NotImplementedError):  # older torch: no fp32-output GEMM
+        except (RuntimeError, TypeError, NotImplementedError):  # no fp32-output GEMM for this dtype or device
             pass
-    acc.addmm_(a32, b.float())
+    acc.addmm_(a.float() if a32 is None else a32, b.float())
 
 
 def _torch_forward(
@@ -403,12 +410,12 @@ def _torch_backward(
                     if dh_acc is None:
                         torch.mm(zg, w_c, out=d_hidden[r0:r1])
                     else:
-                        _accumulate_mm(dh_acc, zg, z, w_c)
+                        accumulate_mm(dh_acc, zg, w_c, a32=z)
                 if need_w:
                     if one_row_block:
                         torch.mm(zg.t(), h, out=d_weight[v0:v1])
                     else:
-                        _accumulate_mm(dw32[v0:v1], zg.t(), z.t(), h)
+                        accumulate_mm(dw32[v0:v1], zg.t(), h, a32=z.t())
                 if need_b:
                     db32[v0:v1].add_(z.sum(dim=0))
             else:

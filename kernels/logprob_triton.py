@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fabric_align.kernels.logprob import accumulate_mm
+
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
@@ -385,27 +387,6 @@ def forward(
     return logp, lse2
 
 
-_MM_FP32_OUT: bool | None = None  # does torch.mm(..., out_dtype=float32) work here? probed once
-
-
-def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (fp32) += a @ b without rounding the partial product to a's low precision when cuBLAS allows."""
-    global _MM_FP32_OUT
-    if a.dtype == torch.float32:
-        acc.addmm_(a, b)
-        return
-    if _MM_FP32_OUT is None or _MM_FP32_OUT:
-        try:
-            acc.add_(torch.mm(a, b, out_dtype=torch.float32))
-            _MM_FP32_OUT = True
-            return
-        except torch.OutOfMemoryError:
-            raise
-        except (TypeError, RuntimeError, NotImplementedError):  # older torch: no fp32-output GEMM
-            _MM_FP32_OUT = False
-    acc.add_(torch.mm(a, b))
-
-
 def _chunk_cols(nv: int, vocab: int) -> int:
     if "CHUNK_COLS" in _OVERRIDE:
         return int(_OVERRIDE["CHUNK_COLS"])
@@ -475,7 +456,7 @@ def backward(
             if single:
                 d_hidden = torch.mm(gc, weight)
             else:
-                _accumulate_mm(dh32, gc, weight[v0:v1])
+                accumulate_mm(dh32, gc, weight[v0:v1])
         if need_w:
             torch.mm(gc.t(), hidden, out=d_weight[v0:v1])  # fp32 accumulation over N inside the GEMM
         if need_b:

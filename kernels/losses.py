@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fabric_align.kernels._dispatch import use_triton
+from fabric_align.kernels._dispatch import Implementation, use_triton
 from fabric_align.kernels.selfcheck import ensure_checked
 
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
@@ -304,9 +304,10 @@ class _KTOLoss(torch.autograd.Function):
         undesirable_weight: float,
         uses_kl: bool,
         normalizer: float | torch.Tensor,
+        triton: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        ctx.triton = use_triton(token_logps)
-        if ctx.triton:
+        ctx.triton = triton
+        if triton:
             loss, stats, row_grad = _triton_module().kto_forward(
                 token_logps,
                 ref_logps.contiguous(),
@@ -345,7 +346,7 @@ class _KTOLoss(torch.autograd.Function):
                 (grad,) = _triton_module().broadcast_rows(row_grad, grad_loss, [(length, dtype, 1.0)])
             else:
                 grad = (row_grad * grad_loss).to(dtype)[:, None].expand(-1, length)
-        return grad, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None
 
 
 class _SPINLoss(torch.autograd.Function):
@@ -358,9 +359,10 @@ class _SPINLoss(torch.autograd.Function):
         ref_generated_logps: torch.Tensor,
         beta: float,
         normalizer: float | torch.Tensor,
+        triton: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        ctx.triton = use_triton(real_token_logps, generated_token_logps)
-        if ctx.triton:
+        ctx.triton = triton
+        if triton:
             loss, stats, row_grad = _triton_module().spin_forward(
                 real_token_logps,
                 generated_token_logps,
@@ -398,7 +400,7 @@ class _SPINLoss(torch.autograd.Function):
                 for i, sign in wanted:
                     length, dtype = ctx.token_shapes[i]
                     grads[i] = (scaled if sign > 0 else -scaled).to(dtype)[:, None].expand(-1, length)
-        return grads[0], grads[1], None, None, None, None
+        return grads[0], grads[1], None, None, None, None, None
 
 
 # ------------------------------------------------------------------------------------------ public API
@@ -415,8 +417,10 @@ def kto_loss(
     undesirable_weight: float = 1.0,
     loss_type: str = "kto",
     normalizer: Normalizer = None,
+    implementation: Implementation | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Fused KTO loss; same contract as ``kto_loss_reference``.
+    """Fused KTO loss; same contract as ``kto_loss_reference``. ``implementation``: ``triton``, ``torch`` or ``auto``
+    (Triton on CUDA tensors); None: ``FABRIC_ALIGN_KERNELS``, else ``auto``.
 
     token_logps [B, T] per-token policy log-probs (0 where masked), ref_logps [B] reference sequence
     log-probs, labels [B] bool (True = desirable), kl 0-dim z0 (>= 0, no gradient).
@@ -428,7 +432,8 @@ def kto_loss(
     _check_rows("ref_logps", ref_logps, batch)
     _check_rows("labels", labels, batch)
     device = token_logps.device
-    if use_triton(token_logps):
+    triton = use_triton(token_logps, implementation=implementation)
+    if triton:
         ensure_checked("KTO loss", device, token_logps.dtype, _probe_kto, _loss_tolerance(token_logps.dtype))
     loss, stats = _KTOLoss.apply(
         token_logps,
@@ -440,6 +445,7 @@ def kto_loss(
         float(undesirable_weight),
         uses_kl,
         _normalizer(normalizer, batch, device),
+        triton,
     )
     return loss, dict(zip(KTO_METRIC_KEYS, stats.unbind(0), strict=True))
 
@@ -452,8 +458,9 @@ def spin_loss(
     *,
     beta: float = 0.1,
     normalizer: Normalizer = None,
+    implementation: Implementation | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Fused SPIN loss; same contract as ``spin_loss_reference``.
+    """Fused SPIN loss; same contract as ``spin_loss_reference``; ``implementation`` as for ``kto_loss``.
 
     real [B, T] and generated [B, T'] per-token policy log-probs (0 where masked; T != T' is fine),
     ref_real / ref_generated [B] reference sequence log-probs.
@@ -465,7 +472,8 @@ def spin_loss(
     _check_rows("ref_real_logps", ref_real_logps, batch)
     _check_rows("ref_generated_logps", ref_generated_logps, batch)
     device = real_token_logps.device
-    if use_triton(real_token_logps, generated_token_logps):
+    triton = use_triton(real_token_logps, generated_token_logps, implementation=implementation)
+    if triton:
         dtype = real_token_logps.dtype
         ensure_checked("SPIN loss", device, dtype, _probe_spin, _loss_tolerance(dtype))
     loss, stats = _SPINLoss.apply(
@@ -475,6 +483,7 @@ def spin_loss(
         ref_generated_logps.detach().to(device),
         float(beta),
         _normalizer(normalizer, batch, device),
+        triton,
     )
     return loss, dict(zip(SPIN_METRIC_KEYS, stats.unbind(0), strict=True))
 

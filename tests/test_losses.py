@@ -537,3 +537,27 @@ def test_bf16_on_gpu_matches_float64(batch: int, monkeypatch) -> None:
     _close(x_real.grad, exp_gr, rtol=1e-2, atol=1e-6, what=lambda m: f"real grad: {m}")
     _close(x_gen.grad, exp_gg, rtol=1e-2, atol=1e-6, what=lambda m: f"generated grad: {m}")
     _check_metrics(metrics, exp_metrics, SPIN_KEYS, rtol=1e-4, atol=1e-3)
+
+
+def test_the_implementation_argument_overrides_the_environment(monkeypatch) -> None:
+    """``implementation=`` picks the kernel whatever FABRIC_ALIGN_KERNELS says; both give the same numbers."""
+    from fabric_align.kernels import losses_triton
+
+    calls = []
+    real_forward = losses_triton.kto_forward
+    monkeypatch.setattr(losses_triton, "kto_forward", lambda *a, **k: calls.append(1) or real_forward(*a, **k))
+    gen = torch.Generator().manual_seed(5)
+    tokens = -torch.rand(6, 9, generator=gen)
+    ref, labels = -torch.rand(6, generator=gen) * 9, torch.tensor([True, False] * 3)
+    results = {}
+    for env, implementation in (("triton", "torch"), ("torch", "triton")):
+        monkeypatch.setenv("FABRIC_ALIGN_KERNELS", env)
+        logps = tokens.clone().requires_grad_()
+        loss, _ = losses.kto_loss(logps, ref, labels, torch.tensor(0.2), implementation=implementation)
+        loss.backward()
+        results[implementation] = (loss.detach(), logps.grad)
+    assert len(calls) == 1  # only the call that asked for Triton ran it, against the environment's choice
+    torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(results["triton"][1], results["torch"][1], rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="implementation='cuda'"):
+        losses.kto_loss(tokens, ref, labels, torch.tensor(0.2), implementation="cuda")  # type: ignore[arg-type]
