@@ -4,6 +4,7 @@ holds an adapter that reproduces the trained policy on a fresh 4-bit base."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -189,7 +190,12 @@ def test_spin_qlora_trains(tiny_with_weights: Path, tmp_path: Path) -> None:
             f"--out_dir={tmp_path / 'out'}",
         ],
     )
-    assert (tmp_path / "out" / "final" / "adapter_model.safetensors").is_file()
+    adapter = load_safetensors(tmp_path / "out" / "final" / "adapter_model.safetensors")
+    lora_b = [t for k, t in adapter.items() if "lora_B" in k]
+    assert lora_b and all(torch.isfinite(t).all() for t in adapter.values())
+    assert any(t.abs().max() > 0 for t in lora_b)  # lora_B starts at zero: the adapter was trained
+    losses = column(read_metrics(tmp_path / "out"), "train/loss")
+    assert losses and all(math.isfinite(v) for v in losses)
 
 
 @pytest.mark.parametrize("name", ["adamw8bit", "paged_adamw", "paged_adamw8bit"])

@@ -138,24 +138,27 @@ def test_real_recipe_settings_are_consistent(recipe: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("recipe", "overrides", "metric"),
+    ("recipe", "overrides", "metric", "better"),
     [
-        ("kto-tiny.yaml", ["--train.max_steps=4", "--train.eval_interval=4"], "val/rewards/margins"),
+        ("kto-tiny.yaml", ["--train.max_steps=4", "--train.eval_interval=4"], "val/rewards/margins", max),
         (
             "spin-tiny.yaml",
             ["--spin.iterations=1", "--spin.epochs_per_iteration=1", "--spin.max_new_tokens=8", "--spin.beta=[0.1]"],
             "val/nll",
+            min,
         ),
     ],
 )
-def test_tiny_recipe_trains(recipe: str, overrides: list[str], metric: str, tmp_path: Path) -> None:
+def test_tiny_recipe_trains(recipe: str, overrides: list[str], metric: str, better: Any, tmp_path: Path) -> None:
     out = tmp_path / "out"
     path = REPO / "recipes" / recipe
     run_cli(
         entry(recipe).setup, [f"--config={path}", *FAST, "--train.save_interval=null", *overrides, f"--out_dir={out}"]
     )
+    values = column(read_metrics(out), metric)
+    assert len(values) >= 2  # before the first step and at the end
+    assert better(values[0], values[-1]) == values[-1] != values[0]  # the validation metric moved the right way
     assert (out / "final" / "model.safetensors").is_file()
-    assert len(column(read_metrics(out), metric)) >= 2  # before the first step and at the end
 
 
 def test_paper_recipe_runs_one_short_iteration_on_the_tiny_model(tmp_path: Path) -> None:
