@@ -5,7 +5,7 @@ Three implementations of each loss live here or beside it:
 - ``kto_loss_reference`` / ``spin_loss_reference``: the papers' formulas in plain torch, autograd through
   ordinary ops. Readable; the yardstick for the others.
 - ``kto_loss`` / ``spin_loss``: custom autograd Functions. On CUDA tensors they run the Triton kernels of
-  ``losses_triton.py`` (one forward launch for a micro-batch of up to 16 rows, one backward launch); elsewhere
+  ``losses_triton.py`` (one forward launch, one backward launch); elsewhere
   a torch implementation that keeps to ``[B]`` vectors (the gradient is an expanded ``[B, 1]`` column).
   ``FABRIC_ALIGN_KERNELS=triton|torch`` forces one (see ``_dispatch.py``).
 
@@ -201,9 +201,55 @@ def spin_loss_reference(
 # Same results as the kernels, built from [B] vectors only (no [B, T] intermediates) and no host syncs.
 
 
-def _mean_where(mask: torch.Tensor, values: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    # where() rather than a product: a masked-out inf would turn 0 * inf into nan
-    return torch.where(mask, values, 0.0).sum() / count.clamp(min=1.0)
+# What the metrics are, given the per-row sums: stated once, for both implementations (the Triton kernels produce the
+# same sums, in losses_triton.py).
+
+
+def kto_stats(sums: torch.Tensor, kl: torch.Tensor, normalizer: float | torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """KTO's loss and ``KTO_METRIC_KEYS`` from its row sums: (loss, reward of desirable rows, of undesirable rows,
+    log-prob of desirable rows, of undesirable rows, count desirable, count undesirable). A mean over no rows is 0."""
+    loss = sums[0] / normalizer
+    chosen, rejected = sums[5].clamp(min=1.0), sums[6].clamp(min=1.0)
+    rewards_chosen, rewards_rejected = sums[1] / chosen, sums[2] / rejected
+    stats = torch.stack(
+        [
+            loss,
+            kl,
+            rewards_chosen,
+            rewards_rejected,
+            rewards_chosen - rewards_rejected,
+            sums[3] / chosen,
+            sums[4] / rejected,
+            sums[5],
+            sums[6],
+        ]
+    )
+    return loss, stats
+
+
+def spin_stats(sums: torch.Tensor, normalizer: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SPIN's loss and ``SPIN_METRIC_KEYS`` from its row sums: (loss, reward of the real answers, of the generated
+    ones, pairs ranked right, log-prob of the real answers, of the generated ones, count)."""
+    loss = sums[0] / normalizer
+    count = sums[6].clamp(min=1.0)
+    rewards_real, rewards_generated = sums[1] / count, sums[2] / count
+    stats = torch.stack(
+        [
+            loss,
+            rewards_real,
+            rewards_generated,
+            rewards_real - rewards_generated,
+            sums[3] / count,
+            sums[4] / count,
+            sums[5] / count,
+            sums[6],
+        ]
+    )
+    return loss, stats
+
+
+# ------------------------------------------------------------------------------ torch implementation
+# The per-row formulas, built from [B] vectors only (no [B, T] intermediates) and no host syncs.
 
 
 def _kto_torch_forward(
@@ -225,28 +271,20 @@ def _kto_torch_forward(
     losses = torch.where(labels, desirable_weight * sig_neg, undesirable_weight * sig_pos)
     weight = torch.where(labels, -desirable_weight, undesirable_weight)
     row_grad = weight * beta * sig_pos * sig_neg / normalizer
-    loss = losses.sum() / normalizer
-
-    rewards = beta * r
-    rejected = ~labels
-    n_chosen = labels.sum(dtype=torch.float32)
-    n_rejected = rejected.sum(dtype=torch.float32)
-    rewards_chosen = _mean_where(labels, rewards, n_chosen)
-    rewards_rejected = _mean_where(rejected, rewards, n_rejected)
-    stats = torch.stack(
+    rewards, rejected = beta * r, ~labels
+    # where() rather than a product: a masked-out inf would turn 0 * inf into nan
+    sums = torch.stack(
         [
-            loss,
-            kl,
-            rewards_chosen,
-            rewards_rejected,
-            rewards_chosen - rewards_rejected,
-            _mean_where(labels, seq, n_chosen),
-            _mean_where(rejected, seq, n_rejected),
-            n_chosen,
-            n_rejected,
+            losses.sum(),
+            torch.where(labels, rewards, 0.0).sum(),
+            torch.where(rejected, rewards, 0.0).sum(),
+            torch.where(labels, seq, 0.0).sum(),
+            torch.where(rejected, seq, 0.0).sum(),
+            labels.sum(dtype=torch.float32),
+            rejected.sum(dtype=torch.float32),
         ]
     )
-    return loss, stats, row_grad
+    return (*kto_stats(sums, kl, normalizer), row_grad)
 
 
 def _spin_torch_forward(
@@ -262,24 +300,31 @@ def _spin_torch_forward(
     real_ratio = real - ref_real_logps.float()
     generated_ratio = generated - ref_generated_logps.float()
     x = beta * (real_ratio - generated_ratio)
-    loss = F.softplus(-x).sum() / normalizer  # softplus(-x) = -logsigmoid(x)
     row_grad = -beta * torch.sigmoid(-x) / normalizer  # d loss / d real sum; the generated sum gets minus it
-
-    rewards_real = beta * real_ratio
-    rewards_generated = beta * generated_ratio
-    stats = torch.stack(
+    rewards_real, rewards_generated = beta * real_ratio, beta * generated_ratio
+    sums = torch.stack(
         [
-            loss,
-            rewards_real.mean(),
-            rewards_generated.mean(),
-            rewards_real.mean() - rewards_generated.mean(),
-            (rewards_real > rewards_generated).float().mean(),
-            real.mean(),
-            generated.mean(),
+            F.softplus(-x).sum(),  # softplus(-x) = -logsigmoid(x)
+            rewards_real.sum(),
+            rewards_generated.sum(),
+            (rewards_real > rewards_generated).float().sum(),
+            real.sum(),
+            generated.sum(),
             torch.full((), float(real.shape[0]), device=real.device),
         ]
     )
-    return loss, stats, row_grad
+    return (*spin_stats(sums, normalizer), row_grad)
+
+
+def _kto_triton_forward(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Triton kernel's per-row sums turned into the loss and metrics (``losses_triton.kto_forward``'s args)."""
+    row_grad, sums = _triton_module().kto_forward(*args, **kwargs)
+    return (*kto_stats(sums, args[3], kwargs["normalizer"]), row_grad)
+
+
+def _spin_triton_forward(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    row_grad, sums = _triton_module().spin_forward(*args, **kwargs)
+    return (*spin_stats(sums, kwargs["normalizer"]), row_grad)
 
 
 # ------------------------------------------------------------------------------- autograd Functions
@@ -308,7 +353,7 @@ class _KTOLoss(torch.autograd.Function):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.triton = triton
         if triton:
-            loss, stats, row_grad = _triton_module().kto_forward(
+            loss, stats, row_grad = _kto_triton_forward(
                 token_logps,
                 ref_logps.contiguous(),
                 labels.contiguous(),
@@ -363,7 +408,7 @@ class _SPINLoss(torch.autograd.Function):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.triton = triton
         if triton:
-            loss, stats, row_grad = _triton_module().spin_forward(
+            loss, stats, row_grad = _spin_triton_forward(
                 real_token_logps,
                 generated_token_logps,
                 ref_real_logps.contiguous(),
@@ -510,7 +555,7 @@ def _probe_kto(device: torch.device, dtype: torch.dtype) -> dict[str, tuple[torc
     ref = (tokens.float().sum(-1).cpu() + torch.randn(rows, generator=gen) * 2).to(device)
     labels = (torch.rand(rows, generator=gen) < 0.5).to(device)
     kl = torch.tensor(0.3, device=device)
-    got = _triton_module().kto_forward(
+    got = _kto_triton_forward(
         tokens, ref, labels, kl, beta=0.5, desirable_weight=1.3, undesirable_weight=0.7, use_kl=True, normalizer=23.0
     )
     want = _kto_torch_forward(tokens, ref, labels, kl, 0.5, 1.3, 0.7, True, 23.0)
@@ -524,6 +569,6 @@ def _probe_spin(device: torch.device, dtype: torch.dtype) -> dict[str, tuple[tor
     generated = _probe_tokens(gen, rows, 29).to(device=device, dtype=dtype)
     ref_real = (real.float().sum(-1).cpu() + torch.randn(rows, generator=gen)).to(device)
     ref_generated = (generated.float().sum(-1).cpu() + torch.randn(rows, generator=gen)).to(device)
-    got = _triton_module().spin_forward(real, generated, ref_real, ref_generated, beta=0.4, normalizer=23.0)
+    got = _spin_triton_forward(real, generated, ref_real, ref_generated, beta=0.4, normalizer=23.0)
     want = _spin_torch_forward(real, generated, ref_real, ref_generated, 0.4, 23.0)
     return {name: (g, w) for name, g, w in zip(("loss", "metrics", "row gradient"), got, want, strict=True)}

@@ -1,14 +1,14 @@
 """Triton kernels for the fused KTO and SPIN losses.
 
-The math and the plain-torch twins live in ``losses.py``; this module is imported lazily from there, so
+The math of each loss is stated once per implementation: its per-row formula here (a ``*_rows_kernel``) and in the
+torch twin of ``losses.py``; what the metrics are, given the per-row sums, is stated once for both
+(``losses.kto_stats`` / ``losses.spin_stats``). This module is imported lazily from ``losses.py``, so
 ``fabric_align.kernels.losses`` imports without Triton.
 
-Forward: one program per block of rows loops over the sequence in tiles, sums each row's token log-probs in
-fp32, forms the reward against the reference, the per-row loss and its derivative dL/dr (already divided by
-the normalizer, stored as a ``[B]`` vector), and the metric sums. With a single program (B <= MAX_BLOCK_B,
-the usual micro-batch) that program also writes the final loss and metrics: one launch. Otherwise each
-program writes a row of per-program partial sums and one tiny finishing program reduces them in a fixed
-order (deterministic, unlike float atomics).
+Forward (``forward_rows``, one launcher for every loss): one program per block of rows loops over the sequence in
+tiles, sums each row's token log-probs in fp32, forms the reward against the reference, the per-row loss and its
+derivative dL/dr (divided by the normalizer, stored as a ``[B]`` vector), and writes its block's sums of the per-row
+values the metrics need (``[programs, NUM_SLOTS]``, added up in a fixed order: deterministic, unlike float atomics).
 
 Backward: one launch broadcasts ``row_grad * grad_loss`` over every token of each row, writing the gradient
 in the input dtype; no other ``[B, T]`` tensor is made.
@@ -26,11 +26,8 @@ import triton.language as tl
 MAX_BLOCK_B = 16
 MAX_TILE = 4096  # elements of one [BLOCK_B, BLOCK_T] register tile
 MIN_BLOCK_T = 16
-MAX_FINISH_BLOCK_P = 1024
 
-NUM_SLOTS = 8  # per-program partial sums (KTO uses 7, SPIN 6); a power of two for tl.arange
-KTO_NUM_STATS = 9
-SPIN_NUM_STATS = 8
+NUM_SLOTS = 8  # per-program sums (KTO uses 7, SPIN 7); a power of two for tl.arange
 
 
 def _pow2(n: int) -> int:
@@ -43,7 +40,22 @@ def _tile(batch: int, length: int) -> tuple[int, int]:
     return block_b, block_t
 
 
-def _norm_args(normalizer: float | torch.Tensor, dummy: torch.Tensor) -> tuple[torch.Tensor, float, bool]:
+def forward_rows(
+    kernel: triton.JITFunction, batch: int, length: int, *args, **meta
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch a loss's rows kernel over ``batch`` rows of up to ``length`` tokens: returns (row_grad ``[B]``, the
+    ``[NUM_SLOTS]`` sums over all rows), both fp32 on the tokens' device. ``args`` are the kernel's own inputs, in
+    its order; the launcher adds its outputs (``row_grad_ptr``, ``partial_ptr``), ``B`` and the tiling."""
+    device = args[0].device
+    block_b, block_t = _tile(batch, length)
+    programs = triton.cdiv(batch, block_b)
+    row_grad = torch.empty(batch, dtype=torch.float32, device=device)
+    partials = torch.empty((programs, NUM_SLOTS), dtype=torch.float32, device=device)
+    kernel[(programs,)](*args, row_grad, partials, batch, **meta, NUM=NUM_SLOTS, BLOCK_B=block_b, BLOCK_T=block_t)
+    return row_grad, partials[0] if programs == 1 else partials.sum(0)
+
+
+def normalizer_args(normalizer: float | torch.Tensor, dummy: torch.Tensor) -> tuple[torch.Tensor, float, bool]:
     """A tensor normalizer is read on the device (no host sync); a number is passed by value."""
     if isinstance(normalizer, torch.Tensor):
         return normalizer, 1.0, True
@@ -96,41 +108,16 @@ def _load_norm(norm_ptr, norm_val, NORM_FROM_PTR: tl.constexpr):
 
 
 @triton.jit
-def _sum_partials(partial_ptr, P, NUM: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Column sums of the [P, NUM] per-program partials, in a fixed order."""
+def _store_sums(partial_ptr, NUM: tl.constexpr, s0, s1, s2, s3, s4, s5, s6):
+    """This program's row sums, in slots 0..6 of its row of the partials (slot 7 unused)."""
     slots = tl.arange(0, NUM)
-    acc = tl.zeros([BLOCK_P, NUM], dtype=tl.float32)
-    for p0 in range(0, P, BLOCK_P):
-        idx = p0 + tl.arange(0, BLOCK_P)
-        ptrs = partial_ptr + idx[:, None] * NUM + slots[None, :]
-        acc += tl.load(ptrs, mask=idx[:, None] < P, other=0.0)
-    return tl.sum(acc, axis=0), slots
-
-
-@triton.jit
-def _pick(v, slots, k: tl.constexpr):
-    return tl.sum(tl.where(slots == k, v, 0.0), axis=0)
+    values = tl.where(slots == 0, s0, 0.0) + tl.where(slots == 1, s1, 0.0) + tl.where(slots == 2, s2, 0.0)
+    values += tl.where(slots == 3, s3, 0.0) + tl.where(slots == 4, s4, 0.0) + tl.where(slots == 5, s5, 0.0)
+    values += tl.where(slots == 6, s6, 0.0)
+    tl.store(partial_ptr + tl.program_id(0) * NUM + slots, values)
 
 
 # ------------------------------------------------------------------------------------------------- KTO
-
-
-@triton.jit
-def _kto_store(loss_ptr, stats_ptr, s_loss, s_rc, s_rr, s_lc, s_lr, n_c, n_r, kl, norm):
-    """Final loss and metrics; a mean over no rows is 0 (its sum is 0, its count clamped to 1)."""
-    loss = s_loss / norm
-    rc = s_rc / tl.maximum(n_c, 1.0)
-    rr = s_rr / tl.maximum(n_r, 1.0)
-    tl.store(loss_ptr, loss)
-    tl.store(stats_ptr + 0, loss)
-    tl.store(stats_ptr + 1, kl)
-    tl.store(stats_ptr + 2, rc)
-    tl.store(stats_ptr + 3, rr)
-    tl.store(stats_ptr + 4, rc - rr)
-    tl.store(stats_ptr + 5, s_lc / tl.maximum(n_c, 1.0))
-    tl.store(stats_ptr + 6, s_lr / tl.maximum(n_r, 1.0))
-    tl.store(stats_ptr + 7, n_c)
-    tl.store(stats_ptr + 8, n_r)
 
 
 @triton.jit
@@ -138,29 +125,27 @@ def _kto_fwd_kernel(
     logp_ptr,
     stride_b,
     stride_t,
+    T,
     ref_ptr,
     label_ptr,
     kl_ptr,
     norm_ptr,
-    row_grad_ptr,
-    partial_ptr,
-    loss_ptr,
-    stats_ptr,
-    B,
-    T,
     beta,
     w_d,
     w_u,
     norm_val,
+    row_grad_ptr,
+    partial_ptr,
+    B,
     USE_KL: tl.constexpr,
     NORM_FROM_PTR: tl.constexpr,
-    SINGLE: tl.constexpr,
     NUM: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    """KTO per row: slots = (loss, reward of desirable rows, of undesirable rows, log-prob of desirable rows, of
+    undesirable rows, count desirable, count undesirable), summed over this program's rows."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
     seq = _row_sums(logp_ptr, stride_b, stride_t, rows, row_mask, T, BLOCK_B, BLOCK_T)
     ref = tl.load(ref_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
@@ -177,61 +162,21 @@ def _kto_fwd_kernel(
     # Both loss types: desirable w_d * (1 - sigmoid(x)) = w_d * sigmoid(-x), undesirable w_u * sigmoid(x)
     # ("kto": 1 - sigmoid(beta * (z0 - r)) = sigmoid(x)); d sigmoid(x) / dr = beta * sigmoid(x) * sigmoid(-x).
     row_loss = tl.where(desirable, w_d * sig_neg, w_u * sig_pos)
-    row_grad = tl.where(desirable, -w_d, w_u) * beta * sig_prod / norm
-    tl.store(row_grad_ptr + rows, row_grad, mask=row_mask)
+    tl.store(row_grad_ptr + rows, tl.where(desirable, -w_d, w_u) * beta * sig_prod / norm, mask=row_mask)
 
     chosen = desirable & row_mask
     rejected = (~desirable) & row_mask
     reward = beta * r
-    s_loss = tl.sum(tl.where(row_mask, row_loss, 0.0), axis=0)
-    s_rc = tl.sum(tl.where(chosen, reward, 0.0), axis=0)
-    s_rr = tl.sum(tl.where(rejected, reward, 0.0), axis=0)
-    s_lc = tl.sum(tl.where(chosen, seq, 0.0), axis=0)
-    s_lr = tl.sum(tl.where(rejected, seq, 0.0), axis=0)
-    n_c = tl.sum(chosen.to(tl.float32), axis=0)
-    n_r = tl.sum(rejected.to(tl.float32), axis=0)
-    if SINGLE:
-        _kto_store(loss_ptr, stats_ptr, s_loss, s_rc, s_rr, s_lc, s_lr, n_c, n_r, kl, norm)
-    else:
-        base = partial_ptr + pid * NUM
-        tl.store(base + 0, s_loss)
-        tl.store(base + 1, s_rc)
-        tl.store(base + 2, s_rr)
-        tl.store(base + 3, s_lc)
-        tl.store(base + 4, s_lr)
-        tl.store(base + 5, n_c)
-        tl.store(base + 6, n_r)
-        tl.store(base + 7, 0.0)
-
-
-@triton.jit
-def _kto_finish_kernel(
-    partial_ptr,
-    kl_ptr,
-    norm_ptr,
-    loss_ptr,
-    stats_ptr,
-    P,
-    norm_val,
-    NORM_FROM_PTR: tl.constexpr,
-    NUM: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-):
-    sums, slots = _sum_partials(partial_ptr, P, NUM, BLOCK_P)
-    kl = tl.load(kl_ptr).to(tl.float32)
-    norm = _load_norm(norm_ptr, norm_val, NORM_FROM_PTR)
-    _kto_store(
-        loss_ptr,
-        stats_ptr,
-        _pick(sums, slots, 0),
-        _pick(sums, slots, 1),
-        _pick(sums, slots, 2),
-        _pick(sums, slots, 3),
-        _pick(sums, slots, 4),
-        _pick(sums, slots, 5),
-        _pick(sums, slots, 6),
-        kl,
-        norm,
+    _store_sums(
+        partial_ptr,
+        NUM,
+        tl.sum(tl.where(row_mask, row_loss, 0.0), axis=0),
+        tl.sum(tl.where(chosen, reward, 0.0), axis=0),
+        tl.sum(tl.where(rejected, reward, 0.0), axis=0),
+        tl.sum(tl.where(chosen, seq, 0.0), axis=0),
+        tl.sum(tl.where(rejected, seq, 0.0), axis=0),
+        tl.sum(chosen.to(tl.float32), axis=0),
+        tl.sum(rejected.to(tl.float32), axis=0),
     )
 
 
@@ -246,81 +191,35 @@ def kto_forward(
     undesirable_weight: float,
     use_kl: bool,
     normalizer: float | torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (loss 0-dim, stats [KTO_NUM_STATS], row_grad [B] = dloss/dr_i), all fp32.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (row_grad [B] = dloss/dr_i, the KTO row sums [NUM_SLOTS]), fp32.
 
     ``ref_logps`` [B] contiguous, ``labels`` [B] bool contiguous, ``kl`` 0-dim, all on the tokens' device.
     """
     batch, length = token_logps.shape
-    device = token_logps.device
-    block_b, block_t = _tile(batch, length)
-    programs = triton.cdiv(batch, block_b)
-    single = programs == 1
-    f32 = torch.float32
-    loss = torch.empty((), dtype=f32, device=device)
-    stats = torch.empty(KTO_NUM_STATS, dtype=f32, device=device)
-    row_grad = torch.empty(batch, dtype=f32, device=device)
-    partials = stats if single else torch.empty((programs, NUM_SLOTS), dtype=f32, device=device)
-    norm_ptr, norm_val, norm_from_ptr = _norm_args(normalizer, kl)
-    _kto_fwd_kernel[(programs,)](
+    norm_ptr, norm_val, norm_from_ptr = normalizer_args(normalizer, kl)
+    return forward_rows(
+        _kto_fwd_kernel,
+        batch,
+        length,
         token_logps,
         token_logps.stride(0),
         token_logps.stride(1),
+        length,
         ref_logps,
         labels.view(torch.uint8),  # bool and uint8 share a layout; a plain byte pointer is portable
         kl,
         norm_ptr,
-        row_grad,
-        partials,
-        loss,
-        stats,
-        batch,
-        length,
         float(beta),
         float(desirable_weight),
         float(undesirable_weight),
         norm_val,
         USE_KL=use_kl,
         NORM_FROM_PTR=norm_from_ptr,
-        SINGLE=single,
-        NUM=NUM_SLOTS,
-        BLOCK_B=block_b,
-        BLOCK_T=block_t,
     )
-    if not single:
-        _kto_finish_kernel[(1,)](
-            partials,
-            kl,
-            norm_ptr,
-            loss,
-            stats,
-            programs,
-            norm_val,
-            NORM_FROM_PTR=norm_from_ptr,
-            NUM=NUM_SLOTS,
-            BLOCK_P=min(_pow2(programs), MAX_FINISH_BLOCK_P),
-        )
-    return loss, stats, row_grad
 
 
 # ------------------------------------------------------------------------------------------------ SPIN
-
-
-@triton.jit
-def _spin_store(loss_ptr, stats_ptr, s_loss, s_rw_real, s_rw_gen, s_acc, s_lp_real, s_lp_gen, n, norm):
-    loss = s_loss / norm
-    count = tl.maximum(n, 1.0)
-    rw_real = s_rw_real / count
-    rw_gen = s_rw_gen / count
-    tl.store(loss_ptr, loss)
-    tl.store(stats_ptr + 0, loss)
-    tl.store(stats_ptr + 1, rw_real)
-    tl.store(stats_ptr + 2, rw_gen)
-    tl.store(stats_ptr + 3, rw_real - rw_gen)
-    tl.store(stats_ptr + 4, s_acc / count)
-    tl.store(stats_ptr + 5, s_lp_real / count)
-    tl.store(stats_ptr + 6, s_lp_gen / count)
-    tl.store(stats_ptr + 7, n)
 
 
 @triton.jit
@@ -328,29 +227,27 @@ def _spin_fwd_kernel(
     real_ptr,
     stride_rb,
     stride_rt,
+    T_real,
     gen_ptr,
     stride_gb,
     stride_gt,
+    T_gen,
     ref_real_ptr,
     ref_gen_ptr,
     norm_ptr,
-    row_grad_ptr,
-    partial_ptr,
-    loss_ptr,
-    stats_ptr,
-    B,
-    T_real,
-    T_gen,
     beta,
     norm_val,
+    row_grad_ptr,
+    partial_ptr,
+    B,
     NORM_FROM_PTR: tl.constexpr,
-    SINGLE: tl.constexpr,
     NUM: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    """SPIN per pair: slots = (loss, reward of the real answer, of the generated one, accuracy, log-prob of the
+    real answer, of the generated one, count), summed over this program's pairs."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
     real = _row_sums(real_ptr, stride_rb, stride_rt, rows, row_mask, T_real, BLOCK_B, BLOCK_T)
     gen = _row_sums(gen_ptr, stride_gb, stride_gt, rows, row_mask, T_gen, BLOCK_B, BLOCK_T)
@@ -366,52 +263,16 @@ def _spin_fwd_kernel(
 
     rw_real = beta * r_real
     rw_gen = beta * r_gen
-    s_loss = tl.sum(tl.where(row_mask, row_loss, 0.0), axis=0)
-    s_rw_real = tl.sum(tl.where(row_mask, rw_real, 0.0), axis=0)
-    s_rw_gen = tl.sum(tl.where(row_mask, rw_gen, 0.0), axis=0)
-    s_acc = tl.sum((row_mask & (rw_real > rw_gen)).to(tl.float32), axis=0)
-    s_lp_real = tl.sum(tl.where(row_mask, real, 0.0), axis=0)
-    s_lp_gen = tl.sum(tl.where(row_mask, gen, 0.0), axis=0)
-    if SINGLE:
-        n = tl.sum(row_mask.to(tl.float32), axis=0)
-        _spin_store(loss_ptr, stats_ptr, s_loss, s_rw_real, s_rw_gen, s_acc, s_lp_real, s_lp_gen, n, norm)
-    else:
-        base = partial_ptr + pid * NUM
-        tl.store(base + 0, s_loss)
-        tl.store(base + 1, s_rw_real)
-        tl.store(base + 2, s_rw_gen)
-        tl.store(base + 3, s_acc)
-        tl.store(base + 4, s_lp_real)
-        tl.store(base + 5, s_lp_gen)
-        tl.store(base + 6, tl.sum(row_mask.to(tl.float32), axis=0))
-        tl.store(base + 7, 0.0)
-
-
-@triton.jit
-def _spin_finish_kernel(
-    partial_ptr,
-    norm_ptr,
-    loss_ptr,
-    stats_ptr,
-    P,
-    norm_val,
-    NORM_FROM_PTR: tl.constexpr,
-    NUM: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-):
-    sums, slots = _sum_partials(partial_ptr, P, NUM, BLOCK_P)
-    norm = _load_norm(norm_ptr, norm_val, NORM_FROM_PTR)
-    _spin_store(
-        loss_ptr,
-        stats_ptr,
-        _pick(sums, slots, 0),
-        _pick(sums, slots, 1),
-        _pick(sums, slots, 2),
-        _pick(sums, slots, 3),
-        _pick(sums, slots, 4),
-        _pick(sums, slots, 5),
-        _pick(sums, slots, 6),
-        norm,
+    _store_sums(
+        partial_ptr,
+        NUM,
+        tl.sum(tl.where(row_mask, row_loss, 0.0), axis=0),
+        tl.sum(tl.where(row_mask, rw_real, 0.0), axis=0),
+        tl.sum(tl.where(row_mask, rw_gen, 0.0), axis=0),
+        tl.sum((row_mask & (rw_real > rw_gen)).to(tl.float32), axis=0),
+        tl.sum(tl.where(row_mask, real, 0.0), axis=0),
+        tl.sum(tl.where(row_mask, gen, 0.0), axis=0),
+        tl.sum(row_mask.to(tl.float32), axis=0),
     )
 
 
@@ -423,61 +284,31 @@ def spin_forward(
     *,
     beta: float,
     normalizer: float | torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (loss 0-dim, stats [SPIN_NUM_STATS], row_grad [B] = dloss/d(real sum)), all fp32.
-
-    The generated tokens' row gradient is ``-row_grad``.
-    """
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (row_grad [B] = dloss/d(real sum), the SPIN row sums [NUM_SLOTS]), fp32. The generated tokens'
+    row gradient is ``-row_grad``."""
     batch, t_real = real_token_logps.shape
     t_gen = generated_token_logps.shape[1]
-    device = real_token_logps.device
-    block_b, block_t = _tile(batch, max(t_real, t_gen))
-    programs = triton.cdiv(batch, block_b)
-    single = programs == 1
-    f32 = torch.float32
-    loss = torch.empty((), dtype=f32, device=device)
-    stats = torch.empty(SPIN_NUM_STATS, dtype=f32, device=device)
-    row_grad = torch.empty(batch, dtype=f32, device=device)
-    partials = stats if single else torch.empty((programs, NUM_SLOTS), dtype=f32, device=device)
-    norm_ptr, norm_val, norm_from_ptr = _norm_args(normalizer, row_grad)
-    _spin_fwd_kernel[(programs,)](
+    norm_ptr, norm_val, norm_from_ptr = normalizer_args(normalizer, ref_real_logps)
+    return forward_rows(
+        _spin_fwd_kernel,
+        batch,
+        max(t_real, t_gen),
         real_token_logps,
         real_token_logps.stride(0),
         real_token_logps.stride(1),
+        t_real,
         generated_token_logps,
         generated_token_logps.stride(0),
         generated_token_logps.stride(1),
+        t_gen,
         ref_real_logps,
         ref_generated_logps,
         norm_ptr,
-        row_grad,
-        partials,
-        loss,
-        stats,
-        batch,
-        t_real,
-        t_gen,
         float(beta),
         norm_val,
         NORM_FROM_PTR=norm_from_ptr,
-        SINGLE=single,
-        NUM=NUM_SLOTS,
-        BLOCK_B=block_b,
-        BLOCK_T=block_t,
     )
-    if not single:
-        _spin_finish_kernel[(1,)](
-            partials,
-            norm_ptr,
-            loss,
-            stats,
-            programs,
-            norm_val,
-            NORM_FROM_PTR=norm_from_ptr,
-            NUM=NUM_SLOTS,
-            BLOCK_P=min(_pow2(programs), MAX_FINISH_BLOCK_P),
-        )
-    return loss, stats, row_grad
 
 
 # -------------------------------------------------------------------------------------------- backward

@@ -630,7 +630,7 @@ def test_a_wrong_triton_kernel_stops_at_its_first_use(
     monkeypatch.setattr(
         losses_triton,
         "kto_forward",
-        lambda *a, **k: (lambda loss, stats, grad: (loss, stats, grad * 2))(*real_kto(*a, **k)),
+        lambda *a, **k: (lambda grad, sums: (grad * 2, sums))(*real_kto(*a, **k)),
     )
     from fabric_align.kernels import kto_loss
 

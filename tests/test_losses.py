@@ -154,7 +154,6 @@ def impl(request, monkeypatch) -> str:
 
             monkeypatch.setattr(losses_triton, "MAX_BLOCK_B", 2)
             monkeypatch.setattr(losses_triton, "MAX_TILE", 32)
-            monkeypatch.setattr(losses_triton, "MAX_FINISH_BLOCK_P", 2)
     elif name == "torch":
         monkeypatch.setenv("FABRIC_ALIGN_KERNELS", "torch")
     return name
