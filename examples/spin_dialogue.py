@@ -88,8 +88,8 @@ def report(out: Path, iterations: int) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("out/spin-dialogue"))
-    parser.add_argument("--train", type=int, default=256, help="training conversations")
-    parser.add_argument("--val", type=int, default=64, help="held-out conversations")
+    parser.add_argument("--train", type=int, default=128, help="training conversations")
+    parser.add_argument("--val", type=int, default=32, help="held-out conversations")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--seed", type=int, default=0)
     args, extra = parser.parse_known_args(argv)  # anything else goes to spin.py (e.g. --spin.iterations=3)
