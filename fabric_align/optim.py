@@ -16,7 +16,12 @@ BITSANDBYTES_OPTIMIZERS = ("adamw8bit", "paged_adamw", "paged_adamw8bit")
 def make_optimizer(name: str, params: list[nn.Parameter], args: TrainArgs) -> torch.optim.Optimizer:
     kwargs = {"lr": args.lr, "weight_decay": args.weight_decay}
     if name == "adamw":
-        fused = all(p.is_cuda for p in params) and not any(hasattr(p, "full_tensor") for p in params)
+        # The fused kernel (CUDA and CPU) updates each weight in one pass; the for-loop version torch picks on CPU
+        # holds two temporaries the size of the largest weight (the lm_head), the peak of a CPU step. Not on FSDP2's
+        # DTensor shards, which it does not take.
+        fused = not any(hasattr(p, "full_tensor") for p in params) and all(
+            p.device.type in ("cuda", "cpu") for p in params
+        )
         return torch.optim.AdamW(params, fused=fused or None, betas=tuple(args.betas), **kwargs)
     if name == "rmsprop":
         # torch's defaults (alpha 0.99, eps 1e-8, no momentum), as Hugging Face's Trainer builds it for optim=rmsprop.
