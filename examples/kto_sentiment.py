@@ -1,17 +1,18 @@
 """KTO on a real pretrained model, on a laptop CPU: SmolLM2-135M-Instruct learns to continue movie reviews positively.
 
     pip install -e ".[gguf,demo]"
-    python examples/kto_sentiment.py                      # both arms, ~30 min on 2 busy cores, less on a laptop
-    python examples/kto_sentiment.py --arms vader --rounds 1 --train-prefixes 320   # a shorter first look
+    python examples/kto_sentiment.py                      # both arms: 92 min on 2 cores shared with other jobs
+    python examples/kto_sentiment.py --arms vader --train-prefixes 320   # a shorter first look
+    python examples/kto_sentiment.py                      # again: reuses the trained models, evaluates anew
 
 The classic sentiment-control task in KTO's natural setting, binary feedback:
 
 - **Prompts**: the first words of movie-review snippets from the VADER paper's ground truth (Hutto & Gilbert, 2014;
   10,605 snippets, each with the mean rating of 10 people), read from the ``vaderSentiment`` source archive on PyPI.
-- **vader arm** (on-policy, iterated): the model samples continuations of training prefixes, the VADER analyzer labels
-  each desirable (compound >= 0.05, VADER's "positive") or undesirable, and ``fabric_align/kto.py`` trains a LoRA
-  adapter on them with ``recipes/kto-smollm2-lora.yaml``; the merged result samples the next round's data and is its
-  reference (each round is a fresh KTO run from the current model, as SPIN's iterations are).
+- **vader arm** (on-policy): the model samples continuations of training prefixes, the VADER analyzer labels each
+  desirable (compound >= 0.05, VADER's "positive") or undesirable, and ``fabric_align/kto.py`` trains a LoRA adapter
+  on them with ``recipes/kto-smollm2-lora.yaml``. One round is enough here; with ``--rounds N`` the merged result
+  samples the next round's data and is its reference (a fresh KTO run from the current model, as SPIN iterates).
 - **human arm** (off-policy, one round): the snippets themselves as completions of their own first words, labelled by
   the people's mean rating (desirable when above 0): no model samples, no VADER in training.
 - **Evaluation** on held-out prefixes, the same random draws for every model: the share of positive continuations
@@ -201,6 +202,10 @@ def vader_arm(base: Path, train_set: list[Snippet], out: Path, args: argparse.Na
     """Rounds of: sample from the current model, label with VADER, train KTO from the current model."""
     current = base
     for r in range(args.rounds):
+        done = out / f"vader-round-{r}" / "final" / "merged"
+        if (done / "model.safetensors").is_file():  # this round finished in an earlier call
+            current = done
+            continue
         model = Model(current)
         prompts = [s for s in train_set for _ in range(args.samples_per_prefix)]
         keys = [1_000_000 * (r + 1) + i for i in range(len(prompts))]
@@ -267,7 +272,7 @@ def evaluate(
         ratio = model.logps(prompts, texts) - base.logps(prompts, texts)
         result["kl_to_base"] = float(ratio.mean())
         result["kl_to_base_se"] = float(ratio.std() / math.sqrt(n))
-    result["_scores"] = scores
+    result["scores"] = scores
     return result, model
 
 
@@ -299,19 +304,20 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(results)
+    colors = ["#8c8c8c", "#3b7dd8", "#e08a2c", "#3aa655"][: len(names)]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     rates = [results[k]["positive_rate"] for k in names]
     errors = [
         [rate - results[k]["positive_rate_ci"][0] for k, rate in zip(names, rates, strict=True)],
         [results[k]["positive_rate_ci"][1] - rate for k, rate in zip(names, rates, strict=True)],
     ]
-    left.bar(names, rates, yerr=errors, capsize=6, color=["#999999", "#3b7dd8", "#e08a2c"][: len(names)])
+    left.bar(names, rates, yerr=errors, capsize=6, color=colors)
     left.set_ylabel("share of positive continuations")
     left.set_ylim(0, 1)
     left.set_title("VADER compound >= 0.05, 95% Wilson intervals")
     bins = [i / 10 for i in range(-10, 11)]
-    for name in names:
-        right.hist(results[name]["_scores"], bins=bins, histtype="step", linewidth=2, label=name)
+    for name, color in zip(names, colors, strict=True):
+        right.hist(results[name]["scores"], bins=bins, histtype="step", linewidth=2, label=name, color=color)
     right.set_xlabel("VADER compound of the continuation")
     right.set_ylabel("continuations")
     right.legend()
@@ -325,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("out/kto-sentiment"))
     parser.add_argument("--arms", default="vader,human", help="comma-separated: vader, human")
-    parser.add_argument("--rounds", type=int, default=2, help="sample-label-train rounds of the vader arm")
+    parser.add_argument("--rounds", type=int, default=1, help="sample-label-train rounds of the vader arm")
     parser.add_argument("--train-prefixes", type=int, default=640)
     parser.add_argument("--samples-per-prefix", type=int, default=2)
     parser.add_argument("--eval-prefixes", type=int, default=300)
@@ -356,8 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, path in aligned.items():
         results[f"KTO, {name} labels"], _ = evaluate(path, models["base"], held_out, args)
     report(results, args.out, time.perf_counter() - start)
-    public = {k: {kk: vv for kk, vv in v.items() if not kk.startswith("_")} for k, v in results.items()}
-    (args.out / "results.json").write_text(json.dumps(public, indent=2))
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
