@@ -92,7 +92,7 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 class Model:
     """A Hugging Face directory, loaded once for sampling and scoring."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, ends: list[int] | None = None) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from fabric_align.modeling import end_token_ids
@@ -100,7 +100,8 @@ class Model:
         self.path = path
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        self.ends = end_token_ids(self.model, self.tokenizer)
+        # Every model stops where the base does (its generation config's end tokens): the same rule for all.
+        self.ends = ends if ends is not None else end_token_ids(self.model, self.tokenizer)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -247,7 +248,7 @@ def mean_interval(values: list[float], z: float = 1.96) -> tuple[float, float, f
 def evaluate(
     path: Path, base: Model | None, held_out: list[Snippet], args: argparse.Namespace
 ) -> tuple[dict[str, Any], Model]:
-    model = Model(path)
+    model = Model(path, ends=base.ends if base is not None else None)
     prompts = [s.prefix for s in held_out]
     keys = [7 + i for i in range(len(prompts))]  # the same draws for every model
     texts = model.sample(prompts, keys, args.max_new_tokens)

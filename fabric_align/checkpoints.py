@@ -12,6 +12,7 @@ sharded (torch.distributed.checkpoint) save is read first through an allow-list 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 from lightning.fabric import Fabric
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 
 from fabric_align.errors import ConfigError, TrainingError
 
@@ -190,12 +192,27 @@ def save_checkpoint(fabric: Fabric, out_dir: Path, state: dict[str, Any], meta: 
             record = {**meta, "step": step, "world_size": fabric.world_size, "files": files}
             (tmp / META).write_text(json.dumps(record, indent=2))
             publish(tmp, final)
-    except OSError as err:
+    except (OSError, CheckpointException) as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        cause = os_error_in(err)
+        if cause is None:
+            raise
         # Name the checkpoint, not the temporary file a library wrote it through (which may live in /tmp).
-        raise OSError(err.errno, f"could not write the checkpoint ({err.strerror or err})", str(final)) from None
+        raise OSError(cause.errno, f"could not write the checkpoint ({cause.strerror or cause})", str(final)) from None
     fabric.barrier()
     return final
+
+
+def os_error_in(err: BaseException) -> OSError | None:
+    """The OSError behind a failed save: the error itself, or the first one torch.distributed.checkpoint's sharded
+    writer collected from the ranks (it wraps them in a CheckpointException, a BaseException)."""
+    if isinstance(err, OSError):
+        return err
+    for failure in getattr(err, "failures", {}).values():
+        found = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(found, OSError):
+            return found
+    return None
 
 
 def share_checksums(fabric: Fabric, root: Path) -> dict[str, dict[str, Any]]:
@@ -418,5 +435,6 @@ def _export_lora(peft_model: Any, state: dict[str, torch.Tensor], target: Path, 
         # model for good (peft then rewrites the config) and the export stores the embedding twice.
         clean.get_base_model().tie_weights()
     merged = clean.merge_and_unload()
+    merged.generation_config = copy.deepcopy(base.generation_config)  # its end tokens and sampling defaults
     merged.save_pretrained(target / "merged", safe_serialization=True)
     tokenizer.save_pretrained(target / "merged")

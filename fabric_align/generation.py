@@ -87,6 +87,8 @@ def _rebuild(inner: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
         clone = clone.merge_and_unload()
     else:
         clone.load_state_dict(state, strict=True, assign=True)
+    # from_config gives a generation config made from config.json alone: keep the model's own (its end tokens).
+    clone.generation_config = copy.deepcopy(base.generation_config)
     if getattr(clone.config, "tie_word_embeddings", False):
         clone.tie_weights()  # loading assigned the two names separate tensors: one copy, as in the policy
     # Non-persistent buffers (rotary frequencies) are not in the state dict: take them from the live model.
@@ -182,6 +184,13 @@ def generate(
                 use_cache=True,
                 cache=cache,  # transformers' name since 5.x (`past_key_values` warns on every call)
             ).last_hidden_state[:, -1]
+            if t == 0 and cache.get_seq_length() != width:
+                # A decoder that takes another argument name (remote code) would ignore `cache` and decode every
+                # token without its context: refuse rather than sample garbage.
+                raise TrainingError(
+                    f"generation: {type(decoder).__name__} did not fill the KV cache passed as `cache=` (it holds "
+                    f"{cache.get_seq_length()} of {width} prompt positions)"
+                )
             logits = (hidden @ head.weight.T).float()  # [rows, V] for the last position only
             if head.bias is not None:
                 logits = logits + head.bias.float()

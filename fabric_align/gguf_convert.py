@@ -255,6 +255,15 @@ def end_token_ids(tokenizer: Any, metadata: Mapping[str, Any]) -> list[int]:
 
 
 # -------------------------------------------------------------------------------------------------- conversion
+def require_gguf_packages() -> None:
+    """transformers' GGUF loader needs ``gguf`` and ``accelerate``: say so before anything is downloaded or read."""
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigError(
+            f"reading GGUF files needs the {' and '.join(missing)} package(s): pip install 'fabric-align[gguf]'"
+        )
+
+
 def convert_gguf(
     gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32
 ) -> Path:
@@ -276,11 +285,7 @@ def convert_gguf(
     if _holds_conversion(out_dir, source, digest, dtype_name):
         log.info("%s already holds %s converted to %s", out_dir, source.name, dtype_name)
         return out_dir
-    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
-    if missing:
-        raise ConfigError(
-            f"reading GGUF files needs the {' and '.join(missing)} package(s): pip install 'fabric-align[gguf]'"
-        )
+    require_gguf_packages()
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Beside out_dir, so the final rename stays on one filesystem; a dot name keeps it out of listings.

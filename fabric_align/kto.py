@@ -40,7 +40,7 @@ from fabric_align.data import (
 from fabric_align.errors import TrainingError
 from fabric_align.kernels import kto_loss
 from fabric_align.loop import Phase, fit, score_sequences
-from fabric_align.metrics import ONE, MetricSpec
+from fabric_align.metrics import MetricSpec
 from fabric_align.modeling import PolicyLogprobs, model_fingerprint
 from fabric_align.trainer import Job, build_policy, finish, open_run, prepare_job, require_batches, validation_source
 
@@ -207,7 +207,7 @@ class KTO:
     metric_spec = MetricSpec(
         means={
             "loss": "_examples",
-            "kl": ONE,
+            "kl": "_examples",  # the same z0 in every micro-batch; a padding-only part weighs nothing
             "rewards/chosen": "count/chosen",
             "logps/chosen": "count/chosen",
             "rewards/rejected": "count/rejected",

@@ -161,6 +161,9 @@ def fetch(name: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
         if problem is None:  # another process fetched it while this one waited
             return target
         _clear_leftovers(root, model, target, problem)
+        from fabric_align.gguf_convert import require_gguf_packages
+
+        require_gguf_packages()  # before downloading 90 MB that could not be converted
         work = root / f".{model.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
         work.mkdir()
         try:

@@ -73,14 +73,14 @@ class SFTRow:
     generated: str | None = None
 
 
-def parse_row(row: Row, answer_turn: str = "last") -> SFTRow:
+def parse_row(row: Row, answer_turn: str = "last", *, with_generated: bool = False) -> SFTRow:
     """The prompt and ground-truth answer of a row: ``messages`` (the ``answer_turn`` assistant turn is the answer,
     what precedes it the prompt), plain ``prompt``/``completion``, NeMo-Aligner's ``system`` + ``conversations``, or
     the SPIN authors' ``real`` (messages) with an optional ``generated`` answer (messages or text)."""
     obj = require_dict(row)
     if "real" in obj:
         prompt, answer = split_turn(row, require_messages(row, obj["real"], "real"), "real", answer_turn)
-        value = obj.get("generated")
+        value = obj.get("generated") if with_generated else None  # read (and checked) only when it is used
         if value is None:
             return SFTRow(prompt, answer)
         if isinstance(value, str):
@@ -179,7 +179,7 @@ def load_split(
     rows = read_rows(path, split)
     if not rows:
         raise DataError(f"{path}: no rows")
-    parsed = [parse_row(row, answer_turn) for row in rows]
+    parsed = [parse_row(row, answer_turn, with_generated=with_generated) for row in rows]
     if with_generated:
         for row, item in zip(rows, parsed, strict=True):
             if item.generated is None:

@@ -26,6 +26,7 @@ import math
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -105,6 +106,17 @@ def expand_command(
         else:
             argv.append(item)
     return argv
+
+
+def with_free_port(item: str) -> str:
+    """``fabric run`` with a free rendezvous port unless one is given: its default (29400) may be taken by another
+    program or another sweep on the machine, and torchrun binds it even for one process."""
+    if "fabric run" not in item or re.search(r"--main[-_]port", item):
+        return item
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return item.replace("fabric run", f"fabric run --main-port={port}", 1)
 
 
 def read_metric(path: Path, name: str) -> float | None:
@@ -208,6 +220,7 @@ def run_sweep(
             args_json_file=args_json_file,
             environ=env,
         )
+        argv = [with_free_port(item) for item in argv]
         argv += [f"--out_dir={out_dir}", f"--logger.backend={'both' if wandb else 'csv'}", *extra_args]
         log(f"[{name}] {' '.join(f'{k}={v}' for k, v in params.items())}")
         start = time.perf_counter()

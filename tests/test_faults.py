@@ -196,6 +196,7 @@ def test_environment_failures_are_one_line(
         assert_one_line_error(program(kto.setup, [*FAST, *default_out, *flags], capsys), message)
     monkeypatch.setenv("FABRIC_ALIGN_KERNELS", "triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the case is a CPU run
     assert_one_line_error(
         program(kto.setup, [*FAST, f"--out_dir={tmp_path / 'o'}"], capsys),
         "FABRIC_ALIGN_KERNELS=triton on a CPU needs TRITON_INTERPRET=1",

@@ -172,3 +172,55 @@ def test_rows_that_ended_stop_decoding_and_the_others_sample_as_alone(model_and_
     assert together == alone
     assert rows_seen[0] == 8 and min(rows_seen) < 8  # the batch shrank as rows ended
     assert any(len(row) < 10 for row in together) and any(len(row) > 3 for row in together)
+
+
+def test_the_opponent_copy_keeps_the_models_end_tokens(model_and_tokenizer: tuple) -> None:
+    """The copy decoded under mixed precision is rebuilt from the config: it must keep the generation config's end
+    tokens, or an FSDP2 / bf16 run would stop at other tokens than a plain one."""
+    from fabric_align.generation import opponent_model
+    from fabric_align.modeling import PolicyLogprobs
+
+    model, tok = model_and_tokenizer
+    before = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [tok.eos_token_id, 5]
+    try:
+
+        class OneDevice:
+            device = torch.device("cpu")
+
+        clone = opponent_model(OneDevice(), PolicyLogprobs(model), torch.bfloat16)
+        assert clone is not model and next(clone.parameters()).dtype == torch.bfloat16
+        assert end_token_ids(clone, tok) == end_token_ids(model, tok) == sorted({tok.eos_token_id, 5})
+    finally:
+        model.generation_config.eos_token_id = before
+
+
+def test_a_decoder_that_ignores_the_cache_is_refused(
+    model_and_tokenizer: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers import DynamicCache
+
+    from fabric_align.errors import TrainingError
+
+    model, tok = model_and_tokenizer
+    # As if the decoder did not take `cache=`: our check (no argument) finds it empty; transformers' own calls, per
+    # layer, still see the real cache.
+    real_length = DynamicCache.get_seq_length
+
+    def empty_for_the_check(self: DynamicCache, *args: object, **kwargs: object) -> int:
+        return 0 if not args and not kwargs else real_length(self, *args, **kwargs)
+
+    monkeypatch.setattr(DynamicCache, "get_seq_length", empty_for_the_check)
+    with pytest.raises(TrainingError, match="did not fill the KV cache"):
+        generate(
+            model,
+            [tok("Hi")["input_ids"]],
+            [1],
+            eos_id=tok.eos_token_id,
+            pad_id=tok.pad_token_id,
+            max_new_tokens=4,
+            temperature=1.0,
+            top_p=1.0,
+            batch_size=1,
+            show_progress=False,
+        )

@@ -122,6 +122,8 @@ def test_lora_exports_reload_with_peft_and_transformers(kto_lora: Path, model_di
     assert (logits[1] - logits[2]).abs().max() > 1e-3  # the adapter was trained
     assert merged.config.tie_word_embeddings
     assert merged.get_output_embeddings().weight is merged.get_input_embeddings().weight
+    # The merged model stops where the base does: its generation config (both end tokens) came along.
+    assert merged.generation_config.eos_token_id == base.generation_config.eos_token_id == [2, 0]
 
 
 def test_spin_with_lora_on_the_real_model(model_dir: Path, tmp_path: Path) -> None:

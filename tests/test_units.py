@@ -110,3 +110,48 @@ def test_launch_under_fabric_run(monkeypatch: pytest.MonkeyPatch) -> None:
     kwargs = launch.fabric_kwargs()
     assert (kwargs["devices"], kwargs["num_nodes"], kwargs["precision"]) == ("auto", 1, None)
     assert "LT_STRATEGY" not in os.environ  # taken, so Fabric does not pick its FSDP1 strategy
+
+
+def test_kto_kl_is_not_pulled_to_zero_by_padding_parts() -> None:
+    """A validation micro-batch of padding only (an uneven share over ranks) contributes nothing to z0's mean."""
+    from fabric_align import kto
+
+    real = {
+        k: torch.tensor(v)
+        for k, v in {
+            "loss": 0.5,
+            "_examples": 4.0,
+            "kl": 0.3,
+            "rewards/chosen": 0.1,
+            "logps/chosen": -3.0,
+            "rewards/rejected": -0.1,
+            "logps/rejected": -4.0,
+            "count/chosen": 2.0,
+            "count/rejected": 2.0,
+            "tokens": 40.0,
+        }.items()
+    }
+    padding = {k: torch.zeros(()) for k in real}
+    metrics = reduce_metrics(OneRank(), [real, padding], kto.KTO.metric_spec)  # type: ignore[arg-type]
+    assert metrics["kl"] == pytest.approx(0.3) and metrics["loss"] == pytest.approx(0.5)
+
+
+def test_the_os_error_behind_a_sharded_save() -> None:
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from fabric_align.checkpoints import os_error_in
+
+    full = OSError(28, "No space left on device", "/out/.tmp-step-000006/state/__0_0.distcp")
+    wrapped = CheckpointException("save failed", {1: (full, None)})
+    assert os_error_in(wrapped) is full and os_error_in(full) is full
+    assert os_error_in(CheckpointException("other", {0: (ValueError("x"), None)})) is None
+
+
+def test_each_sweep_run_gets_a_free_rendezvous_port() -> None:
+    from fabric_align.sweep import with_free_port
+
+    item = with_free_port("fabric run fabric_align/kto.py --config=recipes/kto-tiny.yaml")
+    port = int(item.split("--main-port=")[1].split()[0])
+    assert item.startswith("fabric run --main-port=") and 0 < port < 65536
+    assert with_free_port("fabric run --main-port=1234 x.py") == "fabric run --main-port=1234 x.py"
+    assert with_free_port("python x.py") == "python x.py"
