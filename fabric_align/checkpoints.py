@@ -102,6 +102,12 @@ def load_plain(path: Path) -> Any:
     except pickle.UnpicklingError as err:
         problem = f"refused to load (it holds more than tensors and plain data: {refusal(err)})"
         raise TrainingError(f"{path}: {problem}") from None
+    except (RuntimeError, EOFError, ValueError) as err:  # a damaged file whose manifest was rewritten to match it
+        raise TrainingError(f"{path}: unreadable ({first_line(err)})") from None
+
+
+def first_line(err: BaseException) -> str:
+    return " ".join((str(err).strip().splitlines() or [type(err).__name__])[0].split())[:200]
 
 
 def refusal(err: Exception) -> str:
@@ -281,6 +287,8 @@ def load_checkpoint(fabric: Fabric, path: Path, state: dict[str, Any]) -> dict[s
     except pickle.UnpicklingError as err:
         problem = f"refused to load (it holds more than tensors and numbers: {refusal(err)})"
         raise TrainingError(f"{path / 'state'}: {problem}") from None
+    except (RuntimeError, EOFError) as err:  # damaged, yet matching a manifest that was rewritten for it
+        raise TrainingError(f"{path / 'state'}: unreadable ({first_line(err)})") from None
     for key, value in remainder.items():
         state[key] = value
     meta = read_meta(path)

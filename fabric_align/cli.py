@@ -50,7 +50,14 @@ def run_cli(setup: Callable[..., Any], args: list[str] | None = None) -> None:
     try:
         jsonargparse.auto_cli(setup, args=args, as_positional=False, exit_on_error=False)
     except jsonargparse.ArgumentError as err:
-        raise ConfigError(f"{parser_message(str(err))} (see --help)") from None
+        message = parser_message(str(err))
+        configs = [a.split("=", 1)[1] for a in (args or sys.argv[1:]) if a.startswith("--config=")]
+        configs += [
+            b for a, b in zip(args or sys.argv[1:], (args or sys.argv[1:])[1:], strict=False) if a == "--config"
+        ]
+        if message.startswith("Problems parsing config") and configs:  # name the file jsonargparse read
+            message = f"--config {', '.join(configs)}: {message}"
+        raise ConfigError(f"{message} (see --help)") from None
 
 
 def parser_message(text: str) -> str:

@@ -194,6 +194,12 @@ def test_environment_failures_are_one_line(
     for flags, message in cases:
         default_out = [] if any(f.startswith("--out_dir") for f in flags) else [f"--out_dir={tmp_path / 'o'}"]
         assert_one_line_error(program(kto.setup, [*FAST, *default_out, *flags], capsys), message)
+    bad_yaml = tmp_path / "recipe.yaml"
+    bad_yaml.write_text("train:\n  lr: [1e-3\n")
+    assert_one_line_error(
+        program(kto.setup, [*FAST, f"--config={bad_yaml}", f"--out_dir={tmp_path / 'o'}"], capsys),
+        f"--config {bad_yaml}: Problems parsing config",
+    )
     monkeypatch.setenv("FABRIC_ALIGN_KERNELS", "triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the case is a CPU run
@@ -431,6 +437,14 @@ def plant(path: Path, marker: Path) -> None:
     seal(path.parent, meta)
 
 
+def reseal(directory: Path) -> None:
+    """Rewrite a directory's manifest to match its files as they are now."""
+    meta = json.loads((directory / "meta.json").read_text())
+    meta.pop("files")
+    (directory / "meta.json").unlink()
+    seal(directory, meta)
+
+
 def test_a_crafted_rng_file_is_never_unpickled(
     tmp_path: Path, kto_straight: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -451,6 +465,28 @@ def test_a_crafted_training_state_is_refused_in_one_line(
     result = program(kto.setup, [*KTO_ARGS, f"--out_dir={out}", "--resume=auto"], capsys)
     assert_one_line_error(result, "step-000010/state: refused to load", "Unsupported global")
     assert not marker.exists()
+
+
+def test_damaged_files_behind_a_rewritten_manifest_are_one_line_or_recomputed(
+    tmp_path: Path, kto_straight: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Truncated files whose manifest was rewritten to match them: the reference cache is recomputed (it only ever
+    holds what the run can recompute), a checkpoint's state is a one-line error."""
+    out = tmp_path / "out"
+    shutil.copytree(kto_straight, out)
+    shutil.rmtree(out / "final")
+    (cache,) = (out / "cache").glob("kto-reference-*")
+    truncate(cache / "logps.pt")
+    reseal(cache)
+    with caplog.at_level(logging.WARNING, logger="fabric_align"):
+        assert_ok(program(kto.setup, [*KTO_ARGS, f"--out_dir={out}", "--resume=auto"], capsys))
+    assert "unusable" in caplog.text and "computing the reference log-probs again" in caplog.text
+    assert_same_weights(weights(kto_straight), weights(out))
+    shutil.rmtree(out / "final")
+    truncate(out / "step-000010" / "state")
+    reseal(out / "step-000010")
+    result = program(kto.setup, [*KTO_ARGS, f"--out_dir={out}", "--resume=auto"], capsys)
+    assert_one_line_error(result, "step-000010/state: unreadable")
 
 
 def test_a_crafted_spin_iteration_is_never_unpickled(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
