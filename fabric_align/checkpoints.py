@@ -102,7 +102,8 @@ def load_plain(path: Path) -> Any:
     except pickle.UnpicklingError as err:
         problem = f"refused to load (it holds more than tensors and plain data: {refusal(err)})"
         raise TrainingError(f"{path}: {problem}") from None
-    except (RuntimeError, EOFError, ValueError) as err:  # a damaged file whose manifest was rewritten to match it
+    # A damaged file whose manifest was rewritten to match it; torch reports a truncated zip as OSError(EINVAL).
+    except (RuntimeError, EOFError, ValueError, OSError) as err:
         raise TrainingError(f"{path}: unreadable ({first_line(err)})") from None
 
 
@@ -287,7 +288,7 @@ def load_checkpoint(fabric: Fabric, path: Path, state: dict[str, Any]) -> dict[s
     except pickle.UnpicklingError as err:
         problem = f"refused to load (it holds more than tensors and numbers: {refusal(err)})"
         raise TrainingError(f"{path / 'state'}: {problem}") from None
-    except (RuntimeError, EOFError) as err:  # damaged, yet matching a manifest that was rewritten for it
+    except (RuntimeError, EOFError, OSError) as err:  # damaged, yet matching a manifest that was rewritten for it
         raise TrainingError(f"{path / 'state'}: unreadable ({first_line(err)})") from None
     for key, value in remainder.items():
         state[key] = value

@@ -55,7 +55,8 @@ def run_cli(setup: Callable[..., Any], args: list[str] | None = None) -> None:
         configs += [
             b for a, b in zip(args or sys.argv[1:], (args or sys.argv[1:])[1:], strict=False) if a == "--config"
         ]
-        if message.startswith("Problems parsing config") and configs:  # name the file jsonargparse read
+        # name the file jsonargparse read: not YAML, or YAML that is not a mapping of flags
+        if message.startswith(("Problems parsing config", "Unexpected config")) and configs:
             message = f"--config {', '.join(configs)}: {message}"
         raise ConfigError(f"{message} (see --help)") from None
 

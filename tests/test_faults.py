@@ -195,11 +195,12 @@ def test_environment_failures_are_one_line(
         default_out = [] if any(f.startswith("--out_dir") for f in flags) else [f"--out_dir={tmp_path / 'o'}"]
         assert_one_line_error(program(kto.setup, [*FAST, *default_out, *flags], capsys), message)
     bad_yaml = tmp_path / "recipe.yaml"
-    bad_yaml.write_text("train:\n  lr: [1e-3\n")
-    assert_one_line_error(
-        program(kto.setup, [*FAST, f"--config={bad_yaml}", f"--out_dir={tmp_path / 'o'}"], capsys),
-        f"--config {bad_yaml}: Problems parsing config",
-    )
+    for text in ("train:\n  lr: [1e-3\n", "- 1\n- 2\n"):  # not YAML; YAML but not a mapping of flags
+        bad_yaml.write_text(text)
+        assert_one_line_error(
+            program(kto.setup, [*FAST, f"--config={bad_yaml}", f"--out_dir={tmp_path / 'o'}"], capsys),
+            f"--config {bad_yaml}: ",
+        )
     monkeypatch.setenv("FABRIC_ALIGN_KERNELS", "triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the case is a CPU run
@@ -483,6 +484,10 @@ def test_damaged_files_behind_a_rewritten_manifest_are_one_line_or_recomputed(
     assert "unusable" in caplog.text and "computing the reference log-probs again" in caplog.text
     assert_same_weights(weights(kto_straight), weights(out))
     shutil.rmtree(out / "final")
+    truncate(out / "step-000010" / "rng-rank0.pt")  # a torch.save zip cut in its middle reads as OSError(EINVAL)
+    reseal(out / "step-000010")
+    result = program(kto.setup, [*KTO_ARGS, f"--out_dir={out}", "--resume=auto"], capsys)
+    assert_one_line_error(result, "step-000010/rng-rank0.pt: unreadable")
     truncate(out / "step-000010" / "state")
     reseal(out / "step-000010")
     result = program(kto.setup, [*KTO_ARGS, f"--out_dir={out}", "--resume=auto"], capsys)
