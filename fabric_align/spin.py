@@ -417,6 +417,7 @@ class SelfPlay:
         with self.fabric.autocast():
             compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         opponent = opponent_model(self.fabric, self.policy, compute_dtype)  # outside autocast: LoRA merges in fp32
+        ends = end_token_ids(opponent, self.tokenizer)
         with self.fabric.autocast():
             generated = {
                 name: rollout(
@@ -424,7 +425,7 @@ class SelfPlay:
                     opponent,
                     split.prompts,
                     self.keys(t, name, len(split)),
-                    eos_id=end_token_ids(opponent, self.tokenizer),
+                    eos_id=ends,
                     pad_id=self.tokenizer.pad_token_id,
                     max_new_tokens=self.args.max_new_tokens,
                     temperature=self.args.temperature,
@@ -436,7 +437,32 @@ class SelfPlay:
             }
         del opponent
         self.policy.train()
+        self.report_answers(t, generated["train"], ends)
         return generated
+
+    def report_answers(self, t: int, generated: list[list[int]], ends: list[int]) -> None:
+        """How the opponent's answers compare with the real ones. Answers cut at ``max_new_tokens`` carry no end token
+        while every real answer does: when many are cut, ending is what tells real from generated, and SPIN may learn
+        to stop ever earlier; answers that are empty (the opponent ended at once) show that it did."""
+        n = len(generated)
+        cut = sum(1 for g in generated if len(g) >= self.args.max_new_tokens and g[-1] not in ends)
+        empty = sum(1 for g in generated if not g or (len(g) == 1 and g[0] in ends))
+        real = self.splits["train"].answers
+        hint = " (no end token, unlike every real answer: raise spin.max_new_tokens)" if cut > n / 4 else ""
+        self.fabric.print(
+            f"iteration {t}: the opponent's answers average {sum(map(len, generated)) / n:.1f} tokens, the real ones "
+            f"{sum(map(len, real)) / len(real):.1f}; {cut} of {n} were cut at spin.max_new_tokens{hint}, {empty} are "
+            "empty"
+        )
+        if empty > n / 4:
+            log.warning(
+                "iteration %d: %d of %d generated answers are empty (the opponent ends at once): the last iteration "
+                "overshot; lower train.lr (or spin.lr) or spin.epochs_per_iteration%s",
+                t,
+                empty,
+                n,
+                ", and raise spin.max_new_tokens (cut answers teach it to stop)" if cut > n / 4 else "",
+            )
 
     def score(self, t: int, generated: dict[str, list[list[int]]], previous: list[list[int]] | None) -> torch.Tensor:
         """Reference log-probs under the policy as it stands (the opponent): per split, its real answers, then its

@@ -506,3 +506,28 @@ def test_first_or_last_turn_and_what_max_length_cuts(tmp_path: Path, caplog: pyt
     first_report = f"max_length={length} (answer_turn=first) dropped 0 of 2 rows whose prompt alone does not fit"
     assert f"{first_report} and cut the completion of 2" in caplog.text
     assert f"max_length={length} (answer_turn=last) dropped 2 of 2 rows" in caplog.text
+
+
+def test_the_opponents_answers_are_reported_and_a_collapse_to_empty_answers_warns(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Cut answers (no end token, unlike every real one) get a hint; a quarter or more empty answers, the sign that
+    the last iteration taught the model to stop at once, a warning that names what to change."""
+    printed: list[str] = []
+    fabric = type("FabricStub", (), {"print": staticmethod(printed.append)})()
+    split = spin.SFTData(source="rows.jsonl", prompts=[[5, 6]] * 8, answers=[[7, 8, 2]] * 8)
+    args = spin.SPINArgs(max_new_tokens=4)
+    play = spin.SelfPlay(fabric, None, None, args, {"train": split}, max_length=64, batch_size=4, seed=0)
+    ends = [0, 2]
+    healthy = [[9, 9, 2]] * 5 + [[9, 9, 9, 9]] * 3  # 3 of 8 cut: more than a quarter
+    with caplog.at_level(logging.WARNING, logger="fabric_align"):
+        play.report_answers(0, healthy, ends)
+    assert printed[-1].startswith("iteration 0: the opponent's answers average 3.4 tokens, the real ones 3.0")
+    assert "3 of 8 were cut at spin.max_new_tokens (no end token" in printed[-1] and "0 are empty" in printed[-1]
+    assert caplog.text == ""
+    collapsed = [[2]] * 2 + [[0]] + [[]] + [[9, 2]] * 4  # 4 of 8 empty, none cut
+    with caplog.at_level(logging.WARNING, logger="fabric_align"):
+        play.report_answers(1, collapsed, ends)
+    assert "0 of 8 were cut at spin.max_new_tokens, 4 are empty" in printed[-1]
+    assert "iteration 1: 4 of 8 generated answers are empty" in caplog.text and "lower train.lr" in caplog.text
+    assert "raise spin.max_new_tokens" not in caplog.text
