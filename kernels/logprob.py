@@ -16,6 +16,9 @@ batch), so those rows cost nothing beyond one host sync.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
+
 import torch
 
 from fabric_align.kernels._dispatch import Implementation, use_triton
@@ -183,7 +186,8 @@ class _FusedLinearLogprob(torch.autograd.Function):
                 h_valid = hidden if all_valid else hidden.index_select(0, idx)
                 logp_v, stats = logprob_triton.forward(h_valid, weight, bias, t_valid, temperature)
             else:
-                logp_v, stats = _torch_forward(hidden, None if all_valid else idx, weight, bias, t_valid, temperature)
+                lm = _LMHead(hidden, None if all_valid else idx, weight, bias, t_valid, temperature)
+                logp_v, stats = _torch_forward(lm)
             if all_valid:
                 logp = logp_v
             else:
@@ -222,19 +226,8 @@ class _FusedLinearLogprob(torch.autograd.Function):
                 h_valid, weight, bias, t_valid, stats, g_valid, ctx.temperature, need_h, need_w, need_b
             )
         else:
-            dh_v, d_weight, d_bias = _torch_backward(
-                hidden,
-                sub_idx,
-                weight,
-                bias,
-                t_valid,
-                stats,
-                g_valid,
-                ctx.temperature,
-                need_h,
-                need_w,
-                need_b,
-            )
+            lm = _LMHead(hidden, sub_idx, weight, bias, t_valid, ctx.temperature)
+            dh_v, d_weight, d_bias = _torch_backward(lm, stats, g_valid, need_h, need_w, need_b)
         if need_h:
             d_hidden = dh_v if ctx.all_valid else torch.zeros_like(hidden).index_copy_(0, idx, dh_v)
         return d_hidden, d_weight, d_bias, None, None, None, None
@@ -256,11 +249,6 @@ def _plan(nv: int, vocab: int) -> tuple[int, int]:
     cols = min(vocab, max(TORCH_MIN_COLS, TORCH_CHUNK_ELEMENTS // max(nv, 1)))
     rows = min(nv, max(1, TORCH_CHUNK_ELEMENTS // cols))
     return rows, cols
-
-
-def _rows(hidden: torch.Tensor, idx: torch.Tensor | None, r0: int, r1: int) -> torch.Tensor:
-    # Gather valid rows one block at a time so no compacted copy of the whole hidden is kept.
-    return hidden[r0:r1] if idx is None else hidden.index_select(0, idx[r0:r1])
 
 
 def _logits_into(
@@ -310,32 +298,52 @@ def accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, a32: torc
     acc.addmm_(a.float() if a32 is None else a32, b.float())
 
 
-def _torch_forward(
-    hidden: torch.Tensor,
-    idx: torch.Tensor | None,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    temperature: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    nv = targets.numel()
-    vocab = weight.shape[0]
-    rows, cols = _plan(nv, vocab)
-    device = hidden.device
+@dataclass
+class _LMHead:
+    """What one call reads: the hidden states (``idx``: the indices of the valid rows, None when all are valid), the
+    lm_head's weight and bias, the valid rows' targets and the temperature."""
+
+    hidden: torch.Tensor
+    idx: torch.Tensor | None
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    targets: torch.Tensor
+    temperature: float
+
+    def blocks(self) -> Iterator[tuple[int, int, Iterator[tuple[int, int]]]]:
+        """Row blocks ``(r0, r1, chunks)``, each with its vocabulary chunks ``(v0, v1)``, from ``_plan``."""
+        nv, vocab = self.targets.numel(), self.weight.shape[0]
+        rows, cols = _plan(nv, vocab)
+        for r0 in range(0, nv, rows):
+            yield r0, min(nv, r0 + rows), ((v0, min(vocab, v0 + cols)) for v0 in range(0, vocab, cols))
+
+    def chunk_elements(self) -> int:
+        rows, cols = _plan(self.targets.numel(), self.weight.shape[0])
+        return rows * cols
+
+    def rows(self, r0: int, r1: int) -> torch.Tensor:
+        # Gather valid rows one block at a time so no compacted copy of the whole hidden is kept.
+        return self.hidden[r0:r1] if self.idx is None else self.hidden.index_select(0, self.idx[r0:r1])
+
+    def logits_into(self, buf: torch.Tensor, h: torch.Tensor, v0: int, v1: int) -> torch.Tensor:
+        """The fp32 logits of rows ``h`` over the vocabulary chunk [v0, v1), written into the front of ``buf``."""
+        z = buf[: h.shape[0] * (v1 - v0)].view(h.shape[0], v1 - v0)
+        return _logits_into(z, h, self.weight[v0:v1], None if self.bias is None else self.bias[v0:v1], self.temperature)
+
+
+def _torch_forward(lm: _LMHead) -> tuple[torch.Tensor, torch.Tensor]:
+    nv, device = lm.targets.numel(), lm.hidden.device
     logp = torch.empty(nv, dtype=torch.float32, device=device)
     lse = torch.empty(nv, dtype=torch.float32, device=device)
-    buf = torch.empty(rows * cols, dtype=torch.float32, device=device)  # the only [rows, cols] allocation
-    for r0 in range(0, nv, rows):
-        r1 = min(nv, r0 + rows)
-        h = _rows(hidden, idx, r0, r1)
-        t = targets[r0:r1]
+    buf = torch.empty(lm.chunk_elements(), dtype=torch.float32, device=device)  # the only [rows, cols] allocation
+    for r0, r1, chunks in lm.blocks():
+        h = lm.rows(r0, r1)
+        t = lm.targets[r0:r1]
         m_run = torch.full((r1 - r0,), float("-inf"), device=device)
         s_run = torch.zeros(r1 - r0, device=device)
         target_logit = torch.zeros(r1 - r0, device=device)
-        for v0 in range(0, vocab, cols):
-            v1 = min(vocab, v0 + cols)
-            z = buf[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)
-            _logits_into(z, h, weight[v0:v1], None if bias is None else bias[v0:v1], temperature)
+        for v0, v1 in chunks:
+            z = lm.logits_into(buf, h, v0, v1)
             local, inside = _target_cols(t, v0, v1 - v0)
             target_logit += z.gather(1, local).squeeze(1) * inside
             # Online log-sum-exp across vocabulary chunks; exp in place: the chunk stays the only big buffer.
@@ -349,94 +357,97 @@ def _torch_forward(
     return logp, lse
 
 
-def _torch_backward(
-    hidden: torch.Tensor,
-    idx: torch.Tensor | None,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    lse: torch.Tensor,
-    g: torch.Tensor,
-    temperature: float,
-    need_h: bool,
-    need_w: bool,
-    need_b: bool,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    nv = targets.numel()
-    vocab, width = weight.shape
-    rows, cols = _plan(nv, vocab)
-    one_row_block = rows >= nv
-    one_col_chunk = cols >= vocab
-    device = hidden.device
-    dtype = weight.dtype
-    low_precision = dtype != torch.float32
-    f32 = torch.float32
+class _TorchGradients:
+    """The gradients of one backward, filled chunk by chunk: d_hidden per row block (summed over the vocabulary
+    chunks), d_weight and d_bias per vocabulary chunk (summed over the row blocks).
 
-    d_hidden = torch.empty(nv, width, dtype=dtype, device=device) if need_h else None
-    d_weight = dw32 = None
-    if need_w:
-        if one_row_block:  # each weight-gradient slice is written once, directly in the weight's dtype
-            d_weight = torch.empty(vocab, width, dtype=dtype, device=device)
-        else:  # accumulated over row blocks in fp32 (for fp32 weights, the result itself)
-            dw32 = torch.zeros(vocab, width, dtype=f32, device=device)
-    db32 = torch.zeros(vocab, dtype=f32, device=device) if need_b else None
-    # d logp / d logits = (onehot - softmax) / T, so grad_logits = (softmax - onehot) * s with s = -g / T.
-    scale = g * (-1.0 / temperature)
-    buf = torch.empty(rows * cols, dtype=f32, device=device)
+    With all valid rows in one block, each weight-gradient slice is written once, in the weight's dtype; otherwise it
+    is accumulated in fp32. fp32 applies the upstream scale ``s`` to the small [rows, H] operands; low precision
+    rounds G = (softmax - onehot) * s once per chunk, as the naive low-precision graph does."""
 
-    for r0 in range(0, nv, rows):
-        r1 = min(nv, r0 + rows)
-        h = _rows(hidden, idx, r0, r1)
-        t = targets[r0:r1]
-        s = scale[r0:r1, None]
-        lse_b = lse[r0:r1, None]
-        # fp32: s is applied to the small [rows, H] operands, not in a pass over each [rows, cols] chunk.
-        hs = None if low_precision or not need_w else h * s
-        dh_acc = None
-        if need_h and not one_col_chunk:
-            dh_acc = d_hidden[r0:r1].zero_() if not low_precision else torch.zeros(r1 - r0, width, device=device)
-        for v0 in range(0, vocab, cols):
-            v1 = min(vocab, v0 + cols)
-            w_c = weight[v0:v1]
-            z = buf[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)
-            _logits_into(z, h, w_c, None if bias is None else bias[v0:v1], temperature)
-            z.sub_(lse_b).exp_()  # softmax, in place
-            local, inside = _target_cols(t, v0, v1 - v0)
-            z.scatter_add_(1, local, inside.to(f32).neg_().unsqueeze(1))  # softmax - onehot
-            if low_precision:
-                # Round G = (softmax - onehot) * s once, as the naive low-precision graph does.
-                zg = z.mul_(s).to(dtype)
-                if need_h:
-                    if dh_acc is None:
-                        torch.mm(zg, w_c, out=d_hidden[r0:r1])
-                    else:
-                        accumulate_mm(dh_acc, zg, w_c, a32=z)
-                if need_w:
-                    if one_row_block:
-                        torch.mm(zg.t(), h, out=d_weight[v0:v1])
-                    else:
-                        accumulate_mm(dw32[v0:v1], zg.t(), h, a32=z.t())
-                if need_b:
-                    db32[v0:v1].add_(z.sum(dim=0))
+    def __init__(self, lm: _LMHead, need_h: bool, need_w: bool, need_b: bool) -> None:
+        nv, (vocab, width) = lm.targets.numel(), lm.weight.shape
+        rows, cols = _plan(nv, vocab)
+        self.one_row_block, self.one_col_chunk = rows >= nv, cols >= vocab
+        self.dtype, self.device, self.bias = lm.weight.dtype, lm.hidden.device, lm.bias
+        self.low_precision = self.dtype != torch.float32
+        self.need_h, self.need_w = need_h, need_w
+        self.d_hidden = torch.empty(nv, width, dtype=self.dtype, device=self.device) if need_h else None
+        self.d_weight = self.dw32 = None
+        if need_w and self.one_row_block:
+            self.d_weight = torch.empty(vocab, width, dtype=self.dtype, device=self.device)
+        elif need_w:  # for fp32 weights, the result itself
+            self.dw32 = torch.zeros(vocab, width, dtype=torch.float32, device=self.device)
+        self.db32 = torch.zeros(vocab, dtype=torch.float32, device=self.device) if need_b else None
+
+    def begin_rows(self, r0: int, r1: int, h: torch.Tensor, s: torch.Tensor) -> None:
+        self.r0, self.r1, self.h, self.s = r0, r1, h, s
+        self.hs = None if self.low_precision or not self.need_w else h * s
+        self.dh_acc = None  # d_hidden summed over several vocabulary chunks: in place for fp32, else in fp32 aside
+        if self.need_h and not self.one_col_chunk:
+            block = self.d_hidden[r0:r1]
+            self.dh_acc = torch.zeros(block.shape, device=self.device) if self.low_precision else block.zero_()
+
+    def add(self, z: torch.Tensor, w_c: torch.Tensor, v0: int, v1: int) -> None:
+        """Add one chunk's share, ``z = softmax - onehot`` in fp32 (overwritten)."""
+        r0, r1, h, s = self.r0, self.r1, self.h, self.s
+        if self.low_precision:
+            zg = z.mul_(s).to(self.dtype)
+            if self.need_h:
+                if self.dh_acc is None:
+                    torch.mm(zg, w_c, out=self.d_hidden[r0:r1])
+                else:
+                    accumulate_mm(self.dh_acc, zg, w_c, a32=z)
+            if self.need_w:
+                if self.one_row_block:
+                    torch.mm(zg.t(), h, out=self.d_weight[v0:v1])
+                else:
+                    accumulate_mm(self.dw32[v0:v1], zg.t(), h, a32=z.t())
+            if self.db32 is not None:
+                self.db32[v0:v1].add_(z.sum(dim=0))
+            return
+        if self.need_h:
+            if self.dh_acc is None:
+                torch.mm(z, w_c, out=self.d_hidden[r0:r1])
             else:
-                if need_h:
-                    if dh_acc is None:
-                        torch.mm(z, w_c, out=d_hidden[r0:r1])
-                    else:
-                        dh_acc.addmm_(z, w_c)
-                if need_w:
-                    if one_row_block:
-                        torch.mm(z.t(), hs, out=d_weight[v0:v1])
-                    else:
-                        dw32[v0:v1].addmm_(z.t(), hs)
-                if need_b:
-                    db32[v0:v1].addmv_(z.t(), s.squeeze(1))
-        if need_h and not low_precision:
-            d_hidden[r0:r1].mul_(s)
-        elif dh_acc is not None:
-            d_hidden[r0:r1] = dh_acc
+                self.dh_acc.addmm_(z, w_c)
+        if self.need_w:
+            if self.one_row_block:
+                torch.mm(z.t(), self.hs, out=self.d_weight[v0:v1])
+            else:
+                self.dw32[v0:v1].addmm_(z.t(), self.hs)
+        if self.db32 is not None:
+            self.db32[v0:v1].addmv_(z.t(), s.squeeze(1))
 
-    if dw32 is not None:
-        d_weight = dw32.to(dtype) if low_precision else dw32
-    d_bias = None if db32 is None else db32.to(bias.dtype)
-    return d_hidden, d_weight, d_bias
+    def end_rows(self) -> None:
+        if self.need_h and not self.low_precision:
+            self.d_hidden[self.r0 : self.r1].mul_(self.s)
+        elif self.dh_acc is not None:
+            self.d_hidden[self.r0 : self.r1] = self.dh_acc
+
+    def result(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        d_weight = self.d_weight
+        if self.dw32 is not None:
+            d_weight = self.dw32.to(self.dtype) if self.low_precision else self.dw32
+        d_bias = None if self.db32 is None else self.db32.to(self.bias.dtype)
+        return self.d_hidden, d_weight, d_bias
+
+
+def _torch_backward(
+    lm: _LMHead, lse: torch.Tensor, g: torch.Tensor, need_h: bool, need_w: bool, need_b: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    grads = _TorchGradients(lm, need_h, need_w, need_b)
+    # d logp / d logits = (onehot - softmax) / T, so grad_logits = (softmax - onehot) * s with s = -g / T.
+    scale = g * (-1.0 / lm.temperature)
+    buf = torch.empty(lm.chunk_elements(), dtype=torch.float32, device=lm.hidden.device)
+    for r0, r1, chunks in lm.blocks():
+        h = lm.rows(r0, r1)
+        grads.begin_rows(r0, r1, h, scale[r0:r1, None])
+        for v0, v1 in chunks:
+            z = lm.logits_into(buf, h, v0, v1)
+            z.sub_(lse[r0:r1, None]).exp_()  # softmax, in place
+            local, inside = _target_cols(lm.targets[r0:r1], v0, v1 - v0)
+            z.scatter_add_(1, local, inside.to(torch.float32).neg_().unsqueeze(1))  # softmax - onehot
+            grads.add(z, lm.weight[v0:v1], v0, v1)
+        grads.end_rows()
+    return grads.result()
