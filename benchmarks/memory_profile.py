@@ -75,8 +75,9 @@ class PhaseSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            if self.counting:
-                self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), allocated_mib())
+            if self.counting:  # the phase first: a sample taken as a phase ends must not count for the next one
+                phase = self.phase
+                self.peaks[phase] = max(self.peaks.get(phase, 0.0), allocated_mib())
             time.sleep(self.interval)
 
     @contextlib.contextmanager

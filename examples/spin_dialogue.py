@@ -1,7 +1,7 @@
 """SPIN on a real pretrained model, on a CPU: SmolLM2-135M-Instruct plays against itself on a dialogue SFT set.
 
     pip install -e ".[gguf]"
-    python examples/spin_dialogue.py                 # 2 iterations with LoRA, ~30 min on 2 busy cores
+    python examples/spin_dialogue.py                 # 2 iterations with LoRA, ~45 min on 2 busy cores
 
 The SFT data is the English part of ``chatterbot-corpus`` (BSD-3; PyPI), about 2,000 short question/answer
 conversations on 20 topics, downloaded as a wheel and converted to ``messages`` rows (each conversation cut to end
