@@ -10,8 +10,8 @@ Same for every framework: the weights (loaded from the same directory), the data
 optimizer steps visit them (TRL reads the rows in the order fabric-align's seeded plan visits them, so step s
 trains on the same examples in both), global and micro batch (gradient accumulation), maximum length, precision,
 attention implementation (sdpa), torch AdamW with the same lr, betas, weight decay 0 and clipping at 1.0 (each
-framework's own choice of implementation: TRL's default ``adamw_torch_fused``; fabric-align fused on CUDA and the
-default for-loop implementation on CPU), no activation checkpointing (``--activation-checkpointing`` turns it on in
+framework's own choice of implementation: TRL's default ``adamw_torch_fused``; fabric-align torch's fused kernel
+too, on CUDA and CPU), no activation checkpointing (``--activation-checkpointing`` turns it on in
 both; TRL's own default would turn it on), KTO loss ``kto`` with beta 0.1. Everything else is each framework's
 default: in particular TRL's fused LM head, which on devices without Triton scores every position (prompt and
 padding included), and fabric-align's, which scores completion tokens only.
@@ -202,6 +202,36 @@ def _timed(fn: Callable[..., Any], into: list[float]) -> Callable[..., Any]:
     return wrapper
 
 
+def fabric_align_flags(cfg: dict[str, Any]) -> list[str]:
+    """The flags both benchmarks give fabric-align's trainers: the model, data, optimizer and run settings that TRL
+    gets through ``trl_train``; each benchmark adds its method's own."""
+    return [
+        f"--model.name_or_path={cfg['model_dir']}",
+        "--model.attn_implementation=sdpa",
+        f"--model.activation_checkpointing={str(cfg['activation_checkpointing']).lower()}",
+        f"--data.train_path={cfg['data']}",
+        "--data.val_path=null",
+        f"--data.max_length={cfg['seq_len']}",
+        f"--train.global_batch_size={cfg['global_batch']}",
+        f"--train.micro_batch_size={cfg['micro_batch']}",
+        f"--train.lr={cfg['lr']}",
+        "--train.warmup_steps=0",
+        "--train.weight_decay=0.0",
+        "--train.betas=[0.9, 0.95]",
+        "--train.optimizer=adamw",
+        "--train.max_norm=1.0",
+        "--train.eval_interval=1000000",
+        "--train.save_interval=null",
+        "--train.log_interval=1",
+        "--logger.backend=csv",
+        f"--out_dir={cfg['out_dir']}",
+        f"--seed={cfg['seed']}",
+        "--devices=1",
+        "--strategy=auto",
+        f"--precision={'bf16-true' if cfg['bf16'] else '32-true'}",
+    ]
+
+
 def worker_fabric_align(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
 
@@ -238,32 +268,10 @@ def worker_fabric_align(cfg: dict[str, Any]) -> dict[str, Any]:
 
     out_dir = Path(cfg["out_dir"])
     argv = [
-        f"--model.name_or_path={cfg['model_dir']}",
-        "--model.attn_implementation=sdpa",
-        f"--model.activation_checkpointing={str(cfg['activation_checkpointing']).lower()}",
-        f"--data.train_path={cfg['data']}",
-        "--data.val_path=null",
-        f"--data.max_length={cfg['seq_len']}",
-        f"--train.global_batch_size={cfg['global_batch']}",
-        f"--train.micro_batch_size={cfg['micro_batch']}",
-        f"--train.lr={cfg['lr']}",
-        "--train.warmup_steps=0",
-        "--train.weight_decay=0.0",
-        "--train.betas=[0.9, 0.95]",
-        "--train.optimizer=adamw",
-        "--train.max_norm=1.0",
+        *fabric_align_flags(cfg),
         f"--train.max_steps={cfg['steps']}",
-        "--train.eval_interval=1000000",
-        "--train.save_interval=null",
-        "--train.log_interval=1",
         "--kto.beta=0.1",
         "--kto.loss_type=kto",
-        "--logger.backend=csv",
-        f"--out_dir={out_dir}",
-        f"--seed={cfg['seed']}",
-        "--devices=1",
-        "--strategy=auto",
-        f"--precision={'bf16-true' if cfg['bf16'] else '32-true'}",
     ]
     t_entry = time.perf_counter()
     kto.cli(argv)
@@ -305,17 +313,18 @@ def trainer_step_timer(holder: dict[str, Any], clock: StepClock) -> Any:
     return StepTimer()
 
 
-def worker_trl(cfg: dict[str, Any], *, precompute: bool) -> dict[str, Any]:
+def trl_train(cfg: dict[str, Any], trainer_cls: Any, config_cls: Any, **method_args: Any) -> tuple[dict[str, Any], Any]:
+    """Train with a TRL trainer (``KTOTrainer``, ``DPOTrainer``) on ``cfg["data_trl"]`` with the settings fabric-align
+    gets through ``fabric_align_flags``, plus the method's own ``method_args``; its result and the trainer."""
     import torch
     import trl
     from datasets import Dataset
     from transformers import AutoTokenizer
-    from trl import KTOConfig, KTOTrainer
 
     baseline = rss_mib()
     clock = StepClock(cfg["device"])
     ref_seconds: list[float] = []
-    KTOTrainer._precompute_ref_logps = _timed(KTOTrainer._precompute_ref_logps, ref_seconds)
+    trainer_cls._precompute_ref_logps = _timed(trainer_cls._precompute_ref_logps, ref_seconds)
     holder: dict[str, Any] = {}
 
     dtype = torch.bfloat16 if cfg["bf16"] else torch.float32
@@ -324,7 +333,7 @@ def worker_trl(cfg: dict[str, Any], *, precompute: bool) -> dict[str, Any]:
     with open(cfg["data_trl"]) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     dataset = Dataset.from_list(rows)
-    args = KTOConfig(
+    args = config_cls(
         output_dir=cfg["out_dir"],
         per_device_train_batch_size=cfg["micro_batch"],
         gradient_accumulation_steps=cfg["global_batch"] // cfg["micro_batch"],
@@ -336,15 +345,13 @@ def worker_trl(cfg: dict[str, Any], *, precompute: bool) -> dict[str, Any]:
         adam_beta1=0.9,
         adam_beta2=0.95,
         max_grad_norm=1.0,
-        # TRL's default optimizer, torch AdamW (fused implementation, on CPU too); fabric-align uses torch AdamW as
-        # well (fused on CUDA, the default for-loop implementation on CPU). Same algorithm and hyperparameters.
+        # TRL's default optimizer, torch AdamW (fused implementation, on CPU too); fabric-align uses torch's fused
+        # AdamW as well (CUDA and CPU). Same algorithm and hyperparameters.
         optim="adamw_torch_fused",
         bf16=cfg["bf16"],
         gradient_checkpointing=cfg["activation_checkpointing"],
         max_length=cfg["seq_len"],
         beta=0.1,
-        loss_type="kto",
-        precompute_ref_log_probs=precompute,
         model_init_kwargs={"dtype": dtype, "attn_implementation": "sdpa"},
         logging_steps=1,
         report_to="none",
@@ -354,8 +361,9 @@ def worker_trl(cfg: dict[str, Any], *, precompute: bool) -> dict[str, Any]:
         dataloader_num_workers=0,
         seed=cfg["seed"],
         use_cpu=cfg["device"] == "cpu",
+        **method_args,
     )
-    trainer = KTOTrainer(model=cfg["model_dir"], args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer = trainer_cls(model=cfg["model_dir"], args=args, train_dataset=dataset, processing_class=tokenizer)
     holder["trainer"] = trainer
     trainer.add_callback(trainer_step_timer(holder, clock))
     trainer.train()
@@ -368,6 +376,13 @@ def worker_trl(cfg: dict[str, Any], *, precompute: bool) -> dict[str, Any]:
         threads=torch.get_num_threads(),
         ref_model_kept=trainer.ref_model is not None,
     )
+    return result, trainer
+
+
+def worker_trl(cfg: dict[str, Any], *, precompute: bool) -> dict[str, Any]:
+    from trl import KTOConfig, KTOTrainer
+
+    result, _ = trl_train(cfg, KTOTrainer, KTOConfig, loss_type="kto", precompute_ref_log_probs=precompute)
     return result
 
 

@@ -23,7 +23,7 @@ trains on the same pairs in both, cut into the same micro-batches), each micro-b
 answers of its pairs together, right-padded to the longest), global and micro batch (gradient accumulation),
 maximum length, precision, attention implementation (sdpa), torch AdamW with the same lr and cosine schedule, betas
 0.9/0.95, weight decay 0 and clipping at 1.0 (each framework's own implementation: TRL's default
-``adamw_torch_fused``; fabric-align fused on CUDA, the for-loop one on CPU), beta 0.1, sigmoid loss, no activation
+``adamw_torch_fused``; fabric-align torch's fused kernel too, on CUDA and CPU), beta 0.1, sigmoid loss, no activation
 checkpointing (``--activation-checkpointing`` turns it on in both; TRL's own default would turn it on), no
 validation, no checkpoint saving. The reference pass runs ``2 x micro-batch`` sequences per forward in both (TRL's
 default ``precompute_ref_batch_size``, the micro-batch in pairs; fabric-align's ``train.eval_batch_size``, in
@@ -78,13 +78,14 @@ from kto_step import (  # noqa: E402
     benchmark_parser,
     build_model,
     environment,
+    fabric_align_flags,
     hwm_mib,
     own_tokens_per_sec,
     require_trl,
     rss_mib,
     run_rounds,
     table,
-    trainer_step_timer,
+    trl_train,
     visit_order,
 )
 
@@ -129,35 +130,13 @@ def worker_fabric_align(cfg: dict[str, Any]) -> dict[str, Any]:
 
     out_dir = Path(cfg["out_dir"])
     argv = [
-        f"--model.name_or_path={cfg['model_dir']}",
-        "--model.attn_implementation=sdpa",
-        f"--model.activation_checkpointing={str(cfg['activation_checkpointing']).lower()}",
-        f"--data.train_path={cfg['data']}",
-        "--data.val_path=null",
-        f"--data.max_length={cfg['seq_len']}",
-        f"--train.global_batch_size={cfg['global_batch']}",
-        f"--train.micro_batch_size={cfg['micro_batch']}",
+        *fabric_align_flags(cfg),
         f"--train.eval_batch_size={2 * cfg['micro_batch']}",  # TRL's reference pass: micro-batch pairs per forward
-        f"--train.lr={cfg['lr']}",
-        "--train.warmup_steps=0",
         "--train.schedule=cosine",
-        "--train.weight_decay=0.0",
-        "--train.betas=[0.9, 0.95]",
-        "--train.optimizer=adamw",
-        "--train.max_norm=1.0",
-        "--train.eval_interval=1000000",
-        "--train.save_interval=null",
-        "--train.log_interval=1",
         "--spin.reuse_generated=true",
         "--spin.iterations=1",
         "--spin.epochs_per_iteration=1",
         "--spin.beta=0.1",
-        "--logger.backend=csv",
-        f"--out_dir={out_dir}",
-        f"--seed={cfg['seed']}",
-        "--devices=1",
-        "--strategy=auto",
-        f"--precision={'bf16-true' if cfg['bf16'] else '32-true'}",
     ]
     t_entry = time.perf_counter()
     spin.cli(argv)
@@ -180,71 +159,18 @@ def logged_losses(csv_path: Path) -> list[float]:
 
 
 def worker_trl(cfg: dict[str, Any]) -> dict[str, Any]:
-    import torch
-    import trl
-    from datasets import Dataset
-    from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    baseline = rss_mib()
-    clock = StepClock(cfg["device"])
-    ref_seconds: list[float] = []
-    DPOTrainer._precompute_ref_logps = _timed(DPOTrainer._precompute_ref_logps, ref_seconds)
-    holder: dict[str, Any] = {}
-
-    dtype = torch.bfloat16 if cfg["bf16"] else torch.float32
-    t_entry = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(cfg["model_dir"])
-    with open(cfg["data_trl"]) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    dataset = Dataset.from_list(rows)
-    args = DPOConfig(
-        output_dir=cfg["out_dir"],
-        per_device_train_batch_size=cfg["micro_batch"],
-        gradient_accumulation_steps=cfg["global_batch"] // cfg["micro_batch"],
+    result, trainer = trl_train(
+        cfg,
+        DPOTrainer,
+        DPOConfig,
         # The rows are written in fabric-align's visit order: read them as they are, not reshuffled.
         train_sampling_strategy="sequential",
-        max_steps=cfg["steps"],
-        learning_rate=cfg["lr"],
-        lr_scheduler_type="cosine",
-        warmup_steps=0,
-        weight_decay=0.0,
-        adam_beta1=0.9,
-        adam_beta2=0.95,
-        max_grad_norm=1.0,
-        # TRL's default optimizer, torch AdamW (fused implementation, on CPU too); fabric-align uses torch AdamW as
-        # well (fused on CUDA, the default for-loop implementation on CPU). Same algorithm and hyperparameters.
-        optim="adamw_torch_fused",
-        bf16=cfg["bf16"],
-        gradient_checkpointing=cfg["activation_checkpointing"],
-        max_length=cfg["seq_len"],
-        beta=0.1,
         loss_type=["sigmoid"],
         precompute_ref_log_probs=True,  # reference pass before training (batch: the micro-batch), no reference model
-        model_init_kwargs={"dtype": dtype, "attn_implementation": "sdpa"},
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        eval_strategy="no",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=cfg["seed"],
-        use_cpu=cfg["device"] == "cpu",
     )
-    trainer = DPOTrainer(model=cfg["model_dir"], args=args, train_dataset=dataset, processing_class=tokenizer)
-    holder["trainer"] = trainer
-    trainer.add_callback(trainer_step_timer(holder, clock))
-    trainer.train()
-    result = clock.summary(t_entry)
-    result.update(
-        baseline_mib=baseline,
-        peak_mib=clock.peak_mib,
-        ref_pass_s=sum(ref_seconds) or None,
-        trl_version=trl.__version__,
-        threads=torch.get_num_threads(),
-        ref_model_kept=trainer.ref_model is not None,
-        loss_per_step=[entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
-    )
+    result["loss_per_step"] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return result
 
 
