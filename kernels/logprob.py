@@ -310,15 +310,20 @@ class _LMHead:
     targets: torch.Tensor
     temperature: float
 
+    @property
+    def plan(self) -> tuple[int, int]:
+        """The chunk shape (rows, cols) for these rows and this vocabulary (``_plan``)."""
+        return _plan(self.targets.numel(), self.weight.shape[0])
+
     def blocks(self) -> Iterator[tuple[int, int, Iterator[tuple[int, int]]]]:
-        """Row blocks ``(r0, r1, chunks)``, each with its vocabulary chunks ``(v0, v1)``, from ``_plan``."""
+        """Row blocks ``(r0, r1, chunks)``, each with its vocabulary chunks ``(v0, v1)``."""
         nv, vocab = self.targets.numel(), self.weight.shape[0]
-        rows, cols = _plan(nv, vocab)
+        rows, cols = self.plan
         for r0 in range(0, nv, rows):
             yield r0, min(nv, r0 + rows), ((v0, min(vocab, v0 + cols)) for v0 in range(0, vocab, cols))
 
     def chunk_elements(self) -> int:
-        rows, cols = _plan(self.targets.numel(), self.weight.shape[0])
+        rows, cols = self.plan
         return rows * cols
 
     def rows(self, r0: int, r1: int) -> torch.Tensor:
@@ -367,7 +372,7 @@ class _TorchGradients:
 
     def __init__(self, lm: _LMHead, need_h: bool, need_w: bool, need_b: bool) -> None:
         nv, (vocab, width) = lm.targets.numel(), lm.weight.shape
-        rows, cols = _plan(nv, vocab)
+        rows, cols = lm.plan
         self.one_row_block, self.one_col_chunk = rows >= nv, cols >= vocab
         self.dtype, self.device, self.bias = lm.weight.dtype, lm.hidden.device, lm.bias
         self.low_precision = self.dtype != torch.float32
