@@ -11,10 +11,14 @@ optimizer steps visit them (TRL reads the rows in the order fabric-align's seede
 trains on the same examples in both), global and micro batch (gradient accumulation), maximum length, precision,
 attention implementation (sdpa), torch AdamW with the same lr, betas, weight decay 0 and clipping at 1.0 (each
 framework's own choice of implementation: TRL's default ``adamw_torch_fused``; fabric-align torch's fused kernel
-too, on CUDA and CPU), no activation checkpointing (``--activation-checkpointing`` turns it on in
-both; TRL's own default would turn it on), KTO loss ``kto`` with beta 0.1. Everything else is each framework's
-default: in particular TRL's fused LM head, which on devices without Triton scores every position (prompt and
-padding included), and fabric-align's, which scores completion tokens only.
+too, on CUDA and CPU), KTO loss ``kto`` with beta 0.1. Activation checkpointing: fabric-align its default,
+``selective`` (it keeps the matmul and attention outputs and recomputes the elementwise rest of each layer, which
+changes no number), TRL none (it has no selective mode: its choice is none or whole layers);
+``--activation-checkpointing`` recomputes whole layers in both (TRL's own default would turn that on). The
+``fabric-align-keep-all`` row is fabric-align keeping every activation, to show what selective checkpointing
+saves. Everything else is each framework's default: in particular TRL's fused LM head, which on devices without
+Triton scores every position (prompt and padding included), and fabric-align's, which scores completion tokens
+only.
 
 What is measured, identically for every framework:
 
@@ -73,7 +77,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = REPO / "fabric_align" / "assets" / "tiny-llama"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
-FRAMEWORKS = ("fabric-align", "trl", "trl-precompute")
+KEEP_ALL = "fabric-align-keep-all"  # fabric-align with model.activation_checkpointing=false
+FRAMEWORKS = ("fabric-align", KEEP_ALL, "trl", "trl-precompute")
 
 # Random-weight models built locally (the hub is not needed). Token ids stay below 264 (the byte-level tokenizer);
 # the vocabulary is as large as the config says, so the lm_head does the full-size work.
@@ -202,13 +207,22 @@ def _timed(fn: Callable[..., Any], into: list[float]) -> Callable[..., Any]:
     return wrapper
 
 
+def checkpointing_for(name: str, whole_layers: bool) -> str:
+    """``model.activation_checkpointing`` for a framework's run (TRL reads "true" as its gradient checkpointing)."""
+    return "true" if whole_layers else "false" if name == KEEP_ALL or name.startswith("trl") else "selective"
+
+
+def checkpointing_setting(whole_layers: bool) -> str:
+    return "whole layers in every framework" if whole_layers else "fabric-align selective, keep-all and TRL none"
+
+
 def fabric_align_flags(cfg: dict[str, Any]) -> list[str]:
     """The flags both benchmarks give fabric-align's trainers: the model, data, optimizer and run settings that TRL
     gets through ``trl_train``; each benchmark adds its method's own."""
     return [
         f"--model.name_or_path={cfg['model_dir']}",
         "--model.attn_implementation=sdpa",
-        f"--model.activation_checkpointing={str(cfg['activation_checkpointing']).lower()}",
+        f"--model.activation_checkpointing={cfg['activation_checkpointing']}",
         f"--data.train_path={cfg['data']}",
         "--data.val_path=null",
         f"--data.max_length={cfg['seq_len']}",
@@ -349,7 +363,7 @@ def trl_train(cfg: dict[str, Any], trainer_cls: Any, config_cls: Any, **method_a
         # AdamW as well (CUDA and CPU). Same algorithm and hyperparameters.
         optim="adamw_torch_fused",
         bf16=cfg["bf16"],
-        gradient_checkpointing=cfg["activation_checkpointing"],
+        gradient_checkpointing=cfg["activation_checkpointing"] == "true",
         max_length=cfg["seq_len"],
         beta=0.1,
         model_init_kwargs={"dtype": dtype, "attn_implementation": "sdpa"},
@@ -391,7 +405,7 @@ def run_worker(name: str, cfg: dict[str, Any]) -> None:
         import torch
 
         torch.set_num_threads(cfg["threads"])
-    if name == "fabric-align":
+    if name.startswith("fabric-align"):
         result = worker_fabric_align(cfg)
     else:
         result = worker_trl(cfg, precompute=name == "trl-precompute")
@@ -616,7 +630,9 @@ def benchmark_parser(doc: str, frameworks: tuple[str, ...], unit: str) -> argpar
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--activation-checkpointing", action="store_true", help="recompute layers in both frameworks")
+    parser.add_argument(
+        "--activation-checkpointing", action="store_true", help="recompute whole layers in every framework"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--work-dir", type=Path, default=None, help="default: a temporary directory, removed after")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -661,7 +677,7 @@ def main() -> None:
             f"{config} ({n_params / 1e6:.1f}M parameters), {'bf16' if cuda else 'fp32'}, {args.device}, "
             f"global batch {global_batch}, micro-batch {micro_batch}, max length {args.seq_len}, {steps} steps "
             f"(tokens/s over steps 2..{steps}), {n} examples, activation checkpointing "
-            f"{'on' if args.activation_checkpointing else 'off'}, {args.rounds} round(s), torch threads "
+            f"{checkpointing_setting(args.activation_checkpointing)}, {args.rounds} round(s), torch threads "
             f"{args.threads or 'default'}"
         )
         print(setting)
@@ -681,7 +697,7 @@ def main() -> None:
                 "steps": steps,
                 "lr": args.lr,
                 "seed": args.seed,
-                "activation_checkpointing": args.activation_checkpointing,
+                "activation_checkpointing": checkpointing_for(name, args.activation_checkpointing),
                 "threads": args.threads,
             }
 

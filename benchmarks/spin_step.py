@@ -23,8 +23,9 @@ trains on the same pairs in both, cut into the same micro-batches), each micro-b
 answers of its pairs together, right-padded to the longest), global and micro batch (gradient accumulation),
 maximum length, precision, attention implementation (sdpa), torch AdamW with the same lr and cosine schedule, betas
 0.9/0.95, weight decay 0 and clipping at 1.0 (each framework's own implementation: TRL's default
-``adamw_torch_fused``; fabric-align torch's fused kernel too, on CUDA and CPU), beta 0.1, sigmoid loss, no activation
-checkpointing (``--activation-checkpointing`` turns it on in both; TRL's own default would turn it on), no
+``adamw_torch_fused``; fabric-align torch's fused kernel too, on CUDA and CPU), beta 0.1, sigmoid loss, activation
+checkpointing as in ``kto_step.py`` (fabric-align its default, selective, which changes no number; TRL none;
+``--activation-checkpointing``: whole layers in both; ``fabric-align-keep-all``: fabric-align keeping everything), no
 validation, no checkpoint saving. The reference pass runs ``2 x micro-batch`` sequences per forward in both (TRL's
 default ``precompute_ref_batch_size``, the micro-batch in pairs; fabric-align's ``train.eval_batch_size``, in
 sequences, is set to match); fabric-align sorts them by length first, TRL does not. Everything else is each
@@ -71,12 +72,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kto_step import (  # noqa: E402
+    KEEP_ALL,
     TOKENIZER_DIR,
     StepClock,
     _timed,
     aggregate,
     benchmark_parser,
     build_model,
+    checkpointing_for,
+    checkpointing_setting,
     environment,
     fabric_align_flags,
     hwm_mib,
@@ -89,7 +93,7 @@ from kto_step import (  # noqa: E402
     visit_order,
 )
 
-FRAMEWORKS = ("fabric-align", "trl-precompute")
+FRAMEWORKS = ("fabric-align", KEEP_ALL, "trl-precompute")
 
 
 # ---------------------------------------------------------------------------------------------------- workers
@@ -179,7 +183,7 @@ def run_worker(name: str, cfg: dict[str, Any]) -> None:
         import torch
 
         torch.set_num_threads(cfg["threads"])
-    result = worker_fabric_align(cfg) if name == "fabric-align" else worker_trl(cfg)
+    result = worker_fabric_align(cfg) if name.startswith("fabric-align") else worker_trl(cfg)
     result["framework"] = name
     result["raw_hwm_mib"] = hwm_mib()
     print("RESULT " + json.dumps(result), flush=True)  # the line kto_step.launch reads
@@ -270,7 +274,7 @@ def main() -> None:
             f"{config} ({n_params / 1e6:.1f}M parameters), {'bf16' if cuda else 'fp32'}, {args.device}, "
             f"global batch {global_batch} pairs, micro-batch {micro_batch} pairs, max length {args.seq_len}, "
             f"{steps} steps (tokens/s over steps 2..{steps}), {n} pairs (tokens per step, real + generated: "
-            f"{expected}), activation checkpointing {'on' if args.activation_checkpointing else 'off'}, "
+            f"{expected}), activation checkpointing {checkpointing_setting(args.activation_checkpointing)}, "
             f"{args.rounds} round(s), torch threads {args.threads or 'default'}"
         )
         print(setting)
@@ -290,7 +294,7 @@ def main() -> None:
                 "steps": steps,
                 "lr": args.lr,
                 "seed": args.seed,
-                "activation_checkpointing": args.activation_checkpointing,
+                "activation_checkpointing": checkpointing_for(name, args.activation_checkpointing),
                 "threads": args.threads,
             }
 

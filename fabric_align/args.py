@@ -106,8 +106,11 @@ class ModelArgs:
     """LoRA settings (peft), or null for full fine-tuning."""
     quantize: Literal["4bit"] | None = None
     """Load the base weights in 4-bit NF4 through bitsandbytes (QLoRA; needs ``lora``)."""
-    activation_checkpointing: bool = False
-    """Recompute each decoder layer's activations in the backward pass."""
+    activation_checkpointing: bool | Literal["selective"] = "selective"
+    """Which activations the backward pass recomputes instead of keeping. ``selective``: keep the outputs of the
+    matmuls and attention, recompute the elementwise rest of each decoder layer (norms, rotary embedding, activation
+    function, products): less memory for the same numbers, bit for bit, at the cost of those cheap ops. ``true``:
+    recompute whole decoder layers (least memory, one more forward). ``false``: keep everything."""
     attn_implementation: str | None = "sdpa"
     """Attention implementation passed to transformers (``sdpa``, ``eager``, ``flash_attention_2``...)."""
     disable_dropout: bool = True

@@ -126,7 +126,7 @@ def test_real_recipe_settings_are_consistent(recipe: Path) -> None:
     # Full fine-tuning of a 7-8B model needs its state sharded over 8 GPUs, with activation checkpointing.
     big_full = model["lora"] is None and any(size in recipe.stem for size in ("7b", "8b"))
     assert (world == 8) == big_full and (config["strategy"] == "fsdp") == big_full
-    assert model["activation_checkpointing"] or not big_full
+    assert model["activation_checkpointing"] is True or not big_full
     on_cpu = "Hardware: CPU" in header(recipe)
     assert config["precision"] in PRECISIONS and (config["precision"] == "32-true") == on_cpu
     assert config["data"]["val_path"] not in (None, "auto")  # real data validates on its own held-out split
