@@ -17,6 +17,7 @@ import torch
 from lightning.fabric import Fabric
 from torch import nn
 from tqdm import tqdm
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from fabric_align.errors import TrainingError
 from fabric_align.modeling import hf_model, with_adapters
@@ -102,6 +103,59 @@ def _rebuild(inner: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     return clone
 
 
+def answer_cache(model: nn.Module, capacity: int) -> Any:
+    """A KV cache for one batch's decoding with room for ``capacity`` positions (the padded prompts and the whole
+    answer) in every layer, written in place. transformers' ``DynamicCache`` concatenates at every token, copying
+    every layer's whole cache each time, a tenth of a decode step on CPU. Models whose cache needs other layers
+    (sliding windows, linear attention...) keep transformers' own."""
+    dynamic = DynamicCache(config=model.config)
+    if not dynamic.layers or any(type(layer) is not DynamicLayer for layer in dynamic.layers):
+        return dynamic
+    return Cache(layers=[PreallocatedLayer(capacity) for _ in dynamic.layers])
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys and values live in buffers of ``capacity`` positions; ``keys``/``values``
+    are views of the filled part, so transformers' attention and masks see what a ``DynamicLayer`` shows."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.key_buffer = key_states.new_empty(*key_states.shape[:2], self.capacity, key_states.shape[3])
+        self.value_buffer = value_states.new_empty(*value_states.shape[:2], self.capacity, value_states.shape[3])
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:  # the caller sizes it for the prompts and max_new_tokens: a bug if reached
+            raise TrainingError(f"generation: the KV cache holds {self.capacity} positions, {end} were written")
+        self.key_buffer[:, :, self.length : end] = key_states
+        self.value_buffer[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if not self.is_initialized:
+            return
+        for name in ("key_buffer", "value_buffer"):  # copy the filled part only, into a fresh buffer
+            old = getattr(self, name)
+            new = old.new_empty(len(indices), *old.shape[1:])
+            new[:, :, : self.length] = old[indices, :, : self.length]
+            setattr(self, name, new)
+        self.keys, self.values = self.key_buffer[:, :, : self.length], self.value_buffer[:, :, : self.length]
+
+
 def _hash32(x: torch.Tensor) -> torch.Tensor:
     """A 32-bit integer mix (lowbias32) on int64 tensors; products stay below 2^63."""
     x = x & _MASK32
@@ -152,8 +206,6 @@ def generate(
 ) -> list[list[int]]:
     """One completion per prompt (token ids, ending with an end token unless ``max_new_tokens`` cut it). ``eos_id``:
     the end token, or every token that ends a generation (a chat model's turn end and its document end)."""
-    from transformers import DynamicCache
-
     device = next(model.parameters()).device
     end_ids = [eos_id] if isinstance(eos_id, int) else sorted(set(eos_id))
     ends = torch.tensor(end_ids, dtype=torch.long, device=device)
@@ -171,7 +223,7 @@ def generate(
         input_ids, mask = input_ids.to(device), mask.to(device)
         row_keys = torch.tensor([keys[i] for i in batch], dtype=torch.int64, device=device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        cache = answer_cache(model, width + max_new_tokens - 1)  # the last token drawn is never fed back
         rows = torch.arange(len(batch), device=device)  # the batch rows still decoding
         finished = torch.zeros(len(batch), dtype=torch.bool, device=device)
         out = torch.full((len(batch), max_new_tokens), pad_id, dtype=torch.long, device=device)

@@ -174,6 +174,36 @@ def test_rows_that_ended_stop_decoding_and_the_others_sample_as_alone(model_and_
     assert any(len(row) < 10 for row in together) and any(len(row) > 3 for row in together)
 
 
+def test_the_preallocated_cache_decodes_what_transformers_cache_does(
+    model_and_tokenizer: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keys and values written in place into buffers sized for the answer give the same samples as transformers'
+    concatenating ``DynamicCache``, through rows leaving the batch too; a model whose cache needs other layers (a
+    sliding window) keeps transformers' own."""
+    from transformers import DynamicCache, MistralConfig
+
+    from fabric_align import generation
+
+    model, tok = model_and_tokenizer
+    prompts = [tok(p)["input_ids"] for p in PROMPTS * 2]
+    keys = list(range(40, 48))
+    probe = dict(pad_id=tok.pad_token_id, max_new_tokens=12, temperature=1.0, top_p=1.0, show_progress=False)
+    free = generate(model, prompts, keys, eos_id=tok.eos_token_id, batch_size=8, **probe)
+    ends = [tok.eos_token_id, *{row[2] for row in free[:3]}]  # some rows end early, the batch shrinks
+    caches: list[object] = []
+    real_cache = generation.answer_cache
+    monkeypatch.setattr(generation, "answer_cache", lambda *a: caches.append(real_cache(*a)) or caches[-1])
+    preallocated = generate(model, prompts, keys, eos_id=ends, batch_size=8, **probe)
+    monkeypatch.setattr(generation, "answer_cache", lambda *a: caches.append(DynamicCache()) or caches[-1])
+    concatenated = generate(model, prompts, keys, eos_id=ends, batch_size=8, **probe)
+    assert preallocated == concatenated and any(len(row) < 12 for row in preallocated)
+    layers = caches[0].layers
+    assert all(isinstance(layer, generation.PreallocatedLayer) for layer in layers) and layers
+    assert layers[0].key_buffer.shape[0] < 8  # rows left: the buffers were narrowed to the rows still decoding
+    windowed = MistralConfig(num_hidden_layers=2, sliding_window=4, hidden_size=16, num_attention_heads=2)
+    assert type(real_cache(type("M", (), {"config": windowed})(), 32)) is DynamicCache
+
+
 def test_the_opponent_copy_keeps_the_models_end_tokens(model_and_tokenizer: tuple) -> None:
     """The copy decoded under mixed precision is rebuilt from the config: it must keep the generation config's end
     tokens, or an FSDP2 / bf16 run would stop at other tokens than a plain one."""
@@ -198,19 +228,19 @@ def test_the_opponent_copy_keeps_the_models_end_tokens(model_and_tokenizer: tupl
 def test_a_decoder_that_ignores_the_cache_is_refused(
     model_and_tokenizer: tuple, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from transformers import DynamicCache
+    from transformers.cache_utils import Cache
 
     from fabric_align.errors import TrainingError
 
     model, tok = model_and_tokenizer
     # As if the decoder did not take `cache=`: our check (no argument) finds it empty; transformers' own calls, per
     # layer, still see the real cache.
-    real_length = DynamicCache.get_seq_length
+    real_length = Cache.get_seq_length
 
-    def empty_for_the_check(self: DynamicCache, *args: object, **kwargs: object) -> int:
+    def empty_for_the_check(self: Cache, *args: object, **kwargs: object) -> int:
         return 0 if not args and not kwargs else real_length(self, *args, **kwargs)
 
-    monkeypatch.setattr(DynamicCache, "get_seq_length", empty_for_the_check)
+    monkeypatch.setattr(Cache, "get_seq_length", empty_for_the_check)
     with pytest.raises(TrainingError, match="did not fill the KV cache"):
         generate(
             model,
