@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Collection
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from lightning.fabric import Fabric
@@ -109,10 +109,16 @@ def answer_cache(model: nn.Module, capacity: int) -> Any:
     every layer's whole cache each time: about a tenth of a SmolLM2 decode step on CPU, of which attention reading
     the strided buffer gives some back. Models whose cache needs other layers (sliding windows, linear
     attention...) keep transformers' own."""
-    dynamic = DynamicCache(config=model.config)
-    if not dynamic.layers or any(type(layer) is not DynamicLayer for layer in dynamic.layers):
-        return dynamic
-    return Cache(layers=[PreallocatedLayer(capacity) for _ in dynamic.layers])
+    if not plain_attention_cache(model):
+        return DynamicCache(config=model.config)
+    return Cache(layers=[PreallocatedLayer(capacity) for _ in DynamicCache(config=model.config).layers])
+
+
+def plain_attention_cache(model: nn.Module) -> bool:
+    """Whether transformers' cache for this model is one plain ``DynamicLayer`` per layer (no sliding window, no
+    linear attention): the layout ``answer_cache`` preallocates and ``generate`` joins rows into."""
+    layers = DynamicCache(config=model.config).layers
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -165,16 +171,18 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def keyed_uniform(keys: torch.Tensor, position: int, vocab_size: int) -> torch.Tensor:
-    """Uniform (0, 1) noise of shape [B, V]: a pure function of (key_b, position, token)."""
+def keyed_uniform(keys: torch.Tensor, position: int | torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Uniform (0, 1) noise of shape [B, V]: a pure function of (key_b, position_b, token). ``position``: one answer
+    position for every row, or one per row."""
     token = torch.arange(vocab_size, device=keys.device, dtype=torch.int64)
+    position = torch.as_tensor(position, dtype=torch.int64, device=keys.device).reshape(-1, 1)
     h = _hash32(keys.unsqueeze(1) * 0x9E3779B1 + position)
     h = _hash32(h ^ _hash32(token.unsqueeze(0) + 0x632BE5AB))
     return (h.double() + 0.5) / 2**32
 
 
 def sample_next(
-    logits: torch.Tensor, keys: torch.Tensor, position: int, *, temperature: float, top_p: float
+    logits: torch.Tensor, keys: torch.Tensor, position: int | torch.Tensor, *, temperature: float, top_p: float
 ) -> torch.Tensor:
     """Next tokens from [B, V] fp32 logits: greedy at temperature 0, else Gumbel-max over the top-p nucleus."""
     if temperature == 0:
@@ -206,77 +214,193 @@ def generate(
     show_progress: bool = True,
 ) -> list[list[int]]:
     """One completion per prompt (token ids, ending with an end token unless ``max_new_tokens`` cut it). ``eos_id``:
-    the end token, or every token that ends a generation (a chat model's turn end and its document end)."""
+    the end token, or every token that ends a generation (a chat model's turn end and its document end).
+
+    Continuous batching: at most ``batch_size`` rows decode together. Once a quarter of the rows have ended, they
+    leave the batch and its KV cache, and waiting prompts (shortest first) take their places: prefilled on their
+    own, then joined to the batch with every row's cache right-aligned on a common last column (left padding,
+    masked). Each row keeps its own answer position, which keys its noise, so a prompt samples what it would alone.
+    """
     device = next(model.parameters()).device
     end_ids = [eos_id] if isinstance(eos_id, int) else sorted(set(eos_id))
     ends = torch.tensor(end_ids, dtype=torch.long, device=device)
     decoder, head = model.get_decoder(), model.get_output_embeddings()
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
+    waiting = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths join together
     results: list[list[int]] = [[] for _ in prompts]
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in tqdm(batches, desc=desc, disable=not show_progress, leave=False):
-        width = max(len(prompts[i]) for i in batch)
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):  # left padding: every prompt ends at the same column
-            input_ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-            mask[row, width - len(prompts[i]) :] = 1
-        input_ids, mask = input_ids.to(device), mask.to(device)
-        row_keys = torch.tensor([keys[i] for i in batch], dtype=torch.int64, device=device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = answer_cache(model, width + max_new_tokens - 1)  # the last token drawn is never fed back
-        rows = torch.arange(len(batch), device=device)  # the batch rows still decoding
-        finished = torch.zeros(len(batch), dtype=torch.bool, device=device)
-        out = torch.full((len(batch), max_new_tokens), pad_id, dtype=torch.long, device=device)
-        step_ids, step_positions = input_ids, positions
-        for t in range(max_new_tokens):
+    batch = _Batch.empty(device, max_new_tokens, pad_id)
+    # Rows join a running batch only where the cache is ours (plain attention); other caches (sliding windows...)
+    # decode in fixed batches that only shrink.
+    joinable = plain_attention_cache(model)
+    progress = tqdm(total=len(prompts), desc=desc, disable=not show_progress, leave=False)
+
+    def next_tokens(hidden: torch.Tensor, row_keys: torch.Tensor, position: torch.Tensor) -> _Draw:
+        logits = (hidden @ head.weight.T).float()  # [rows, V] for the last position only
+        if head.bias is not None:
+            logits = logits + head.bias.float()
+        token = sample_next(logits, row_keys, position, temperature=temperature, top_p=top_p)
+        return _Draw(token, (~torch.isfinite(logits)).any())
+
+    def collect(left: list[tuple[int, list[int]]]) -> None:
+        for index, tokens in left:
+            results[index] = tokens
+        progress.update(len(left))
+
+    while waiting or batch.rows:
+        free = batch_size - batch.rows + batch.done
+        if waiting and (batch.rows == 0 or (joinable and free * 4 >= batch_size)):
+            collect(batch.leave(end_ids))
+            joining, waiting = waiting[:free], waiting[free:]
+            width = max(len(prompts[i]) for i in joining)
+            input_ids = torch.full((len(joining), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(joining), width), dtype=torch.long)
+            for row, i in enumerate(joining):  # left padding: every prompt ends at the same column
+                input_ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+                mask[row, width - len(prompts[i]) :] = 1
+            input_ids, mask = input_ids.to(device), mask.to(device)
+            cache = answer_cache(model, width + max_new_tokens)
             hidden = decoder(
-                input_ids=step_ids,
+                input_ids=input_ids,
                 attention_mask=mask,
-                position_ids=step_positions,
+                position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                 use_cache=True,
                 cache=cache,  # transformers' name since 5.x (`past_key_values` warns on every call)
             ).last_hidden_state[:, -1]
-            if t == 0 and cache.get_seq_length() != width:
+            if cache.get_seq_length() != width:
                 # A decoder that takes another argument name (remote code) would ignore `cache` and decode every
                 # token without its context: refuse rather than sample garbage.
                 raise TrainingError(
                     f"generation: {type(decoder).__name__} did not fill the KV cache passed as `cache=` (it holds "
                     f"{cache.get_seq_length()} of {width} prompt positions)"
                 )
-            logits = (hidden @ head.weight.T).float()  # [rows, V] for the last position only
-            if head.bias is not None:
-                logits = logits + head.bias.float()
-            token = sample_next(logits, row_keys, t, temperature=temperature, top_p=top_p)
-            token = torch.where(finished, torch.full_like(token, pad_id), token)
-            out[rows, t] = token
-            finished |= torch.isin(token, ends)
-            # One host sync per token for both: how many rows are done, and whether the distribution is one (NaN
-            # logits would make every draw token 0, an answer of NUL bytes).
-            done, nonfinite = torch.stack([finished.sum(), (~torch.isfinite(logits)).any()]).tolist()
-            if nonfinite:
-                raise TrainingError(
-                    f"generation: the next-token logits are not finite at answer position {t} (the model's weights "
-                    "are NaN/inf or it diverged); refusing to sample from them"
-                )
-            if done == len(rows):
-                break
-            step_ids = token.unsqueeze(1)
-            step_positions = step_positions[:, -1:] + 1
-            mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
-            if done * 4 >= len(rows):
-                # A quarter of the rows have ended: stop decoding them (their draws never mattered). Each row's noise
-                # is keyed by its own key and position, so the others sample exactly what they would have.
-                keep = (~finished).nonzero().squeeze(1)
-                cache.batch_select_indices(keep)
-                rows, row_keys, finished = rows[keep], row_keys[keep], finished[keep]
-                step_ids, step_positions, mask = step_ids[keep], step_positions[keep], mask[keep]
-        generated = out.cpu()
-        for row, i in enumerate(batch):
-            tokens = generated[row].tolist()
-            end = next((j for j, token in enumerate(tokens) if token in end_ids), None)
-            results[i] = tokens if end is None else tokens[: end + 1]
+            row_keys = torch.tensor([keys[i] for i in joining], dtype=torch.int64, device=device)
+            first = next_tokens(hidden, row_keys, torch.zeros_like(row_keys))
+            batch = batch.join(model, _Batch.start(joining, row_keys, mask, cache, first, ends, max_new_tokens, pad_id))
+        else:
+            batch.mask = torch.cat([batch.mask, torch.ones_like(batch.mask[:, :1])], dim=1)  # the fed token's column
+            hidden = decoder(
+                input_ids=batch.last.unsqueeze(1),
+                attention_mask=batch.mask,
+                position_ids=batch.next_position.unsqueeze(1),
+                use_cache=True,
+                cache=batch.cache,
+            ).last_hidden_state[:, -1]
+            batch.record(next_tokens(hidden, batch.keys, batch.drawn), ends)
+        if batch.done == batch.rows or (batch.done * 4 >= batch.rows and not (waiting and joinable)):
+            collect(batch.leave(end_ids))  # rows that ended stop decoding; the others sample exactly as before
+    progress.close()
     return results
+
+
+class _Draw(NamedTuple):
+    token: torch.Tensor
+    nonfinite: torch.Tensor  # whether any logit was NaN/inf: such a draw is garbage (every token 0, NUL bytes)
+
+
+def _check_and_count(draw: _Draw, finished: torch.Tensor) -> int:
+    """The one host sync per step: how many rows have ended, and whether the logits were finite."""
+    done, nonfinite = torch.stack([finished.sum(), draw.nonfinite.long()]).tolist()
+    if nonfinite:
+        raise TrainingError(
+            "generation: the next-token logits are not finite (the model's weights are NaN/inf or it diverged); "
+            "refusing to sample from them"
+        )
+    return done
+
+
+class _Batch:
+    """The rows decoding together: for each, its prompt index, key, answer so far (``out``, ``drawn`` tokens), last
+    token (fed next), next position id and whether it has ended, with the attention mask and KV cache of all."""
+
+    def __init__(self, **state: Any) -> None:
+        self.__dict__.update(state)
+
+    @classmethod
+    def empty(cls, device: torch.device, max_new_tokens: int, pad_id: int) -> _Batch:
+        nothing = torch.zeros(0, dtype=torch.long, device=device)
+        return cls(
+            index=[], keys=nothing, out=nothing.new_full((0, max_new_tokens), pad_id), drawn=nothing, last=nothing,
+            next_position=nothing, finished=nothing.bool(), mask=nothing.reshape(0, 0), cache=None, done=0,
+            pad_id=pad_id,
+        )  # fmt: skip
+
+    @classmethod
+    def start(
+        cls, index: list[int], keys: torch.Tensor, mask: torch.Tensor, cache: Any, first: _Draw,
+        ends: torch.Tensor, max_new_tokens: int, pad_id: int,
+    ) -> _Batch:  # fmt: skip
+        """Rows that have just been prefilled and drawn their first token."""
+        token = first.token
+        out = token.new_full((len(index), max_new_tokens), pad_id)
+        out[:, 0] = token
+        finished = torch.isin(token, ends) | (max_new_tokens == 1)
+        return cls(
+            index=index, keys=keys, out=out, drawn=torch.ones_like(token), last=token, next_position=mask.sum(-1),
+            finished=finished, mask=mask, cache=cache, done=_check_and_count(first, finished), pad_id=pad_id,
+        )  # fmt: skip
+
+    @property
+    def rows(self) -> int:
+        return len(self.index)
+
+    def record(self, draw: _Draw, ends: torch.Tensor) -> None:
+        """One decode step's draws. Rows that had ended keep what they have (their draws never mattered); a row ends
+        at an end token or when its answer is ``max_new_tokens`` long."""
+        token = torch.where(self.finished, torch.full_like(draw.token, self.pad_id), draw.token)
+        slot = self.drawn.clamp(max=self.out.shape[1] - 1).unsqueeze(1)
+        self.out.scatter_(1, slot, torch.where(self.finished, self.out.gather(1, slot).squeeze(1), token).unsqueeze(1))
+        self.drawn = self.drawn + (~self.finished).long()
+        self.finished = self.finished | torch.isin(token, ends) | (self.drawn == self.out.shape[1])
+        self.last, self.next_position = token, self.next_position + 1
+        self.done = _check_and_count(draw, self.finished)
+
+    def leave(self, end_ids: list[int]) -> list[tuple[int, list[int]]]:
+        """Drop the rows that have ended (from the KV cache too); their answers, cut after the first end token."""
+        if not self.done:
+            return []
+        ended = self.finished.nonzero().squeeze(1).tolist()
+        answers, lengths = self.out[self.finished].cpu().tolist(), self.drawn[self.finished].tolist()
+        left = []
+        for row, tokens, length in zip(ended, answers, lengths, strict=True):
+            end = next((j for j, token in enumerate(tokens[:length]) if token in end_ids), None)
+            left.append((self.index[row], tokens[:length] if end is None else tokens[: end + 1]))
+        keep = (~self.finished).nonzero().squeeze(1)
+        self.cache.batch_select_indices(keep)
+        self.index = [self.index[row] for row in keep.tolist()]
+        for name in ("keys", "out", "drawn", "last", "next_position", "finished", "mask"):
+            setattr(self, name, getattr(self, name)[keep])
+        self.done = 0
+        return left
+
+    def join(self, model: nn.Module, other: _Batch) -> _Batch:
+        """The two batches as one: rows appended, masks and caches right-aligned on the longer of the two."""
+        if not self.rows:
+            return other
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        mask = self.mask.new_zeros(self.rows + other.rows, width)
+        mask[: self.rows, width - self.mask.shape[1] :] = self.mask
+        mask[self.rows :, width - other.mask.shape[1] :] = other.mask
+        cache = answer_cache(model, width + self.out.shape[1])
+        for layer, mine, theirs in zip(cache.layers, self.cache.layers, other.cache.layers, strict=True):
+            joined = []
+            for a, b in ((mine.keys, theirs.keys), (mine.values, theirs.values)):
+                both = a.new_zeros(a.shape[0] + b.shape[0], a.shape[1], width, a.shape[3])  # zeros: masked, finite
+                both[: a.shape[0], :, width - a.shape[2] :] = a
+                both[a.shape[0] :, :, width - b.shape[2] :] = b
+                joined.append(both)
+            layer.update(*joined)
+        return _Batch(
+            index=self.index + other.index,
+            keys=torch.cat([self.keys, other.keys]),
+            out=torch.cat([self.out, other.out]),
+            drawn=torch.cat([self.drawn, other.drawn]),
+            last=torch.cat([self.last, other.last]),
+            next_position=torch.cat([self.next_position, other.next_position]),
+            finished=torch.cat([self.finished, other.finished]),
+            mask=mask,
+            cache=cache,
+            done=self.done + other.done,
+            pad_id=self.pad_id,
+        )
 
 
 def rollout(

@@ -88,6 +88,8 @@ def test_keyed_sampling_follows_the_distribution() -> None:
     assert abs((nucleus == 0).double().mean().item() - 0.625) < 0.03
     u = keyed_uniform(keys[:3], 5, 7)
     assert torch.equal(u, keyed_uniform(keys[:3], 5, 7)) and bool(((u > 0) & (u < 1)).all())
+    per_row = keyed_uniform(keys[:3], torch.tensor([5, 9, 5]), 7)  # rows at their own positions
+    assert torch.equal(per_row[[0, 2]], u[[0, 2]]) and torch.equal(per_row[1], keyed_uniform(keys[1:2], 9, 7)[0])
 
 
 def test_opponent_decodes_in_the_compute_dtype_without_touching_the_policy() -> None:
@@ -194,7 +196,7 @@ def test_the_preallocated_cache_decodes_what_transformers_cache_does(
     real_cache = generation.answer_cache
     monkeypatch.setattr(generation, "answer_cache", lambda *a: caches.append(real_cache(*a)) or caches[-1])
     preallocated = generate(model, prompts, keys, eos_id=ends, batch_size=8, **probe)
-    monkeypatch.setattr(generation, "answer_cache", lambda *a: caches.append(DynamicCache()) or caches[-1])
+    monkeypatch.setattr(generation, "answer_cache", lambda *a: DynamicCache())
     concatenated = generate(model, prompts, keys, eos_id=ends, batch_size=8, **probe)
     assert preallocated == concatenated and any(len(row) < 12 for row in preallocated)
     layers = caches[0].layers
@@ -202,6 +204,35 @@ def test_the_preallocated_cache_decodes_what_transformers_cache_does(
     assert layers[0].key_buffer.shape[0] < 8  # rows left: the buffers were narrowed to the rows still decoding
     windowed = MistralConfig(num_hidden_layers=2, sliding_window=4, hidden_size=16, num_attention_heads=2)
     assert type(real_cache(type("M", (), {"config": windowed})(), 32)) is DynamicCache
+
+
+def test_waiting_prompts_take_the_places_of_rows_that_ended(model_and_tokenizer: tuple) -> None:
+    """Continuous batching: with more prompts than rows, rows that end make room for waiting prompts, which join the
+    running batch; every prompt still samples what it samples alone, in fewer decode steps than fixed batches."""
+    model, tok = model_and_tokenizer
+    prompts = [tok(p)["input_ids"] for p in PROMPTS * 3]
+    keys = list(range(60, 72))
+    probe = dict(pad_id=tok.pad_token_id, max_new_tokens=10, temperature=1.0, top_p=1.0, show_progress=False)
+    free = generate(model, prompts, keys, eos_id=tok.eos_token_id, batch_size=12, **probe)
+    ends = [tok.eos_token_id, *{row[1] for row in free[:3]}]  # a few rows end at their second token
+    calls: list[tuple[int, int]] = []  # (rows, positions fed) per decoder call
+    hook = model.get_decoder().register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        together = generate(model, prompts, keys, eos_id=ends, batch_size=4, **probe)
+    finally:
+        hook.remove()
+    alone = [
+        generate(model, [p], [k], eos_id=ends, batch_size=1, **probe)[0] for p, k in zip(prompts, keys, strict=True)
+    ]
+    assert together == alone
+    lengths = sorted(range(12), key=lambda i: len(prompts[i]))
+    fixed_steps = sum(max(len(alone[i]) for i in lengths[b : b + 4]) - 1 for b in range(0, 12, 4))
+    decode_steps = sum(1 for rows, fed in calls if fed == 1)
+    prefills = [rows for rows, fed in calls if fed > 1]
+    assert max(rows for rows, _ in calls) <= 4 and len(prefills) > 3  # prompts joined in smaller groups
+    assert decode_steps < fixed_steps, (decode_steps, fixed_steps)
 
 
 def test_the_opponent_copy_keeps_the_models_end_tokens(model_and_tokenizer: tuple) -> None:
