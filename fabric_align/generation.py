@@ -2,9 +2,10 @@
 
 - ``opponent_model``: the policy as one whole model per rank (under FSDP2 a copy gathered once per generation
   phase, LoRA merged), so decoding never triggers FSDP all-gathers per step.
-- ``generate``: batched decoding with a KV cache, left padding, stop at EOS, temperature and top-p. The random
-  draw for prompt ``i`` at position ``t`` is a hash of ``(seed, i, t, token)``, so a prompt's sample does not
-  depend on which rank or batch it lands in: 1 and N processes generate the same answers.
+- ``generate``: continuously batched decoding with a KV cache, left padding, stop at EOS, temperature and top-p.
+  The random draw for prompt ``i`` at position ``t`` is a hash of ``(seed, i, t, token)``, so a prompt's sample
+  does not depend on which rank or batch it lands in, nor on when it joined: 1 and N processes generate the same
+  answers.
 """
 
 from __future__ import annotations
@@ -238,7 +239,7 @@ def generate(
         if head.bias is not None:
             logits = logits + head.bias.float()
         token = sample_next(logits, row_keys, position, temperature=temperature, top_p=top_p)
-        return _Draw(token, (~torch.isfinite(logits)).any())
+        return _Draw(token, (~torch.isfinite(logits)).any(-1), position)
 
     def collect(left: list[tuple[int, list[int]]]) -> None:
         for index, tokens in left:
@@ -292,17 +293,19 @@ def generate(
 
 
 class _Draw(NamedTuple):
-    token: torch.Tensor
-    nonfinite: torch.Tensor  # whether any logit was NaN/inf: such a draw is garbage (every token 0, NUL bytes)
+    token: torch.Tensor  # [rows]
+    nonfinite: torch.Tensor  # [rows]: a NaN/inf logit makes the draw garbage (every token 0, an answer of NUL bytes)
+    position: torch.Tensor  # [rows]: the answer position drawn
 
 
 def _check_and_count(draw: _Draw, finished: torch.Tensor) -> int:
-    """The one host sync per step: how many rows have ended, and whether the logits were finite."""
-    done, nonfinite = torch.stack([finished.sum(), draw.nonfinite.long()]).tolist()
+    """The one host sync per step: how many rows have ended, and whether every row's logits were finite."""
+    first_bad = torch.where(draw.nonfinite, draw.position, torch.iinfo(torch.int64).max).min()
+    done, nonfinite, position = torch.stack([finished.sum(), draw.nonfinite.any().long(), first_bad]).tolist()
     if nonfinite:
         raise TrainingError(
-            "generation: the next-token logits are not finite (the model's weights are NaN/inf or it diverged); "
-            "refusing to sample from them"
+            f"generation: the next-token logits are not finite at answer position {position} (the model's weights "
+            "are NaN/inf or it diverged); refusing to sample from them"
         )
     return done
 
@@ -372,17 +375,20 @@ class _Batch:
         return left
 
     def join(self, model: nn.Module, other: _Batch) -> _Batch:
-        """The two batches as one: rows appended, masks and caches right-aligned on the longer of the two."""
+        """The two batches as one: rows appended, masks and caches right-aligned on the longer of the two. Leading
+        columns no row of ``self`` attends to any more (those of rows that left) are dropped."""
         if not self.rows:
             return other
-        width = max(self.mask.shape[1], other.mask.shape[1])
-        mask = self.mask.new_zeros(self.rows + other.rows, width)
-        mask[: self.rows, width - self.mask.shape[1] :] = self.mask
+        lead = int(self.mask.any(0).long().argmax())  # the first column some row still attends to
+        own_mask = self.mask[:, lead:]
+        width = max(own_mask.shape[1], other.mask.shape[1])
+        mask = own_mask.new_zeros(self.rows + other.rows, width)
+        mask[: self.rows, width - own_mask.shape[1] :] = own_mask
         mask[self.rows :, width - other.mask.shape[1] :] = other.mask
         cache = answer_cache(model, width + self.out.shape[1])
         for layer, mine, theirs in zip(cache.layers, self.cache.layers, other.cache.layers, strict=True):
             joined = []
-            for a, b in ((mine.keys, theirs.keys), (mine.values, theirs.values)):
+            for a, b in ((mine.keys[:, :, lead:], theirs.keys), (mine.values[:, :, lead:], theirs.values)):
                 both = a.new_zeros(a.shape[0] + b.shape[0], a.shape[1], width, a.shape[3])  # zeros: masked, finite
                 both[: a.shape[0], :, width - a.shape[2] :] = a
                 both[a.shape[0] :, :, width - b.shape[2] :] = b
