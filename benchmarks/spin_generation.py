@@ -1,9 +1,10 @@
 """SPIN's generation phase: ``fabric_align.generation.generate`` against Hugging Face ``model.generate``.
 
-Both decode the same prompts with the same model (random weights from a config), batch size, ``max_new_tokens``
-and KV cache (``DynamicCache``), with left padding, in two modes: sampling at temperature 1 and top-p 1 (SPIN's
-defaults; Hugging Face's default ``top_k=50`` is switched off so both sample from the full distribution) and
-greedy. Prompts are batched the same way for both (sorted by length, as fabric-align does, then cut into batches).
+Both decode the same prompts with the same model (random weights from a config), batch size and ``max_new_tokens``,
+with left padding and a KV cache (Hugging Face: ``DynamicCache``; fabric-align: its own, preallocated), in two modes:
+sampling at temperature 1 and top-p 1 (SPIN's defaults; Hugging Face's default ``top_k=50`` is switched off so both
+sample from the full distribution) and greedy. Prompts are taken shortest first by both: Hugging Face's in fixed
+batches of that order, fabric-align's joining its running batch as rows end.
 
 Generated tokens/s = generated tokens (up to and including EOS; with random weights EOS almost never comes, so
 nearly every answer is ``max_new_tokens`` long) / wall time of the whole call. Methods alternate within each
@@ -15,20 +16,20 @@ steadier numbers there.
 
 ``--model smollm2``: the realistic mode. A random-weight model never emits its end token, so every answer is
 ``max_new_tokens`` long: no row ever finishes early, and what a framework spends on rows that have finished never
-shows. Here the model is the real
-SmolLM2-135M-Instruct (``fabric_align.models.fetch("smollm2-135m-instruct")``, from the local cache), the prompts
-are chat-template renderings of a fixed list of 32 user requests of very different lengths (one-line questions,
-requests of a few sentences, and texts of 70-170 words to summarize, continue or review, written in this script:
-33 to 227 tokens with the template's system line, median 55), and generation stops at the model's real end tokens
-(``fabric_align.modeling.end_token_ids``: ``<|im_end|>`` and ``<|endoftext|>``), passed to Hugging Face's
-``generate`` as its ``eos_token_id`` list. Answers then end at different times: fabric-align's ``generate`` drops
-the rows that have ended from the batch (and its KV cache) once a quarter of the batch has ended, Hugging Face's
-keeps decoding them (padding) until the whole batch has ended or reached ``max_new_tokens`` (256 by default in this
-mode). Generated tokens/s counts real tokens only (each answer up to and including its end token); the table adds
-the mean answer length and how many answers ended with an end token rather than at the cap. Sampled answers differ
-between the two (each has its own random draws; Hugging Face's are seeded with ``--seed`` before every call, so its
-rounds repeat the same answers as fabric-align's, keyed by prompt, do): their lengths differ by chance, hence the
-per-token rate. Greedy answers are the same work for both and are compared token by token.
+shows. Here the model is the real SmolLM2-135M-Instruct (``fabric_align.models.fetch("smollm2-135m-instruct")``, from
+the local cache), the prompts are chat-template renderings of a fixed list of 32 user requests of very different
+lengths (one-line questions, requests of a few sentences, and texts of 70-170 words to summarize, continue or review,
+written in this script: 33 to 227 tokens with the template's system line, median 55), and generation stops at the
+model's real end tokens (``fabric_align.modeling.end_token_ids``: ``<|im_end|>`` and ``<|endoftext|>``), passed to
+Hugging Face's ``generate`` as its ``eos_token_id`` list. Answers then end at different times. fabric-align's
+``generate`` batches continuously: once a quarter of the batch has ended, those rows leave it (and its KV cache) and
+waiting prompts take their places. Hugging Face's keeps decoding them (padding) until the whole batch has ended or
+reached ``max_new_tokens`` (256 by default in this mode), and the next batch starts after it. Generated tokens/s
+counts real tokens only (each answer up to and including its end token); the table adds the mean answer length and how
+many answers ended with an end token rather than at the cap. Sampled answers differ between the two (each has its own
+random draws; Hugging Face's are seeded with ``--seed`` before every call, so its rounds repeat the same answers as
+fabric-align's, keyed by prompt, do): their lengths differ by chance, hence the per-token rate. Greedy answers are the
+same work for both and are compared token by token.
 
     python benchmarks/spin_generation.py                          # CPU: llama-small, fp32, 32 prompts x 128 tokens
     python benchmarks/spin_generation.py --threads 1              # one torch thread
