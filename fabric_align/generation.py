@@ -110,16 +110,20 @@ def answer_cache(model: nn.Module, capacity: int) -> Any:
     every layer's whole cache each time: about a tenth of a SmolLM2 decode step on CPU, of which attention reading
     the strided buffer gives some back. Models whose cache needs other layers (sliding windows, linear
     attention...) keep transformers' own."""
-    if not plain_attention_cache(model):
-        return DynamicCache(config=model.config)
-    return Cache(layers=[PreallocatedLayer(capacity) for _ in DynamicCache(config=model.config).layers])
+    dynamic = DynamicCache(config=model.config)
+    if not _plain(dynamic):
+        return dynamic
+    return Cache(layers=[PreallocatedLayer(capacity) for _ in dynamic.layers])
 
 
 def plain_attention_cache(model: nn.Module) -> bool:
     """Whether transformers' cache for this model is one plain ``DynamicLayer`` per layer (no sliding window, no
     linear attention): the layout ``answer_cache`` preallocates and ``generate`` joins rows into."""
-    layers = DynamicCache(config=model.config).layers
-    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+    return _plain(DynamicCache(config=model.config))
+
+
+def _plain(cache: DynamicCache) -> bool:
+    return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -321,7 +325,7 @@ class _Batch:
     def empty(cls, device: torch.device, max_new_tokens: int, pad_id: int) -> _Batch:
         nothing = torch.zeros(0, dtype=torch.long, device=device)
         return cls(
-            index=[], keys=nothing, out=nothing.new_full((0, max_new_tokens), pad_id), drawn=nothing, last=nothing,
+            index=[], keys=nothing, out=nothing.new_full((0, max_new_tokens + 1), pad_id), drawn=nothing, last=nothing,
             next_position=nothing, finished=nothing.bool(), mask=nothing.reshape(0, 0), cache=None, done=0,
             pad_id=pad_id,
         )  # fmt: skip
@@ -333,7 +337,7 @@ class _Batch:
     ) -> _Batch:  # fmt: skip
         """Rows that have just been prefilled and drawn their first token."""
         token = first.token
-        out = token.new_full((len(index), max_new_tokens), pad_id)
+        out = token.new_full((len(index), max_new_tokens + 1), pad_id)  # the last column is spare (see record)
         out[:, 0] = token
         finished = torch.isin(token, ends) | (max_new_tokens == 1)
         return cls(
@@ -345,14 +349,18 @@ class _Batch:
     def rows(self) -> int:
         return len(self.index)
 
+    @property
+    def max_new_tokens(self) -> int:
+        return self.out.shape[1] - 1
+
     def record(self, draw: _Draw, ends: torch.Tensor) -> None:
         """One decode step's draws. Rows that had ended keep what they have (their draws never mattered); a row ends
         at an end token or when its answer is ``max_new_tokens`` long."""
         token = torch.where(self.finished, torch.full_like(draw.token, self.pad_id), draw.token)
-        slot = self.drawn.clamp(max=self.out.shape[1] - 1).unsqueeze(1)
-        self.out.scatter_(1, slot, torch.where(self.finished, self.out.gather(1, slot).squeeze(1), token).unsqueeze(1))
+        # A row that has ended writes padding just past its answer (a full one, into the spare last column).
+        self.out.scatter_(1, self.drawn.unsqueeze(1), token.unsqueeze(1))
         self.drawn = self.drawn + (~self.finished).long()
-        self.finished = self.finished | torch.isin(token, ends) | (self.drawn == self.out.shape[1])
+        self.finished = self.finished | torch.isin(token, ends) | (self.drawn == self.max_new_tokens)
         self.last, self.next_position = token, self.next_position + 1
         self.done = _check_and_count(draw, self.finished)
 
@@ -385,7 +393,7 @@ class _Batch:
         mask = own_mask.new_zeros(self.rows + other.rows, width)
         mask[: self.rows, width - own_mask.shape[1] :] = own_mask
         mask[self.rows :, width - other.mask.shape[1] :] = other.mask
-        cache = answer_cache(model, width + self.out.shape[1])
+        cache = answer_cache(model, width + self.max_new_tokens)
         for layer, mine, theirs in zip(cache.layers, self.cache.layers, other.cache.layers, strict=True):
             joined = []
             for a, b in ((mine.keys[:, :, lead:], theirs.keys), (mine.values[:, :, lead:], theirs.values)):

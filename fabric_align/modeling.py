@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from fabric_align.args import EMBEDDED_MODEL, ConfigError, LoRAArgs, ModelArgs
 from fabric_align.kernels import fused_linear_logprob
@@ -223,12 +224,11 @@ def enable_activation_checkpointing(model: nn.Module, mode: bool | str) -> None:
         raise ConfigError(f"model.activation_checkpointing=true: {type(model).__name__} does not support it")
     kwargs: dict[str, Any] = {"use_reentrant": False}
     if mode == "selective":
-        from torch.utils.checkpoint import create_selective_checkpoint_contexts
-
         kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, selective_policy)
     model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
 
 
+@functools.cache  # asked for every op of every checkpointed forward: decide each op once
 def kept_by_selective(op: Any) -> bool:
     """Whether selective checkpointing keeps an op's output: the matmuls and every attention kernel, whose
     recomputation would cost as much as their forward. The rest of a decoder layer (norms, rotary embedding,
@@ -237,12 +237,11 @@ def kept_by_selective(op: Any) -> bool:
     then keeps, per token, the q, k, v, attention, output, gate, up and down products (7 x hidden + 2 x
     intermediate numbers, plus the attention's log-sum-exp): 5,896 numbers at hidden 512 and intermediate 1408,
     where keeping everything holds 10,378."""
-    return op in _MATMULS or "attention" in op.name() or "flash_attn" in op.name()
+    name = op.name()
+    return op in _MATMULS or "attention" in name or "flash_attn" in name
 
 
-def selective_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
-    from torch.utils.checkpoint import CheckpointPolicy
-
+def selective_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if kept_by_selective(op) else CheckpointPolicy.PREFER_RECOMPUTE
 
 

@@ -3,6 +3,10 @@ sample does not depend on its batch."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
 import pytest
 import torch
 
@@ -21,6 +25,24 @@ def model_and_tokenizer() -> tuple[torch.nn.Module, object]:
 
 
 PROMPTS = ["Hi", "Tell me a story about a cat.", "2+2=", "A longer prompt, so that left padding matters here."]
+
+
+def each_alone(model: torch.nn.Module, prompts: list[list[int]], keys: list[int], **kwargs: Any) -> list[list[int]]:
+    """Every prompt's answer generated on its own (a batch of one)."""
+    return [generate(model, [p], [k], batch_size=1, **kwargs)[0] for p, k in zip(prompts, keys, strict=True)]
+
+
+@contextlib.contextmanager
+def decoder_calls(model: torch.nn.Module) -> Iterator[list[tuple[int, int]]]:
+    """The (rows, positions fed) of every decoder call made inside the block."""
+    calls: list[tuple[int, int]] = []
+    hook = model.get_decoder().register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        yield calls
+    finally:
+        hook.remove()
 
 
 def test_greedy_matches_transformers_generate(model_and_tokenizer: tuple) -> None:
@@ -66,10 +88,7 @@ def test_sampling_does_not_depend_on_the_batch(model_and_tokenizer: tuple) -> No
         show_progress=False,
     )
     together = generate(model, prompts, [11, 12, 13, 14], batch_size=4, **kwargs)
-    alone = [
-        generate(model, [p], [k], batch_size=1, **kwargs)[0] for p, k in zip(prompts, [11, 12, 13, 14], strict=True)
-    ]
-    assert together == alone
+    assert together == each_alone(model, prompts, [11, 12, 13, 14], **kwargs)
     other_keys = generate(model, prompts, [21, 22, 23, 24], batch_size=4, **kwargs)
     assert other_keys != together  # the keys do drive the sampling
 
@@ -160,18 +179,10 @@ def test_rows_that_ended_stop_decoding_and_the_others_sample_as_alone(model_and_
     # End tokens that half of the rows draw early: the tokens they sample at position 1.
     extra = {row[1] for row in free[:4]}
     ends = [tok.eos_token_id, *extra]
-    rows_seen: list[int] = []
-    hook = model.get_decoder().register_forward_pre_hook(
-        lambda module, args, kwargs: rows_seen.append(kwargs["input_ids"].shape[0]), with_kwargs=True
-    )
-    try:
+    with decoder_calls(model) as calls:
         together = generate(model, prompts, keys, eos_id=ends, batch_size=8, **probe)
-    finally:
-        hook.remove()
-    alone = [
-        generate(model, [p], [k], eos_id=ends, batch_size=1, **probe)[0] for p, k in zip(prompts, keys, strict=True)
-    ]
-    assert together == alone
+    assert together == each_alone(model, prompts, keys, eos_id=ends, **probe)
+    rows_seen = [rows for rows, _ in calls]
     assert rows_seen[0] == 8 and min(rows_seen) < 8  # the batch shrank as rows ended
     assert any(len(row) < 10 for row in together) and any(len(row) > 3 for row in together)
 
@@ -215,17 +226,9 @@ def test_waiting_prompts_take_the_places_of_rows_that_ended(model_and_tokenizer:
     probe = dict(pad_id=tok.pad_token_id, max_new_tokens=10, temperature=1.0, top_p=1.0, show_progress=False)
     free = generate(model, prompts, keys, eos_id=tok.eos_token_id, batch_size=12, **probe)
     ends = [tok.eos_token_id, *{row[1] for row in free[:3]}]  # a few rows end at their second token
-    calls: list[tuple[int, int]] = []  # (rows, positions fed) per decoder call
-    hook = model.get_decoder().register_forward_pre_hook(
-        lambda module, args, kwargs: calls.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
-    )
-    try:
+    with decoder_calls(model) as calls:
         together = generate(model, prompts, keys, eos_id=ends, batch_size=4, **probe)
-    finally:
-        hook.remove()
-    alone = [
-        generate(model, [p], [k], eos_id=ends, batch_size=1, **probe)[0] for p, k in zip(prompts, keys, strict=True)
-    ]
+    alone = each_alone(model, prompts, keys, eos_id=ends, **probe)
     assert together == alone
     lengths = sorted(range(12), key=lambda i: len(prompts[i]))
     fixed_steps = sum(max(len(alone[i]) for i in lengths[b : b + 4]) - 1 for b in range(0, 12, 4))
