@@ -41,10 +41,12 @@ def linear_logprob_reference(
     ignore_index: int = -100,
     temperature: float = 1.0,
 ) -> torch.Tensor:
-    """Naive reference: materializes the full logits. For tests and benchmarks only."""
-    logits = hidden @ weight.T
+    """Naive reference: materializes the full logits (in fp32, whatever the inputs' dtype, as both kernels keep
+    them). For tests and benchmarks only."""
+    wide = torch.promote_types(hidden.dtype, torch.float32)
+    logits = hidden.to(wide) @ weight.to(wide).T
     if bias is not None:
-        logits = logits + bias
+        logits = logits + bias.to(wide)
     logits = logits.float() / temperature
     valid = targets != ignore_index
     safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
@@ -265,8 +267,9 @@ def _logits_into(
         else:
             torch.mm(h, weight.t(), out=out)
     else:
-        # Low precision GEMM (fp32 accumulate inside), then widen; bias and 1/T applied in fp32.
-        out.copy_(torch.mm(h, weight.t()))
+        # 16-bit operands, fp32 logits (as the Triton kernel keeps them): rounding the logits to bf16 would cost up
+        # to 0.25 nats at |logit| ~ 60, and fp16 overflows past 65504. Bias and 1/T are applied in fp32.
+        mm_fp32(out, h, weight.t())
         if bias is not None:
             out.add_(bias)
         if temperature != 1.0:
@@ -279,6 +282,24 @@ def _target_cols(targets: torch.Tensor, v0: int, cols: int) -> tuple[torch.Tenso
     local = targets - v0
     inside = (local >= 0) & (local < cols)
     return local.clamp_(0, cols - 1).unsqueeze(1), inside
+
+
+def mm_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out (fp32) = a @ b for 16-bit a and b, the product never rounded to 16 bits: on CUDA a 16-bit GEMM with an
+    fp32 output, elsewhere (CPU has no such GEMM) an fp32 GEMM of the widened operands, a row block and a
+    vocabulary chunk at a time. (fp64: an fp64 GEMM, then rounded.)"""
+    if a.dtype == torch.float64:
+        out.copy_(torch.mm(a, b))
+        return
+    if out.is_cuda:
+        try:
+            torch.mm(a, b, out_dtype=torch.float32, out=out)
+            return
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, TypeError, NotImplementedError):  # no fp32-output GEMM for this dtype or device
+            pass
+    torch.mm(a.float(), b.float(), out=out)
 
 
 def accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, a32: torch.Tensor | None = None) -> None:

@@ -37,6 +37,16 @@ def _ref64(h, w, t, b, temperature, ignore_index=IGNORE):
     return torch.where(valid, target_logit - torch.logsumexp(logits, dim=-1), torch.zeros((), dtype=torch.float64))
 
 
+def _naive_graph(hidden, weight, targets, *, bias=None, ignore_index=IGNORE, temperature=1.0):
+    """What a model's own lm_head and log_softmax compute: logits rounded to the inputs' dtype, then fp32. The
+    yardstick of the low-precision tests: the kernels keep fp32 logits, so their error may not exceed this one's."""
+    logits = (hidden @ weight.T if bias is None else hidden @ weight.T + bias).float() / temperature
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, torch.zeros_like(targets))
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid, logp, torch.zeros_like(logp))
+
+
 def _problem(n, h, v, *, ignore_frac=0.3, bias=False, w_scale=0.3, seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, h, generator=gen, dtype=torch.float64)
@@ -166,9 +176,27 @@ def test_torch_path_bf16_within_naive_error(torch_path, monkeypatch, chunking):
         monkeypatch.setattr(logprob_mod, "TORCH_MIN_COLS", CHUNKINGS[chunking][1])
     problem = _problem(37, 64, 131, bias=True)
     want = _run(_ref64_fn, *problem, 0.9, torch.float64)
-    naive = _run(linear_logprob_reference, *problem, 0.9, torch.bfloat16)
+    naive = _run(_naive_graph, *problem, 0.9, torch.bfloat16)
     got = _run(fused_linear_logprob, *problem, 0.9, torch.bfloat16)
     _assert_within_naive_error(got, naive, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_torch_path_keeps_fp32_logits_for_16_bit_inputs(torch_path, dtype):
+    """16-bit hidden and weight give the log-probs of fp32 logits, as the Triton kernel's: logits of about 60 in bf16
+    (spacing 0.25 there) and past fp16's 65504 would be off by tenths of a nat, or NaN, if rounded to the inputs'
+    dtype as a model's own lm_head does."""
+    width, scale, atol = (256, 1.0, 1e-4) if dtype == torch.bfloat16 else (16, 80.0, 5e-2)
+    hidden, weight, _, targets, upstream = _problem(12, width, 64, ignore_frac=0.0, w_scale=scale)
+    h = (hidden * scale).to(dtype).requires_grad_()
+    w = weight.to(dtype).requires_grad_()
+    want = _ref64(h.double(), w.double(), targets, None, 1.0)  # the exact math on the same 16-bit inputs
+    got = fused_linear_logprob(h, w, targets)
+    got.backward(upstream.float())
+    torch.testing.assert_close(got.double(), want, atol=atol, rtol=0)
+    assert torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
+    naive_error = (_naive_graph(h.detach(), w.detach(), targets).double() - want).abs().max()
+    assert not naive_error <= 20 * atol  # what this guards against (NaN in fp16)
 
 
 def test_torch_path_leading_dims_and_sum_backward(torch_path, monkeypatch):
@@ -200,7 +228,7 @@ def test_autocast_cpu_bf16(torch_path):
     out.backward(upstream.float())
     assert out.dtype == torch.float32 and h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
     want = _run(_ref64_fn, hidden, weight, None, targets, upstream, 1.0, torch.float64)
-    naive = _run(linear_logprob_reference, hidden, weight, None, targets, upstream, 1.0, torch.bfloat16)
+    naive = _run(_naive_graph, hidden, weight, None, targets, upstream, 1.0, torch.bfloat16)
     _assert_within_naive_error([out.double(), h.grad.double(), w.grad.double(), None], naive, want)
 
 
@@ -356,7 +384,7 @@ def test_triton_interpreter_fp16_within_naive_error(triton_interpreter):
 
     problem = _problem(37, 48, 131, bias=True)
     want = _run(_ref64_fn, *problem, 0.9, torch.float64)
-    naive = _run(linear_logprob_reference, *problem, 0.9, torch.float16)
+    naive = _run(_naive_graph, *problem, 0.9, torch.float16)
     with logprob_triton.override_config(SPLIT_COLS=48, CHUNK_COLS=64):
         got = _run(fused_linear_logprob, *problem, 0.9, torch.float16)
     _assert_within_naive_error(got, naive, want)
@@ -435,7 +463,7 @@ def test_gpu_bf16_within_naive_error(monkeypatch, path, bias, temperature, chunk
     monkeypatch.setenv("FABRIC_ALIGN_KERNELS", path)
     problem = _problem(1029, 512, 32003, bias=bias, w_scale=0.05, device="cuda")
     want = _run(_ref64_fn, *problem, temperature, torch.float64)
-    naive = _run(linear_logprob_reference, *problem, temperature, torch.bfloat16)
+    naive = _run(_naive_graph, *problem, temperature, torch.bfloat16)
     if path == "triton" and chunk_cols is not None:
         from fabric_align.kernels import logprob_triton
 
