@@ -190,9 +190,11 @@ class TrainArgs:
     """Warmup as a fraction of the steps (SPIN: of each iteration's steps), rounded up; replaces ``warmup_steps``
     when set."""
     max_steps: int | None = None
-    """Optimizer steps to take; null: ``epochs`` passes over the training data."""
+    """Optimizer steps to take; null: ``epochs`` passes over the training data. SPIN: the steps of each iteration
+    (null: ``spin.epochs_per_iteration`` passes)."""
     epochs: int = 1
-    """Passes over the training data when ``max_steps`` is null."""
+    """Passes over the training data when ``max_steps`` is null (KTO; SPIN sets them per iteration with
+    ``spin.epochs_per_iteration``)."""
     max_norm: float | None = 1.0
     """Clip the gradient norm to this value (null: no clipping; the norm is logged either way)."""
     max_consecutive_skips: int = 3

@@ -40,7 +40,7 @@ from fabric_align.data import (
     require_messages,
     require_text,
 )
-from fabric_align.errors import TrainingError
+from fabric_align.errors import ConfigError, TrainingError
 from fabric_align.generation import opponent_model, rollout
 from fabric_align.kernels import spin_loss
 from fabric_align.loop import Phase, Run, fit, log_validation, score_sequences
@@ -581,11 +581,12 @@ class SPIN:
 
 def iteration_phases(args: SPINArgs, num_examples: int, train: TrainArgs) -> list[Phase]:
     """The optimizer steps of each iteration (mixing doubles the pairs after the first) and its peak learning
-    rate."""
+    rate. ``train.max_steps``, when set, is each iteration's step count in place of its epochs, as ``max_steps``
+    replaces the epochs of each iteration's run in the SPIN authors' recipe (Hugging Face's Trainer)."""
     phases, start = [], 0
     for t in range(args.iterations):
         pairs = num_examples * (2 if args.mix_previous and t > 0 else 1)
-        steps = args.epochs_at(t) * (pairs // train.global_batch_size)
+        steps = train.max_steps or args.epochs_at(t) * (pairs // train.global_batch_size)
         phases.append(Phase(start, start + steps, args.lr_at(t, train.lr)))
         start += steps
     return phases
@@ -617,8 +618,9 @@ def setup(
         model: Which model, LoRA/QLoRA, activation checkpointing.
         data: SFT data (``messages``, ``prompt``/``completion``, NeMo ``conversations`` or ``real``/``generated``
             rows).
-        train: Batch sizes, optimizer, schedule (restarted each iteration), intervals. ``max_steps`` and
-            ``epochs`` are not used: ``spin.iterations`` and ``spin.epochs_per_iteration`` set the length.
+        train: Batch sizes, optimizer, schedule (restarted each iteration), intervals. ``max_steps``, when set,
+            is each iteration's number of optimizer steps; otherwise ``spin.epochs_per_iteration`` sets it.
+            ``epochs`` is not used (a value other than 1 is refused).
         spin: Iterations, beta and learning rate per iteration, generation.
         logger: Metric logging (W&B, CSV).
         out_dir: Checkpoints, ``iter-{t}/`` generations and scores, the export (``final/``), logs.
@@ -631,6 +633,11 @@ def setup(
         resume: ``auto`` continues from the newest complete checkpoint in out_dir; or a checkpoint directory.
     """
     configure_logging()
+    if train.epochs != 1:  # refused rather than ignored: SPIN's length is set per iteration
+        raise ConfigError(
+            f"train.epochs={train.epochs} is not used by SPIN: set spin.epochs_per_iteration (passes over each "
+            "iteration's pairs) or train.max_steps (optimizer steps per iteration)"
+        )
     job = prepare_job(
         model=model,
         data=data,

@@ -303,6 +303,7 @@ def test_sft_forms_agree(tmp_path: Path) -> None:
         (["--spin.epochs_per_iteration=[1,0]"], "spin.epochs_per_iteration[1]=0"),
         (["--spin.lr=[1e-3,1e-5]", "--train.min_lr=1e-4"], "train.min_lr=0.0001: must be at most iteration 1's"),
         (["--train.warmup_ratio=1"], "train.warmup_ratio=1.0: must be in [0, 1)"),
+        (["--train.epochs=2"], "train.epochs=2 is not used by SPIN: set spin.epochs_per_iteration"),
     ],
 )
 def test_bad_spin_flags(flags: list[str], message: str, tmp_path: Path) -> None:
@@ -370,6 +371,16 @@ def test_per_iteration_lr_epochs_linear_schedule_and_rmsprop(tmp_path: Path) -> 
 
     expected = linear(2e-3, 4) + linear(1e-3, 8)
     torch.testing.assert_close(torch.tensor(column(rows, "train/lr")), torch.tensor(expected), rtol=1e-6, atol=0)
+
+
+def test_max_steps_sets_each_iterations_steps(tmp_path: Path) -> None:
+    """train.max_steps replaces each iteration's epochs (as in the authors' per-iteration runs); past one pass over
+    the pairs (4 steps of 16 here) the next epoch's shuffle continues."""
+    out = tmp_path / "out"
+    run_cli(spin.setup, [*SHORT, "--train.max_steps=5", "--train.save_interval=null", f"--out_dir={out}"])
+    rows = [row for row in read_metrics(out) if row.get("train/iteration") not in (None, "")]
+    assert column(rows, "train/iteration") == [0] * 5 + [1] * 5
+    assert column(rows, "train/epoch") == [1, 1, 1, 1, 2] * 2
 
 
 def test_resume_is_bit_identical_with_rmsprop_and_a_linear_schedule(tmp_path: Path) -> None:
