@@ -8,6 +8,7 @@ range test written as ``x <= 0`` is false for NaN, so the checks below test fini
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -75,7 +76,8 @@ class LoRAArgs:
     dropout: float = 0.0
     """Dropout on the LoRA input."""
     target_modules: list[str] | str = "all-linear"
-    """Module names to adapt, or "all-linear" (every linear layer but the lm_head)."""
+    """Module names to adapt (a list, or names separated by commas: ``q_proj,v_proj``), "all-linear" (every linear
+    layer but the lm_head), or a regular expression that whole module paths must match (peft's string form)."""
     merge_on_export: bool = False
     """Also export the base model with the adapter merged in (``final/merged/``)."""
 
@@ -83,6 +85,11 @@ class LoRAArgs:
         check_count("model.lora.r", self.r)
         check_positive("model.lora.alpha", self.alpha)
         check_number("model.lora.dropout", self.dropout, low=0, high=1, high_open=True)
+        if isinstance(self.target_modules, str) and re.fullmatch(r"[\w.]+(\s*,\s*[\w.]+)*", self.target_modules):
+            # Plain names, not a regular expression: peft would full-match "q_proj" against whole paths
+            # ("model.layers.0.self_attn.q_proj") and find nothing; a list matches names' ends.
+            if self.target_modules != "all-linear":
+                self.target_modules = [name.strip() for name in self.target_modules.split(",")]
         if isinstance(self.target_modules, list):
             if not self.target_modules:
                 raise ConfigError('model.lora.target_modules=[]: name at least one module (or "all-linear")')

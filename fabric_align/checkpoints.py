@@ -383,9 +383,12 @@ def full_state_dict(fabric: Fabric, module: nn.Module) -> dict[str, torch.Tensor
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
-def export_hf(fabric: Fabric, policy: nn.Module, tokenizer: Any, out_dir: Path, *, merge_lora: bool) -> Path:
+def export_hf(
+    fabric: Fabric, policy: nn.Module, tokenizer: Any, out_dir: Path, *, merge_lora: bool, with_base: bool = False
+) -> Path:
     """Write ``out_dir/final/`` in Hugging Face format: safetensors weights, config and tokenizer, or with LoRA the
-    adapter (and, when asked, ``final/merged/`` with the adapter merged into the base)."""
+    adapter (and, when asked, ``final/merged/`` with the adapter merged into the base). ``with_base``: the LoRA base
+    exists nowhere else (a random init from a config), so ``final/base/`` holds it and the adapter points there."""
     from fabric_align.modeling import hf_model
 
     final = out_dir / "final"
@@ -397,7 +400,7 @@ def export_hf(fabric: Fabric, policy: nn.Module, tokenizer: Any, out_dir: Path, 
         if tmp.exists():
             shutil.rmtree(tmp)
         if hasattr(inner, "peft_config"):
-            _export_lora(inner, state, tmp, merge=merge_lora, tokenizer=tokenizer)
+            _export_lora(inner, state, tmp, merge=merge_lora, tokenizer=tokenizer, base_at=final if with_base else None)
         else:
             model = hf_model(inner)
             for name in tied_aliases(inner):  # stored once, as transformers does (the state holds separate copies)
@@ -421,29 +424,44 @@ def tied_aliases(module: nn.Module) -> list[str]:
     return aliases
 
 
-def _export_lora(peft_model: Any, state: dict[str, torch.Tensor], target: Path, *, merge: bool, tokenizer: Any) -> None:
+def _export_lora(
+    peft_model: Any, state: dict[str, torch.Tensor], target: Path, *, merge: bool, tokenizer: Any, base_at: Path | None
+) -> None:
+    """The adapter into ``target``; with ``merge`` the merged model into ``target/merged``; with ``base_at`` (the
+    export's final place) the base model into ``target/base``, named as the adapter's base by its absolute path."""
     from peft import get_peft_model_state_dict
 
     adapter_state = get_peft_model_state_dict(peft_model, state_dict=state)
     peft_model.save_pretrained(target, state_dict=adapter_state, safe_serialization=True)
-    if not merge:
-        return
-    base = peft_model.get_base_model()  # unquantized: ModelArgs.check refuses merge_on_export with quantize
-    # Merge into a fresh CPU copy so the training model is left untouched.
+    if base_at is not None:
+        base = _fresh_copy(peft_model, state).unload()
+        base.save_pretrained(target / "base", safe_serialization=True)
+        tokenizer.save_pretrained(target / "base")
+        adapter_config = target / "adapter_config.json"
+        config = json.loads(adapter_config.read_text())
+        config["base_model_name_or_path"] = str((base_at / "base").resolve())
+        adapter_config.write_text(json.dumps(config, indent=2))
+    if merge:
+        merged = _fresh_copy(peft_model, state).merge_and_unload()
+        merged.save_pretrained(target / "merged", safe_serialization=True)
+        tokenizer.save_pretrained(target / "merged")
+
+
+def _fresh_copy(peft_model: Any, state: dict[str, torch.Tensor]) -> Any:
+    """A CPU copy of the peft model holding ``state``, to merge or unload without touching the training model."""
     from transformers import AutoModelForCausalLM
 
     from fabric_align.modeling import with_adapters
 
+    base = peft_model.get_base_model()  # unquantized: ModelArgs.check refuses merge_on_export with quantize
     with torch.device("meta"):
         clean = AutoModelForCausalLM.from_config(base.config, dtype=next(iter(state.values())).dtype)
     clean = with_adapters(clean, peft_model.peft_config["default"])
     # Same key names as the training model's peft wrapper; assign=True takes the tensors off the meta device.
     clean.load_state_dict(state, strict=True, assign=True)
     if getattr(base.config, "tie_word_embeddings", False):
-        # Loading assigned the embedding and the lm_head separate tensors: tie them again, or the merge unties the
+        # Loading assigned the embedding and the lm_head separate tensors: tie them again, or a merge unties the
         # model for good (peft then rewrites the config) and the export stores the embedding twice.
         clean.get_base_model().tie_weights()
-    merged = clean.merge_and_unload()
-    merged.generation_config = copy.deepcopy(base.generation_config)  # its end tokens and sampling defaults
-    merged.save_pretrained(target / "merged", safe_serialization=True)
-    tokenizer.save_pretrained(target / "merged")
+    clean.get_base_model().generation_config = copy.deepcopy(base.generation_config)  # end tokens, sampling
+    return clean

@@ -49,8 +49,9 @@ class Launch:
         return {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(self.precision, torch.float32)
 
     def fabric_kwargs(self) -> dict[str, Any]:
-        """Fabric's arguments. Under ``fabric run`` its defaults, so nothing conflicts with what it reads from
-        ``LT_*``."""
+        """Fabric's arguments. Under ``fabric run`` its defaults where it reads ``LT_*`` itself, so nothing conflicts;
+        the precision is passed whenever ``fabric run`` was given none (a recipe's ``precision`` then holds, as it
+        does under plain ``python``)."""
         strategy: Any = self.strategy
         if self.strategy == "fsdp":
             from lightning.fabric.strategies import ModelParallelStrategy
@@ -64,7 +65,14 @@ class Launch:
                 tensor_parallel_size=1,
             )
         if self.under_cli:
-            return {"accelerator": "auto", "devices": "auto", "num_nodes": 1, "precision": None, "strategy": strategy}
+            precision = None if os.environ.get("LT_PRECISION") else self.precision
+            return {
+                "accelerator": "auto",
+                "devices": "auto",
+                "num_nodes": 1,
+                "precision": precision,
+                "strategy": strategy,
+            }
         return {
             "accelerator": self.accelerator,
             "devices": self.devices,
@@ -76,6 +84,10 @@ class Launch:
     def make_fabric(self) -> Fabric:
         # Metrics go through MetricLogger (rank 0 only), not Fabric's loggers.
         fabric = Fabric(**self.fabric_kwargs())
+        effective = getattr(fabric.strategy.precision, "precision", self.precision)
+        # (Fabric runs 16-mixed as bf16-mixed on CPUs, which have no fp16 autocast; that one it says itself.)
+        if effective != self.precision and not (self.precision == "16-mixed" and effective == "bf16-mixed"):
+            raise ConfigError(f"precision={self.precision}, but Fabric was set up with {effective}")
         if not self.under_cli:
             fabric.launch()
         return fabric

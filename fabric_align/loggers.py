@@ -6,6 +6,7 @@ Only rank 0 logs. Both continue the same run when training resumes.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import netrc
 import os
@@ -90,6 +91,18 @@ def set_aside_earlier_logs(logs: Path) -> None:
     log.warning("%s holds an earlier run's logs: moved to %s; this run logs anew", logs, target)
 
 
+def write_hparams(path: Path, config: dict[str, Any]) -> None:
+    """The run's configuration beside its CSV metrics (what W&B keeps as the run config), as YAML that
+    ``--config`` reads back; a resumed run writes its own."""
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    plain = json.loads(json.dumps(config, default=str))  # tuples to lists, paths to strings
+    tmp.write_text(yaml.safe_dump(plain, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    tmp.replace(path)
+
+
 class MetricLogger:
     """Fan-out to the configured backends; a no-op on ranks other than 0."""
 
@@ -105,6 +118,7 @@ class MetricLogger:
             set_aside_earlier_logs(out_dir / "logs")
         if args.backend in ("csv", "both"):
             self.csv = CSVMetrics(out_dir / "logs" / "metrics.csv")
+            write_hparams(out_dir / "logs" / "hparams.yaml", config)
         if args.backend in ("wandb", "both"):
             import wandb
 

@@ -10,6 +10,7 @@ import contextlib
 import copy
 import functools
 import logging
+import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,16 +104,23 @@ def check_model_structure(args: ModelArgs, config: Any) -> None:
         reason = " ".join(str(err).split())[:300]
         raise ConfigError(f"model.name_or_path={args.name_or_path}: cannot build the model ({reason})") from None
     targets = args.lora.target_modules if args.lora is not None else None
+    names = [name for name, _ in model.named_modules()]
+    missing = []
     if isinstance(targets, list):
-        names = [name for name, _ in model.named_modules()]
         # peft's rule for a list: a module matches when its name is the entry or ends with "." + the entry.
         missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
-        if missing:
-            leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-            raise ConfigError(
-                f"model.lora.target_modules: {missing} name no module of {args.name_or_path} (its linear layers: "
-                f"{', '.join(leaves)})"
-            )
+    elif targets is not None and targets != "all-linear":
+        try:  # peft's rule for a string: a regular expression that a whole module path must match
+            pattern = re.compile(targets)
+        except re.error as err:
+            raise ConfigError(f"model.lora.target_modules={targets!r}: not a regular expression ({err})") from None
+        missing = [targets] if not any(pattern.fullmatch(n) for n in names) else []
+    if missing:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ConfigError(
+            f"model.lora.target_modules: {missing} name no module of {args.name_or_path} (its linear layers: "
+            f"{', '.join(leaves)})"
+        )
 
 
 def model_fingerprint(args: ModelArgs, seed: int) -> dict[str, Any]:

@@ -19,7 +19,15 @@ from lightning.fabric import Fabric
 from torch import nn
 
 from fabric_align.args import SEED_RANGE, DataArgs, LoggerArgs, ModelArgs, TrainArgs
-from fabric_align.checkpoints import META, export_hf, find_resume_path, load_checkpoint, require_finite_parameters
+from fabric_align.checkpoints import (
+    META,
+    checkpoint_dirs,
+    export_hf,
+    find_resume_path,
+    load_checkpoint,
+    read_meta,
+    require_finite_parameters,
+)
 from fabric_align.errors import ConfigError
 from fabric_align.kernels._dispatch import kernel_choice
 from fabric_align.launch import Launch, resolve_launch
@@ -46,16 +54,52 @@ from fabric_align.optim import BITSANDBYTES_OPTIMIZERS, make_optimizer
 log = logging.getLogger("fabric_align")
 
 
+def run_outputs(out_dir: Path) -> list[str]:
+    """What a run leaves in its out_dir: checkpoints, SPIN iterations, the export."""
+    return sorted(p.name for p in [*out_dir.glob("step-*"), *out_dir.glob("iter-*"), *out_dir.glob("final")])
+
+
 def check_out_dir(out_dir: Path, resume: Any) -> None:
     """Refuse to start a fresh run over an earlier one's checkpoints or export: nothing written is lost. (With
     ``resume=auto`` and no checkpoint, an earlier run's SPIN iterations may be reused if they match; its export
     may not be overwritten.)"""
-    taken = sorted(p.name for p in [*out_dir.glob("step-*"), *out_dir.glob("iter-*")]) if resume is None else []
-    taken += ["final"] if (out_dir / "final").exists() else []
+    if resume is None:
+        taken = run_outputs(out_dir)
+        hint = "pass resume=auto to continue that run, or choose another out_dir"
+    else:
+        taken = ["final"] if (out_dir / "final").exists() else []
+        hint = "a finished run, with no checkpoint to continue from: choose another out_dir"
     if taken:
+        raise ConfigError(f"out_dir={out_dir} already holds {', '.join(taken[:3])}: {hint}")
+
+
+def check_resume(out_dir: Path, resume_path: Path, strategy: str) -> None:
+    """A checkpoint can be resumed into ``out_dir`` under this strategy: it is out_dir's own (resuming an older one
+    of its own rolls the run back, which the log says), or out_dir holds no run; and it is sharded (FSDP2) exactly
+    when the strategy shards."""
+    own = resume_path.resolve().parent == out_dir.resolve()
+    if not own and (taken := run_outputs(out_dir)):
         raise ConfigError(
-            f"out_dir={out_dir} already holds {', '.join(taken[:3])}: pass resume=auto to continue "
-            "that run, or choose another out_dir"
+            f"resume={resume_path} is another directory's checkpoint, and out_dir={out_dir} already holds "
+            f"{', '.join(taken[:3])}, which continuing there would overwrite: choose a new out_dir"
+        )
+    step = read_meta(resume_path).get("step", -1)
+    newer = [path.name for n, path in checkpoint_dirs(out_dir) if n > step] if own else []
+    if newer:
+        log.warning(
+            "resume=%s rolls the run back: %s (and final/, the log after step %s) will be replaced as the run gets "
+            "there again",
+            resume_path,
+            ", ".join(newer),
+            step,
+        )
+    sharded = (resume_path / "state").is_dir()
+    if sharded != (strategy == "fsdp"):
+        saved_as = "sharded, by strategy=fsdp" if sharded else "unsharded, by strategy=auto or ddp"
+        wanted = "strategy=fsdp" if sharded else "strategy=auto or ddp"
+        raise ConfigError(
+            f"resume={resume_path}: the checkpoint was saved {saved_as}; resume it with {wanted} (any number of "
+            "devices), or export it and start from the exported model"
         )
 
 
@@ -141,6 +185,8 @@ def prepare_job(
     resume_path = find_resume_path(out_dir, resume)
     if resume_path is None:
         check_out_dir(out_dir, resume)
+    else:
+        check_resume(out_dir, resume_path, launch.strategy)
     tokenizer = load_hub_object(model, load_tokenizer, "its tokenizer")
     model_config = load_hub_object(model, load_config, "its config")
     check_model_config(model, model_config)
@@ -153,10 +199,11 @@ def prepare_job(
         logger=logger,
         out_dir=out_dir,
         seed=seed,
-        devices=devices,
-        num_nodes=num_nodes,
+        # As resolved (under `fabric run` its LT_* variables decide): what the run is, not what the flags said.
+        devices=launch.devices,
+        num_nodes=launch.num_nodes,
         precision=launch.precision,
-        strategy=strategy,
+        strategy=launch.strategy,
     )
     return Job(model, data, train, logger, out_dir, seed, launch, resume_path, tokenizer, config)
 
@@ -361,7 +408,12 @@ def finish(run: Run, recipe: Recipe) -> Path:
     require_finite_parameters(run.fabric, run.policy, "not exporting final/")
     lora = run.job.model.lora
     final = export_hf(
-        run.fabric, run.policy, run.job.tokenizer, run.out_dir, merge_lora=bool(lora and lora.merge_on_export)
+        run.fabric,
+        run.policy,
+        run.job.tokenizer,
+        run.out_dir,
+        merge_lora=bool(lora and lora.merge_on_export),
+        with_base=bool(lora) and is_random_init(run.job.model),  # a seeded init is on no disk: export it too
     )
     run.fabric.print(f"exported {final}")
     run.logger.finish()

@@ -196,6 +196,39 @@ def test_fresh_run_refuses_an_out_dir_with_checkpoints(guarded_out_dir: Path) ->
     assert_untouched(guarded_out_dir)
 
 
+def test_another_directorys_checkpoint_is_not_resumed_into_a_run(tmp_path: Path, guarded_out_dir: Path) -> None:
+    """Continuing run B's checkpoint in run A's out_dir would overwrite A's checkpoints, export and log."""
+    other = tmp_path / "other" / "step-000002"
+    other.mkdir(parents=True)
+    (other / "state").write_text("weights")
+    seal(other, {"step": 2})
+    message = "is another directory's checkpoint, and out_dir=.* already holds step-000004"
+    with pytest.raises(ConfigError, match=message):
+        run_cli(kto.setup, [*FAST, f"--out_dir={guarded_out_dir}", f"--resume={other}"])
+    assert_untouched(guarded_out_dir)
+
+
+def test_a_checkpoint_is_resumed_only_under_the_strategy_that_saved_it(guarded_out_dir: Path) -> None:
+    """An unsharded checkpoint (one state file) under FSDP2, or a sharded one (a state directory) without it: said
+    before any model is loaded, not as an unreadable checkpoint after the reference pass."""
+    with pytest.raises(ConfigError, match="saved unsharded, by strategy=auto or ddp; resume it with strategy=auto"):
+        run_cli(kto.setup, [*FAST, f"--out_dir={guarded_out_dir}", "--resume=auto", "--strategy=fsdp"])
+    assert_untouched(guarded_out_dir)
+    sharded = guarded_out_dir / "step-000004"
+    (sharded / "state").unlink()
+    (sharded / "state").mkdir()
+    (sharded / "state" / "__0_0.distcp").write_text("shard")
+    seal(sharded, {"step": 4})
+    with pytest.raises(ConfigError, match="saved sharded, by strategy=fsdp; resume it with strategy=fsdp"):
+        run_cli(kto.setup, [*FAST, f"--out_dir={guarded_out_dir}", "--resume=auto"])
+
+
+def test_resume_auto_over_a_finished_run_without_checkpoints(tmp_path: Path) -> None:
+    (tmp_path / "out" / "final").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="already holds final: a finished run, with no checkpoint to continue"):
+        run_cli(kto.setup, [*FAST, f"--out_dir={tmp_path / 'out'}", "--resume=auto"])
+
+
 def test_unknown_flag_is_rejected_by_the_cli(guarded_out_dir: Path) -> None:
     with pytest.raises(ConfigError, match="unrecognized arguments: --kto.betta=0.2"):
         run_cli(kto.setup, [*FAST, "--kto.betta=0.2", f"--out_dir={guarded_out_dir}"])

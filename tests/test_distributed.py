@@ -6,6 +6,7 @@ does not depend on how the step's examples are split into micro-batches and rank
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -64,6 +65,9 @@ def test_fsdp2_two_processes_match_one(single: Path, fsdp: Path) -> None:
     shards = {p.name for p in (fsdp / "step-000003" / "state").iterdir()}
     assert {"__0_0.distcp", "__1_0.distcp", "meta.pt"} <= shards  # a sharded (DCP) checkpoint, one file per rank
     assert (fsdp / "step-000003" / "rng-rank1.pt").is_file()
+    # The run records what `fabric run` launched (its --devices, the script's --strategy), not the flags' defaults.
+    config = json.loads((fsdp / "step-000003" / "meta.json").read_text())["config"]
+    assert (config["devices"], config["num_nodes"], config["strategy"]) == (2, 1, "fsdp")
     a = load_safetensors(single / "final" / "model.safetensors")
     b = load_safetensors(fsdp / "final" / "model.safetensors")
     for key in a:

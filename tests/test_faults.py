@@ -144,6 +144,18 @@ KTO_FLAGS = {
         ["--model.lora.r=4", "--model.lora.target_modules=[qkv_proj]"],
         "model.lora.target_modules: ['qkv_proj'] name no module of fabric-align/tiny-llama (its linear layers: ",
     ),
+    "lora target name as a string": (
+        ["--model.lora.r=4", "--model.lora.target_modules=q_proj,qkv_proj"],
+        "model.lora.target_modules: ['qkv_proj'] name no module of fabric-align/tiny-llama",
+    ),
+    "lora target pattern that matches nothing": (
+        ["--model.lora.r=4", r"--model.lora.target_modules=.*\.attn\.qkv"],
+        r"model.lora.target_modules: ['.*\\.attn\\.qkv'] name no module",
+    ),
+    "lora target that is not a pattern": (
+        ["--model.lora.r=4", "--model.lora.target_modules=(q_proj"],
+        "model.lora.target_modules='(q_proj': not a regular expression",
+    ),
     "attention implementation unknown": (["--model.attn_implementation=bogus"], "cannot build the model"),
 }
 

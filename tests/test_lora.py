@@ -90,3 +90,11 @@ def test_lora_export_adapter_and_merged(lora_run: Path) -> None:
         torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
         plain = load_model(ModelArgs(), dtype=torch.float32, seed=42)(input_ids=ids).logits
     assert (expected - plain).abs().max() > 1e-3
+    # The base is a seeded init that exists on no disk: final/base/ holds it and the adapter names it, so the export
+    # loads as users load adapters, through transformers' peft integration or peft's AutoPeftModel.
+    from peft import AutoPeftModelForCausalLM
+
+    assert load_safetensors(final / "base" / "model.safetensors")
+    with torch.no_grad():
+        for loaded in (AutoModelForCausalLM.from_pretrained(final), AutoPeftModelForCausalLM.from_pretrained(final)):
+            torch.testing.assert_close(loaded.eval()(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)

@@ -110,6 +110,10 @@ def test_launch_under_fabric_run(monkeypatch: pytest.MonkeyPatch) -> None:
     kwargs = launch.fabric_kwargs()
     assert (kwargs["devices"], kwargs["num_nodes"], kwargs["precision"]) == ("auto", 1, None)
     assert "LT_STRATEGY" not in os.environ  # taken, so Fabric does not pick its FSDP1 strategy
+    # `fabric run` without --precision: the script's own (a recipe's) precision holds, not Fabric's 32-true.
+    monkeypatch.delenv("LT_PRECISION")
+    launch = resolve_launch(1, 1, "bf16-mixed", "auto")
+    assert launch.fabric_kwargs()["precision"] == launch.precision == "bf16-mixed"
 
 
 def test_kto_kl_is_not_pulled_to_zero_by_padding_parts() -> None:
@@ -155,3 +159,22 @@ def test_each_sweep_run_gets_a_free_rendezvous_port() -> None:
     assert item.startswith("fabric run --main-port=") and 0 < port < 65536
     assert with_free_port("fabric run --main-port=1234 x.py") == "fabric run --main-port=1234 x.py"
     assert with_free_port("python x.py") == "python x.py"
+
+
+def test_lora_target_modules_as_names_or_a_pattern() -> None:
+    """A string of plain names means those names (peft would full-match "q_proj" against whole module paths and find
+    nothing); "all-linear" and regular expressions keep peft's meaning, checked against the model's modules."""
+    from fabric_align.args import LoRAArgs, ModelArgs
+    from fabric_align.modeling import check_model_structure, load_config
+
+    names = LoRAArgs(target_modules="q_proj, v_proj")
+    names.check()
+    assert names.target_modules == ["q_proj", "v_proj"]
+    for kept in ("all-linear", r".*\.(q|v)_proj"):
+        lora = LoRAArgs(target_modules=kept)
+        lora.check()
+        assert lora.target_modules == kept
+        model = ModelArgs(lora=lora)
+        check_model_structure(model, load_config(model))  # matches modules: no error
+    with pytest.raises(ConfigError, match="must not include the lm_head"):
+        LoRAArgs(target_modules="lm_head").check()

@@ -10,7 +10,7 @@ import pytest
 from fabric_align import kto
 from fabric_align.loggers import wandb_mode
 
-from conftest import FAST, run_cli
+from conftest import FAST, column, read_metrics, run_cli
 
 
 def test_wandb_offline_run_records_config_and_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -38,7 +38,11 @@ def test_wandb_offline_run_records_config_and_metrics(tmp_path: Path, monkeypatc
     records = (runs[0] / f"run-{run_id}.wandb").read_bytes()
     assert b'"beta":0.2' in records and b'"global_batch_size":16' in records
     assert records.count(b"train/loss") >= 3 and b"val/rewards/margins" in records
-    assert (out / "logs" / "metrics.csv").is_file()  # "both" also writes the CSV
+    assert (out / "logs" / "metrics.csv").is_file()  # "both" also writes the CSV, and the hyperparameters beside it
+    again = tmp_path / "again"  # ... as a config that reproduces the run
+    run_cli(kto.setup, [f"--config={out / 'logs' / 'hparams.yaml'}", f"--out_dir={again}"])
+    for key in ("train/loss", "train/kl", "val/rewards/margins"):
+        assert column(read_metrics(again), key) == column(read_metrics(out), key), key
 
     run_cli(kto.setup, [*args[:-2], "--train.max_steps=4", "--train.save_interval=4", "--resume=auto"])
     assert (out / "logs" / "wandb_id.txt").read_text() == run_id  # same W&B run continued
