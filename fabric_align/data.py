@@ -56,28 +56,44 @@ def resolve_path(path: str) -> str:
 def read_rows(path: str, split: str = "train") -> list[Row]:
     """Rows of a local .jsonl/.json/.parquet file, a ``save_to_disk`` directory, or a Hugging Face dataset id."""
     path = resolve_path(path)
-    local = Path(path)
-    if local.suffix in LOCAL_SUFFIXES:
+    local = Path(path).expanduser()
+    suffix = local.suffix.lower()
+    if suffix in LOCAL_SUFFIXES:
         if not local.is_file():
             raise DataError(f"{path}: file not found")
-        if local.suffix == ".parquet":
+        if suffix == ".parquet":
             import pyarrow.parquet as pq
 
             try:
                 records = pq.read_table(local).to_pylist()
             except Exception as err:  # pyarrow raises several types for corrupt files
                 raise DataError(f"{path}: not a readable parquet file ({err})") from err
-            return [Row(path, f"row {i}", r) for i, r in enumerate(records)]
+            return [Row(path, f"row {i}", without_nulls(r)) for i, r in enumerate(records)]
         text = decode_utf8(path, local.read_bytes())
-        if local.suffix == ".json" and text.lstrip().startswith("["):
+        if suffix == ".json" and text.lstrip().startswith(("[", "{")):
             try:
                 records = json.loads(text)
             except json.JSONDecodeError as err:
+                if text.lstrip().startswith("{"):  # JSON lines in a .json file
+                    return _read_json_lines(path, text)
                 raise DataError(f"{path}, line {err.lineno}, field '<json>': malformed JSON ({err.msg})") from err
             except RecursionError:
                 raise DataError(f"{path}, line 1, field '<json>': nested too deeply to read") from None
+            except ValueError as err:  # an integer of more digits than Python converts
+                raise DataError(f"{path}, line 1, field '<json>': unreadable JSON ({err})") from None
+            if isinstance(records, dict) and "\n" not in text.strip():
+                return _read_json_lines(path, text)  # one row, written as JSON lines
+            if isinstance(records, dict):
+                keys = sorted(records)[:5]
+                raise DataError(
+                    f"{path}, line 1, field '<json>': one JSON object (keys {keys}); expected an array of rows, or "
+                    "one row per line (.jsonl)"
+                )
             return [Row(path, f"row {i}", r) for i, r in enumerate(records)]
         return _read_json_lines(path, text)
+    if str(path).startswith(("/", "./", "../", "~")) and not local.exists():
+        # A local path, not a hub id: said at once, not after the hub's retries.
+        raise DataError(f"{path}: no such file or directory")
     if local.is_dir() and ((local / "dataset_dict.json").is_file() or (local / "state.json").is_file()):
         import datasets  # a `save_to_disk` directory
 
@@ -89,7 +105,7 @@ def read_rows(path: str, split: str = "train") -> list[Row]:
             if split not in loaded:
                 raise DataError(f"{path}: no split '{split}' (has {sorted(loaded)})")
             loaded = loaded[split]
-        return [Row(f"{path}[{split}]", f"row {i}", r) for i, r in enumerate(loaded)]
+        return [Row(f"{path}[{split}]", f"row {i}", without_nulls(r)) for i, r in enumerate(loaded)]
     if local.is_file():
         raise DataError(f"{path}: unsupported file type (expected {', '.join(LOCAL_SUFFIXES)})")
     import datasets
@@ -98,7 +114,19 @@ def read_rows(path: str, split: str = "train") -> list[Row]:
         loaded = datasets.load_dataset(path, split=split)
     except Exception as err:  # hub errors come in many types; the message says what went wrong
         raise DataError(f"{path}: not a local file and could not be loaded as a dataset ({err})") from err
-    return [Row(f"{path}[{split}]", f"row {i}", r) for i, r in enumerate(loaded)]
+    return [Row(f"{path}[{split}]", f"row {i}", without_nulls(r)) for i, r in enumerate(loaded)]
+
+
+def without_nulls(record: Any) -> Any:
+    """A columnar row (parquet, datasets) without its null columns: a table gives every row every column, so a
+    file mixing row forms, or setting ``system`` on some rows only, has nulls where a JSON line has no key."""
+    return {k: v for k, v in record.items() if v is not None} if isinstance(record, dict) else record
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """A value as an error message quotes it: its repr, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}... ({len(text)} characters)"
 
 
 def decode_utf8(path: str, raw: bytes) -> str:
@@ -129,6 +157,8 @@ def _read_json_lines(path: str, text: str) -> list[Row]:
             raise DataError(f"{path}, line {lineno}, field '<json>': malformed JSON ({err.msg})") from err
         except RecursionError:
             raise DataError(f"{path}, line {lineno}, field '<json>': nested too deeply to read") from None
+        except ValueError as err:  # an integer of more digits than Python converts
+            raise DataError(f"{path}, line {lineno}, field '<json>': unreadable JSON ({err})") from None
     return rows
 
 
@@ -143,8 +173,10 @@ def require_dict(row: Row) -> dict[str, Any]:
 
 
 def require_field(row: Row, obj: dict[str, Any], name: str) -> Any:
-    if name not in obj or obj[name] is None:
-        raise row.error(name, f"missing (the row has {sorted(obj)})")
+    if name not in obj:
+        raise row.error(name, f"missing (the row has {shown(sorted(obj), 200)})")
+    if obj[name] is None:
+        raise row.error(name, "is null")
     return obj[name]
 
 
@@ -187,7 +219,8 @@ def require_messages(
         role = message.get(key_role)
         role = role_map.get(role, role) if role_map and isinstance(role, str) else role
         if role not in ROLES:
-            raise row.error(f"{where}.{key_role}", f"unknown role {message.get(key_role)!r} (expected one of {ROLES})")
+            problem = f"unknown role {shown(message.get(key_role))} (expected one of {ROLES})"
+            raise row.error(f"{where}.{key_role}", problem)
         content = require_text(row, message.get(key_content), f"{where}.{key_content}", allow_empty=True)
         messages.append({"role": role, "content": content})
     return messages
@@ -221,23 +254,37 @@ class ChatRenderer:
                 f"{self.tokenizer.name_or_path!r} has none",
             )
 
-    def encode(self, prompt: str | Messages, completion: str | Messages) -> Encoded:
+    def encode(
+        self, prompt: str | Messages, completion: str | Messages, row: Row | None = None, field: str = "prompt"
+    ) -> Encoded:
+        """Prompt and completion token ids (the completion ends in exactly one EOS). ``row`` and ``field`` name what
+        a chat template that refuses the conversation (``raise_exception`` in Gemma's, Mistral's) was given."""
         tok = self.tokenizer
         if isinstance(prompt, str):
             # Plain text: the tokenizer adds its own specials (BOS) to the prompt, none to the completion.
             prompt_ids = tok(prompt, add_special_tokens=True)["input_ids"]
             completion_text = completion if isinstance(completion, str) else "".join(m["content"] for m in completion)
         else:
+            from jinja2 import TemplateError
+
             completion_msgs = (
                 completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
             )
-            prompt_text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-            full_text = tok.apply_chat_template(prompt + completion_msgs, tokenize=False)
+            try:
+                prompt_text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+                full_text = tok.apply_chat_template(prompt + completion_msgs, tokenize=False)
+            except TemplateError as err:
+                problem = f"the chat template of {tok.name_or_path!r} refuses this conversation ({err})"
+                raise (row.error(field, problem) if row is not None else DataError(problem)) from None
             prompt_ids = tok(prompt_text, add_special_tokens=False)["input_ids"]
             if full_text.startswith(prompt_text):
                 completion_text = full_text[len(prompt_text) :]
             else:  # templates that rewrite earlier turns: fall back to the raw contents
                 completion_text = "".join(m["content"] for m in completion_msgs)
+        if not prompt_ids:
+            # An empty prompt and no BOS (SmolLM2, Qwen): the first completion token needs something to be predicted
+            # from. The model reads it after BOS, or after the end-of-text token that separates documents.
+            prompt_ids = [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]
         completion_ids = tok(completion_text, add_special_tokens=False)["input_ids"]
         return Encoded(list(prompt_ids), [*strip_final_eos(tok, completion_ids), tok.eos_token_id])
 

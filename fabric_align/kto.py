@@ -36,6 +36,7 @@ from fabric_align.data import (
     require_field,
     require_messages,
     require_text,
+    shown,
 )
 from fabric_align.errors import TrainingError
 from fabric_align.kernels import kto_loss
@@ -58,7 +59,7 @@ def parse_row(row: Row) -> tuple[str | list, str | list, bool]:
         completion = require_text(row, require_field(row, obj, "response"), "response", allow_empty=False)
         preference = require_field(row, obj, "preference")
         if preference not in ("chosen", "rejected"):
-            raise row.error("preference", f'expected "chosen" or "rejected", got {preference!r}')
+            raise row.error("preference", f'expected "chosen" or "rejected", got {shown(preference)}')
         return prompt, completion, preference == "chosen"
     prompt = require_field(row, obj, "prompt")
     completion = require_field(row, obj, "completion")
@@ -85,7 +86,7 @@ def parse_row(row: Row) -> tuple[str | list, str | list, bool]:
         return prompt, completion, label
     if label in ("chosen", "rejected"):
         return prompt, completion, label == "chosen"
-    raise row.error("label", f'expected true/false (or "chosen"/"rejected"), got {label!r}')
+    raise row.error("label", f'expected true/false (or "chosen"/"rejected"), got {shown(label)}')
 
 
 @dataclass
@@ -115,7 +116,7 @@ def load_split(path: str, split: str, renderer: ChatRenderer, max_length: int, s
     for row, (prompt, completion, label) in zip(rows, parsed, strict=True):
         if not isinstance(prompt, str):
             renderer.check_chat(row, "prompt")
-        enc = renderer.encode(prompt, completion)
+        enc = renderer.encode(prompt, completion, row)
         completion_ids = fit_length(enc.prompt_ids, enc.completion_ids, max_length)
         if completion_ids is not None:
             encoded.append((enc.prompt_ids, enc.completion_ids))

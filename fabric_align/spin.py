@@ -189,7 +189,7 @@ def load_split(
     for row, item in zip(rows, parsed, strict=True):
         if not isinstance(item.prompt, str):
             renderer.check_chat(row, "messages")
-        enc = renderer.encode(item.prompt, item.answer)
+        enc = renderer.encode(item.prompt, item.answer, row, "messages")
         answer = fit_length(enc.prompt_ids, enc.completion_ids, max_length)
         if answer is None:
             continue
@@ -197,7 +197,7 @@ def load_split(
         prompts.append(enc.prompt_ids)
         answers.append(answer)
         if with_generated:
-            ids = renderer.encode(item.prompt, item.generated or "").completion_ids
+            ids = renderer.encode(item.prompt, item.generated or "", row, "generated").completion_ids
             generated.append(fit_length(enc.prompt_ids, ids, max_length) or [])
     source = rows[0].source
     report_fit(source, len(rows), len(rows) - len(prompts), cut, max_length, f"answer_turn={answer_turn}")
@@ -285,12 +285,15 @@ class IterationStore:
             log.warning("iteration %d: not reusing %s: %s; generating again", t, directory, why_not)
         return None
 
-    def required(self, t: int, data_id: str, start: int) -> IterationData:
-        """The data a checkpoint inside iteration t trained on, which cannot be made again (its opponent is gone)."""
+    def required(self, t: int, data_id: str, start: int, data: list[str]) -> IterationData:
+        """The data a checkpoint inside iteration t trained on, which cannot be made again (its opponent is gone).
+        ``data``: the fingerprints of this run's SFT splits, which must be those its answers belong to."""
         directory = self.directory(t)
         problem = verify_directory(directory)
         if problem is None and read_meta(directory).get("id") != data_id:
             problem = f"it holds other iteration data than the checkpoint trained on (id {data_id})"
+        if problem is None and read_meta(directory).get("data", data) != data:
+            problem = "its answers belong to other SFT data than this run's (data.train_path or val_path changed)"
         if problem is not None:
             raise TrainingError(
                 f"{directory}: {problem}; the checkpoint being resumed is inside iteration {t}, whose opponent "
@@ -353,7 +356,12 @@ def iteration_provenance(
         "betas_before": [args.beta_at(i) for i in range(t)],
         "lrs_before": None if args.lr is None else [args.lr_at(i, 0.0) for i in range(t)],
     }
-    return {"made_at_step": start, "history": list(history), "settings": content_hash(shaping, generation)}
+    return {
+        "made_at_step": start,
+        "history": list(history),
+        "settings": content_hash(shaping, generation),
+        "data": list(shaping["data"]),  # on its own too: a resume inside the iteration checks it
+    }
 
 
 def provenance_mismatch(meta: dict[str, Any], provenance: dict[str, Any]) -> str | None:
@@ -694,7 +702,7 @@ def main(fabric: Any, job: Job, spin: SPINArgs, train_data: SFTData, val_data: S
             # Each iteration is a fresh fine-tuning run from the new opponent (as in the SPIN authors' recipe).
             optimizer.state.clear()
         if inside:
-            data_t = store.required(t, trained_on[t], start)
+            data_t = store.required(t, trained_on[t], start, shaping["data"])
             fabric.print(f"iteration {t}: reusing {store.directory(t)}")
         else:
             provenance = iteration_provenance(spin, shaping, t, start, history)

@@ -191,6 +191,7 @@ def prepare_job(
     model_config = load_hub_object(model, load_config, "its config")
     check_model_config(model, model_config)
     check_model_structure(model, model_config)
+    check_max_length(data, model, model_config)
     config = hparams(
         model=model,
         data=data,
@@ -206,6 +207,19 @@ def prepare_job(
         strategy=launch.strategy,
     )
     return Job(model, data, train, logger, out_dir, seed, launch, resume_path, tokenizer, config)
+
+
+def check_max_length(data: DataArgs, model: ModelArgs, model_config: Any) -> None:
+    """Sequences must fit the model's positions: learned position embeddings (GPT-2's) fail past them with an index
+    error deep in the forward, rotary ones extrapolate to positions they never trained on."""
+    for name in ("max_position_embeddings", "n_positions"):
+        limit = getattr(model_config, name, None)
+        if isinstance(limit, int) and data.max_length > limit:
+            raise ConfigError(
+                f"data.max_length={data.max_length} exceeds {model.name_or_path}'s {name}={limit}: lower "
+                "data.max_length (longer rows keep their prompt and are cut, or dropped when the prompt alone "
+                "does not fit)"
+            )
 
 
 def load_hub_object(model: ModelArgs, loader: Callable[[ModelArgs], Any], what: str) -> Any:

@@ -128,7 +128,7 @@ def test_bad_training_rows(case: str, tmp_path: Path, guarded_out_dir: Path) -> 
 def test_bad_validation_rows_named_too(tmp_path: Path, guarded_out_dir: Path) -> None:
     train = write_jsonl(tmp_path / "train.jsonl", GOOD)
     val = write_jsonl(tmp_path / "val.jsonl", GOOD[:3] + [{"prompt": "x", "completion": "y", "label": None}])
-    with pytest.raises(DataError, match=re.escape(f"{val}, line 4, field 'label': missing")):
+    with pytest.raises(DataError, match=re.escape(f"{val}, line 4, field 'label': is null")):
         run_cli(
             kto.setup,
             [

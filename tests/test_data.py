@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
+from fabric_align import kto
 from fabric_align.args import ModelArgs
-from fabric_align.data import IGNORE_INDEX, ChatRenderer, StepPlan, derangement, pad_sequences, shard_evenly
+from fabric_align.data import (
+    IGNORE_INDEX,
+    ChatRenderer,
+    DataError,
+    StepPlan,
+    derangement,
+    pad_sequences,
+    shard_evenly,
+)
 from fabric_align.kto import load_split
 from fabric_align.modeling import load_tokenizer
 
-from conftest import write_jsonl
+from conftest import FAST, column, read_metrics, run_cli, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -197,3 +207,82 @@ def test_closing_eos_is_stripped_however_the_template_ends_the_turn(renderer: Ch
     assert strip_final_eos(tok, [*answer, eos, *newline]) == answer
     assert strip_final_eos(tok, [*answer, eos, *newline, eos]) == answer
     assert strip_final_eos(tok, [*answer, eos, *answer, eos]) == [*answer, eos, *answer]
+
+
+@pytest.fixture
+def strict_model(tmp_path: Path) -> Path:
+    """The tiny model's config with a tokenizer that adds no BOS (as SmolLM2's and Qwen's) and a chat template that
+    refuses system messages (as Gemma's and Mistral's raise_exception do)."""
+    import shutil
+
+    from fabric_align.args import EMBEDDED_MODEL
+    from fabric_align.modeling import resolve_model_path
+
+    model = tmp_path / "strict"
+    shutil.copytree(resolve_model_path(EMBEDDED_MODEL), model)
+    spec = json.loads((model / "tokenizer.json").read_text())
+    spec["post_processor"] = None
+    (model / "tokenizer.json").write_text(json.dumps(spec))
+    refuse = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    (model / "chat_template.jinja").write_text(refuse + (model / "chat_template.jinja").read_text())
+    return model
+
+
+def test_an_empty_prompt_without_bos_conditions_on_an_end_token(tmp_path: Path, strict_model: Path) -> None:
+    """An empty plain prompt would leave the first completion token nothing to be predicted from (and crashed the
+    padding after the model loaded): it gets BOS, or the end-of-text token, as its context, and trains."""
+    renderer = ChatRenderer(load_tokenizer(ModelArgs(name_or_path=str(strict_model))))
+    assert renderer.tokenizer("hi")["input_ids"][0] != renderer.tokenizer.bos_token_id  # no BOS added
+    assert renderer.encode("", "hi").prompt_ids == [renderer.tokenizer.bos_token_id]
+    rows = [{"prompt": "" if i % 3 == 0 else f"q{i}", "completion": f"a{i}", "label": i % 2 == 0} for i in range(16)]
+    args = [*FAST, f"--model.name_or_path={strict_model}", "--train.max_steps=2", "--data.val_path=null"]
+    out = tmp_path / "out"
+    run_cli(kto.setup, [*args, f"--data.train_path={write_jsonl(tmp_path / 'd.jsonl', rows)}", f"--out_dir={out}"])
+    assert len(column(read_metrics(out), "train/loss")) == 2
+
+
+def test_a_chat_template_that_refuses_a_conversation_names_the_row(tmp_path: Path, strict_model: Path) -> None:
+    renderer = ChatRenderer(load_tokenizer(ModelArgs(name_or_path=str(strict_model))))
+    ok = {"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "assistant", "content": "a"}]}
+    system = {"prompt": [{"role": "system", "content": "be brief"}, *ok["prompt"]], "completion": ok["completion"]}
+    path = write_jsonl(tmp_path / "d.jsonl", [ok | {"label": True}, ok | {"label": False}, system | {"label": True}])
+    with pytest.raises(DataError, match=r"d\.jsonl, line 3, field 'prompt': the chat template .* refuses this "):
+        load_split(str(path), "train", renderer, 96, 0, train=True)
+
+
+def test_columnar_nulls_are_absent_fields_and_suffixes_ignore_case(tmp_path: Path, renderer: ChatRenderer) -> None:
+    """A parquet table gives every row every column: TRL and NeMo rows in one file load as they do from JSON lines."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [
+        {"prompt": "q0", "completion": "a0", "label": True},
+        {"prompt": "q1", "response": "a1", "preference": "rejected"},
+    ]
+    columns = ["prompt", "completion", "label", "response", "preference"]
+    pq.write_table(pa.table({c: [r.get(c) for r in rows] for c in columns}), tmp_path / "mixed.parquet")
+    lines = write_jsonl(tmp_path / "MIXED.JSONL", rows)
+    from_table = load_split(str(tmp_path / "mixed.parquet"), "train", renderer, 96, 0, train=True)
+    from_lines = load_split(str(lines), "train", renderer, 96, 0, train=True)
+    assert from_table.labels.tolist() == from_lines.labels.tolist() == [True, False]
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("one.json", '{\n  "prompt": "q", "completion": "a", "label": true\n}\n', "one JSON object (keys ["),
+        ("big.jsonl", '{"prompt": "q", "completion": "a", "label": true, "n": ' + "9" * 5000 + "}\n", "line 1, field"),
+        ("long.jsonl", json.dumps({"prompt": "q", "completion": "a", "label": "x" * 100_000}) + "\n", "characters)"),
+        ("./missing/data.jsonl", None, "file not found"),
+        ("./missing_dir", None, "no such file or directory"),
+    ],
+)
+def test_unreadable_data_is_one_short_line(
+    name: str, text: str | None, message: str, tmp_path: Path, renderer: ChatRenderer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    if text is not None:
+        Path(name).write_text(text)
+    with pytest.raises(DataError, match=re.escape(message)) as caught:
+        load_split(name, "train", renderer, 96, 0, train=True)
+    assert len(str(caught.value)) < 300 and "\n" not in str(caught.value)

@@ -157,6 +157,10 @@ KTO_FLAGS = {
         "model.lora.target_modules='(q_proj': not a regular expression",
     ),
     "attention implementation unknown": (["--model.attn_implementation=bogus"], "cannot build the model"),
+    "max_length past the model's positions": (
+        ["--data.max_length=1025"],
+        "data.max_length=1025 exceeds fabric-align/tiny-llama's max_position_embeddings=1024",
+    ),
 }
 
 

@@ -13,10 +13,11 @@ import torch
 
 from fabric_align import checkpoints, spin, trainer
 from fabric_align.data import DataError
-from fabric_align.errors import ConfigError
+from fabric_align.errors import ConfigError, TrainingError
 
 from conftest import (
     FAST,
+    REPO,
     assert_no_unactionable_warnings,
     column,
     fabric_cli,
@@ -108,6 +109,12 @@ def test_resume_in_iteration_one_reuses_generations(tmp_path: Path, monkeypatch:
         raise AssertionError("generated again instead of reusing iter-*/")
 
     monkeypatch.setattr(spin, "rollout", no_generation)
+    # Inside an iteration its stored answers are the SFT rows': other rows (one answer edited) are refused.
+    rows = (REPO / "fabric_align" / "assets" / "sft_demo_train.jsonl").read_text().splitlines()
+    edited = write_jsonl(tmp_path / "edited.jsonl", [json.dumps({"prompt": "Hi", "completion": "Hello!"}), *rows[1:]])
+    changed = [f"--data.train_path={edited}", "--data.val_path=fabric-align/sft-demo-val"]
+    with pytest.raises(TrainingError, match="its answers belong to other SFT data than this run's"):
+        run_cli(spin.setup, [*args, *changed, f"--out_dir={resumed}", "--resume=auto"])
     run_cli(spin.setup, [*args, f"--out_dir={resumed}", "--resume=auto"])  # from step 3, in iteration 0
     assert {t: (resumed / f"iter-{t}" / "pairs.pt").stat().st_mtime_ns for t in (0, 1)} == written
     a = load_safetensors(straight / "final" / "model.safetensors")
