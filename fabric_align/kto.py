@@ -54,6 +54,11 @@ Sequence = tuple[list[int], int]  # (prompt + completion token ids, prompt lengt
 def parse_row(row: Row) -> tuple[str | list, str | list, bool]:
     """(prompt, completion, desirable) from TRL's unpaired form (plain or conversational) or NeMo-Aligner's."""
     obj = require_dict(row)
+    if ("response" in obj or "preference" in obj) and ("completion" in obj or "label" in obj):
+        raise row.error(
+            "preference" if "preference" in obj else "response",
+            "the row mixes NeMo-Aligner's form (response, preference) with TRL's (completion, label): keep one",
+        )
     if "response" in obj or "preference" in obj:  # NeMo-Aligner: prompt, response, preference
         prompt = require_text(row, require_field(row, obj, "prompt"), "prompt", allow_empty=True)
         completion = require_text(row, require_field(row, obj, "response"), "response", allow_empty=False)

@@ -108,9 +108,28 @@ def parse_row(row: Row, answer_turn: str = "last", *, with_generated: bool = Fal
             "missing (expected 'messages', 'prompt'/'completion', 'conversations' or 'real'; the row has "
             f"{sorted(obj)})",
         )
-    prompt = require_text(row, require_field(row, obj, "prompt"), "prompt", allow_empty=True)
-    answer = require_text(row, require_field(row, obj, "completion"), "completion", allow_empty=False)
-    return SFTRow(prompt, answer)
+    for field, undesirable in (("label", False), ("preference", "rejected")):
+        if field in obj and obj[field] == undesirable and type(obj[field]) is type(undesirable):
+            # KTO data: its undesirable completions are no ground truth to play against.
+            raise row.error(field, "marks the completion undesirable; SPIN trains toward it as the ground truth")
+    prompt_value = require_field(row, obj, "prompt")
+    if not isinstance(prompt_value, list):
+        prompt = require_text(row, prompt_value, "prompt", allow_empty=True)
+        answer = require_text(row, require_field(row, obj, "completion"), "completion", allow_empty=False)
+        return SFTRow(prompt, answer)
+    # TRL's conversational form: messages before the answer, and the answer as one assistant message (or text).
+    messages = require_messages(row, prompt_value, "prompt")
+    if not any(m["role"] != "assistant" for m in messages):
+        raise row.error("prompt", "no user (or system) message")
+    value = require_field(row, obj, "completion")
+    if isinstance(value, str):
+        return SFTRow(messages, require_text(row, value, "completion", allow_empty=False))
+    completion = require_messages(row, value, "completion", or_string=True)
+    if len(completion) != 1 or completion[0]["role"] != "assistant":
+        raise row.error("completion", "expected the assistant's answer: one assistant message")
+    if not completion[0]["content"].strip():
+        raise row.error("completion[0].content", "is empty")
+    return SFTRow(messages, completion[0]["content"])
 
 
 def split_turn(

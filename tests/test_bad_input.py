@@ -103,6 +103,12 @@ CASES = {
         "response",
         "empty",
     ),
+    "both row forms": (
+        rows_with(9, {"prompt": "x", "completion": "y", "label": True, "preference": "rejected"}),
+        9,
+        "preference",
+        "mixes NeMo-Aligner's form",
+    ),
     "row not an object": (rows_with(10, "[1, 2]"), 10, "<row>", "JSON object"),
     "empty conversational prompt": (
         rows_with(7, {"prompt": [], "completion": [{"role": "assistant", "content": "y"}], "label": True}),

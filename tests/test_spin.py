@@ -249,6 +249,18 @@ BAD = {
         "conversations[1].value",  # the row's own index: the system prompt is not in that list
         "empty",
     ),
+    "an undesirable KTO row": (
+        with_row(11, {"prompt": "q", "completion": "a", "label": False}),
+        11,
+        "label",
+        "marks the completion undesirable",
+    ),
+    "a conversational completion that is not the answer": (
+        with_row(12, {"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "user", "content": "a"}]}),
+        12,
+        "completion",
+        "one assistant message",
+    ),
     "messages not a list": (
         with_row(10, {"messages": "hello"}),
         10,
@@ -290,10 +302,16 @@ def test_sft_forms_agree(tmp_path: Path) -> None:
             "conversations": [{"from": "User", "value": "Hi"}, {"from": "Assistant", "value": "Hello!"}],
         },
         {"prompt": "Hi", "completion": "Hello!"},
+        {  # TRL's conversational prompt/completion, as KTO reads it
+            "prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}],
+            "completion": [{"role": "assistant", "content": "Hello!"}],
+        },
+        {"prompt": "Hi", "completion": "Hello!", "label": True},  # a desirable KTO row is ground truth
     ]
     renderer = ChatRenderer(load_tokenizer(ModelArgs()))
     data = spin.load_split(str(write_jsonl(tmp_path / "d.jsonl", rows)), "train", renderer, 64)
-    assert data.prompts[0] == data.prompts[1] and data.answers[0] == data.answers[1] == data.answers[2]
+    assert data.prompts[0] == data.prompts[1] == data.prompts[3] and data.prompts[2] == data.prompts[4]
+    assert data.answers[0] == data.answers[1] == data.answers[2] == data.answers[3] == data.answers[4]
     assert renderer.tokenizer.decode(data.answers[0]) == "Hello!</s>"
 
 
