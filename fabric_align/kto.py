@@ -109,7 +109,11 @@ class KTOData:
         return len(self.sequences)
 
 
-def load_split(path: str, split: str, renderer: ChatRenderer, max_length: int, seed: int, *, train: bool) -> KTOData:
+def load_split(
+    path: str, split: str, renderer: ChatRenderer, max_length: int, seed: int, *, train: bool, kl_pairs: bool = True
+) -> KTOData:
+    """Read, check and tokenize a KTO split, with its KL pairs (``kl_pairs``: the loss has a KL term; without one a
+    single row is a usable split, and the pairs are left empty)."""
     rows = read_rows(path, split)
     if not rows:
         raise DataError(f"{path}: no rows")
@@ -129,19 +133,21 @@ def load_split(path: str, split: str, renderer: ChatRenderer, max_length: int, s
             cut += len(completion_ids) < len(enc.completion_ids)
     dropped = len(rows) - len(encoded)
     report_fit(rows[0].source, len(rows), dropped, cut, max_length)
-    if len(encoded) < 2:
+    if not encoded or (kl_pairs and len(encoded) < 2):
         why = f" (after dropping {dropped} whose prompt does not fit)" if dropped else ""
         raise DataError(
-            f"{rows[0].source}: {len(encoded)} usable row{'s' * (len(encoded) != 1)}{why}; the KL pairs need at least 2"
+            f"{rows[0].source}: {len(encoded)} usable row{'s' * (len(encoded) != 1)}{why}; "
+            + ("the KL pairs need at least 2" if kl_pairs else "nothing to use")
         )
     if train and dropped:
         require_both_labels(rows[0].source, kept, f"rows left after dropping {dropped} whose prompt does not fit")
-    pairing = derangement(len(encoded), seed)
+    pairing = derangement(len(encoded), seed) if kl_pairs else []
     sequences, kl_sequences = [], []
     for i, (prompt_ids, completion_ids) in enumerate(encoded):
         sequences.append((prompt_ids + fit_length(prompt_ids, completion_ids, max_length), len(prompt_ids)))
-        other = fit_length(prompt_ids, encoded[pairing[i]][1], max_length)
-        kl_sequences.append((prompt_ids + other, len(prompt_ids)))
+        if kl_pairs:
+            other = fit_length(prompt_ids, encoded[pairing[i]][1], max_length)
+            kl_sequences.append((prompt_ids + other, len(prompt_ids)))
     return KTOData(rows[0].source, sequences, kl_sequences, torch.tensor(kept, dtype=torch.bool))
 
 
@@ -355,10 +361,11 @@ def setup(
         method={"kto": kto},
     )
     renderer = ChatRenderer(job.tokenizer)
-    train_data = load_split(data.train_path, data.train_split, renderer, data.max_length, seed, train=True)
+    options = {"kl_pairs": kto.uses_kl_term}
+    train_data = load_split(data.train_path, data.train_split, renderer, data.max_length, seed, train=True, **options)
     val_path, val_data = validation_source(data), None
     if val_path:
-        val_data = load_split(val_path, data.val_split, renderer, data.max_length, seed + 1, train=False)
+        val_data = load_split(val_path, data.val_split, renderer, data.max_length, seed + 1, train=False, **options)
     require_batches(len(train_data), train_data.source, train)
     kto = resolve_weights(train_data, kto)
     job.config["kto"]["desirable_weight"] = kto.desirable_weight  # the value used, also under auto

@@ -286,3 +286,11 @@ def test_unreadable_data_is_one_short_line(
     with pytest.raises(DataError, match=re.escape(message)) as caught:
         load_split(name, "train", renderer, 96, 0, train=True)
     assert len(str(caught.value)) < 300 and "\n" not in str(caught.value)
+
+
+def test_a_single_row_is_a_split_only_without_a_kl_term(tmp_path: Path, renderer: ChatRenderer) -> None:
+    path = str(write_jsonl(tmp_path / "one.jsonl", [{"prompt": "q", "completion": "a", "label": True}]))
+    with pytest.raises(DataError, match="1 usable row; the KL pairs need at least 2"):
+        load_split(path, "train", renderer, 64, 0, train=False)
+    data = load_split(path, "train", renderer, 64, 0, train=False, kl_pairs=False)  # apo_zero_unpaired
+    assert len(data) == 1 and data.kl_sequences == []
