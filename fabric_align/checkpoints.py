@@ -81,7 +81,8 @@ def verify_directory(path: Path) -> str | None:
             return f"{file} is missing"
         size = file.stat().st_size
         if size != expected["bytes"]:
-            return f"{file} has {size} bytes, {expected['bytes']} were written (truncated or emptied)"
+            how = "truncated or emptied" if size < expected["bytes"] else "written to since"
+            return f"{file} has {size} bytes, {expected['bytes']} were written ({how})"
         if file_sha256(file) != expected["sha256"]:
             return f"{file} does not match its checksum (damaged)"
     return None

@@ -329,7 +329,12 @@ class IterationStore:
         return self.load(t - 1).generated["train"]
 
     def save(self, t: int, data: IterationData, provenance: dict[str, Any], args: SPINArgs) -> None:
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        special = set(self.tokenizer.all_special_ids)
+
+        def decode(ids: list[int]) -> str:
+            # Without the closing end token, but with any other special token the answer holds: a role marker the
+            # opponent generated mid-answer is trained on, so the readable file shows it.
+            return self.tokenizer.decode(ids[:-1] if ids and ids[-1] in special else ids, skip_special_tokens=False)
 
         def write(tmp: Path) -> dict[str, Any]:
             with (tmp / "generations.jsonl").open("w", encoding="utf-8") as f:
@@ -482,13 +487,16 @@ class SelfPlay:
             "empty"
         )
         if empty > n / 4:
+            why = (
+                "the model ends at once before any training: check that the chat template and the end tokens suit "
+                "it (an instruction model needs conversational data)"
+                if t == 0
+                else "the last iteration overshot; lower train.lr (or spin.lr) or spin.epochs_per_iteration"
+            )
+            if t > 0 and cut > n / 4:
+                why += ", and raise spin.max_new_tokens (cut answers teach it to stop)"
             log.warning(
-                "iteration %d: %d of %d generated answers are empty (the opponent ends at once): the last iteration "
-                "overshot; lower train.lr (or spin.lr) or spin.epochs_per_iteration%s",
-                t,
-                empty,
-                n,
-                ", and raise spin.max_new_tokens (cut answers teach it to stop)" if cut > n / 4 else "",
+                "iteration %d: %d of %d generated answers are empty (the opponent ends at once): %s", t, empty, n, why
             )
 
     def score(self, t: int, generated: dict[str, list[list[int]]], previous: list[list[int]] | None) -> torch.Tensor:

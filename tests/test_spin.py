@@ -50,6 +50,15 @@ def test_default_run_completes_two_iterations(default_run: Path) -> None:
         assert json.loads((directory / "meta.json").read_text())["iteration"] == t
     data = torch.load(default_run / "iter-1" / "pairs.pt", weights_only=True)
     assert data["ref"]["train"]["real"].shape == (64,)
+    # The readable file shows each answer as trained on, special tokens included, but for its closing end token.
+    from fabric_align.args import ModelArgs
+    from fabric_align.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(ModelArgs())
+    rows = [json.loads(line) for line in (default_run / "iter-1" / "generations.jsonl").read_text().splitlines()]
+    for row, ids in zip(rows, data["generated"]["train"], strict=False):
+        shown = ids[:-1] if ids[-1] in tokenizer.all_special_ids else ids
+        assert row["generated"] == tokenizer.decode(shown) and row["generated_tokens"] == len(ids)
     assert (default_run / "final" / "model.safetensors").is_file()
 
     rows = read_metrics(default_run)
@@ -567,3 +576,7 @@ def test_the_opponents_answers_are_reported_and_a_collapse_to_empty_answers_warn
     assert "0 of 8 were cut at spin.max_new_tokens, 4 are empty" in printed[-1]
     assert "iteration 1: 4 of 8 generated answers are empty" in caplog.text and "lower train.lr" in caplog.text
     assert "raise spin.max_new_tokens" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fabric_align"):
+        play.report_answers(0, collapsed, ends)  # before any training: not an overshoot
+    assert "the model ends at once before any training" in caplog.text and "overshot" not in caplog.text
