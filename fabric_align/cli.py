@@ -47,6 +47,7 @@ def run_cli(setup: Callable[..., Any], args: list[str] | None = None) -> None:
     import jsonargparse
 
     jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)  # attribute docstrings -> --help
+    warn_flags_before_config(args if args is not None else sys.argv[1:])
     try:
         jsonargparse.auto_cli(setup, args=args, as_positional=False, exit_on_error=False)
     except jsonargparse.ArgumentError as err:
@@ -59,6 +60,17 @@ def run_cli(setup: Callable[..., Any], args: list[str] | None = None) -> None:
         if message.startswith(("Problems parsing config", "Unexpected config")) and configs:
             message = f"--config {', '.join(configs)}: {message}"
         raise ConfigError(f"{message} (see --help)") from None
+
+
+def warn_flags_before_config(argv: list[str]) -> None:
+    """Arguments apply in order, so a file read by a later ``--config`` overrides the flags before it, silently."""
+    first = next((i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")), None)
+    early = [a.split("=", 1)[0] for a in argv[:first] if a.startswith("--")] if first else []
+    if early:
+        logging.getLogger("fabric_align").warning(
+            "%s before --config: the file's values override them where it sets them; put --config first",
+            ", ".join(early),
+        )
 
 
 def parser_message(text: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import filecmp
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -152,3 +153,13 @@ def test_a_home_relative_model_path_is_expanded(tmp_path: Path, monkeypatch: pyt
     shutil.copytree(EMBEDDED_MODEL_DIR, tmp_path / "models" / "tiny")
     assert resolve_model_path("~/models/tiny") == str(tmp_path / "models" / "tiny")
     assert load_tokenizer(ModelArgs(name_or_path="~/models/tiny")).eos_token_id is not None
+
+
+def test_flags_before_config_are_said_to_be_overridden(caplog: pytest.LogCaptureFixture) -> None:
+    from fabric_align.cli import warn_flags_before_config
+
+    with caplog.at_level(logging.WARNING, logger="fabric_align"):
+        warn_flags_before_config(["--config", "a.yaml", "--kto.beta=0.3"])
+        assert caplog.text == ""
+        warn_flags_before_config(["--kto.beta=0.3", "--devices", "8", "--config=a.yaml"])
+    assert "--kto.beta, --devices before --config: the file's values override them" in caplog.text
