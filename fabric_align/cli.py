@@ -28,6 +28,8 @@ def run_program(setup: Callable[..., Any], args: list[str] | None = None) -> Non
         exit_with_error(str(err))
     except OSError as err:
         exit_with_error(f"{err.filename}: {err.strerror}" if err.filename and err.strerror else str(err))
+    except KeyboardInterrupt:  # Ctrl-C: checkpoints are written atomically, so the newest complete one is intact
+        exit_with_error("interrupted; --resume auto continues from the newest complete checkpoint")
 
 
 def exit_with_error(message: str) -> None:

@@ -85,6 +85,7 @@ class Run:
     state: dict[str, Any]
     meta: dict[str, Any]
     last_validated: int = -1
+    last_validation: dict[str, float] = field(default_factory=dict)  # the metrics of the latest validation
     resumed_meta: dict[str, Any] = field(default_factory=dict)  # the resumed checkpoint's meta.json
     resumed_step: int = -1
     resumed_keys: set[str] = field(default_factory=set)  # what the resumed run had logged at resumed_step
@@ -239,6 +240,7 @@ def log_validation(run: Run, recipe: Recipe, step: int) -> dict[str, float]:
         return {}
     run.last_validated = step
     metrics = evaluate(run, recipe)
+    run.last_validation = metrics
     if metrics:
         run.logger.log({f"val/{k}": v for k, v in metrics.items()} | {"val/step": step}, step=step)
         if run.fabric.is_global_zero:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -28,7 +29,8 @@ from fabric_align.checkpoints import (
     read_meta,
     require_finite_parameters,
 )
-from fabric_align.errors import ConfigError
+from fabric_align.data import content_hash, resolve_path
+from fabric_align.errors import ConfigError, TrainingError
 from fabric_align.kernels._dispatch import kernel_choice
 from fabric_align.launch import Launch, resolve_launch
 from fabric_align.loggers import MetricLogger
@@ -43,6 +45,7 @@ from fabric_align.modeling import (
     load_config,
     load_model,
     load_tokenizer,
+    model_fingerprint,
     parameter_counts,
     parameter_signature,
     resolve_model_path,
@@ -71,6 +74,26 @@ def check_out_dir(out_dir: Path, resume: Any) -> None:
         hint = "a finished run, with no checkpoint to continue from: choose another out_dir"
     if taken:
         raise ConfigError(f"out_dir={out_dir} already holds {', '.join(taken[:3])}: {hint}")
+
+
+def check_resume_state(resume_path: Path, model: ModelArgs, train: TrainArgs) -> None:
+    """Settings that shape the checkpoint's state itself must be the checkpoint's: its optimizer state is one
+    optimizer's, and its parameters are one LoRA layout's (other settings may change on resume, with a warning)."""
+    saved = read_meta(resume_path).get("config", {})
+    lora = saved.get("model", {}).get("lora", "unknown")
+    layout = None if lora is None else (lora.get("r"), lora.get("target_modules")) if isinstance(lora, dict) else lora
+    current = None if model.lora is None else (model.lora.r, model.lora.target_modules)
+    pairs = {
+        "train.optimizer": (saved.get("train", {}).get("optimizer", train.optimizer), train.optimizer),
+        "model.lora (r, target_modules)": (layout if layout != "unknown" else current, current),
+        "model.quantize": (saved.get("model", {}).get("quantize", model.quantize), model.quantize),
+    }
+    for name, (before, now) in pairs.items():
+        if before != now:
+            raise ConfigError(
+                f"resume={resume_path}: its state was trained with {name}={before!r}, which {now!r} cannot continue; "
+                "resume with the checkpoint's setting, or start a new run from its export"
+            )
 
 
 def check_resume(out_dir: Path, resume_path: Path, strategy: str) -> None:
@@ -187,6 +210,7 @@ def prepare_job(
         check_out_dir(out_dir, resume)
     else:
         check_resume(out_dir, resume_path, launch.strategy)
+        check_resume_state(resume_path, model, train)
     tokenizer = load_hub_object(model, load_tokenizer, "its tokenizer")
     model_config = load_hub_object(model, load_config, "its config")
     check_model_config(model, model_config)
@@ -271,6 +295,23 @@ def require_batches(num_examples: int, source: str, train: TrainArgs) -> None:
         )
 
 
+def require_finite_weights(fabric: Fabric, args: ModelArgs, model: nn.Module, *, checked: bool) -> None:
+    """A model whose stored weights hold NaN or inf would train on garbage (and a frozen LoRA base is never checked
+    again): refused as it loads. ``checked``: this rank loaded real weights (under FSDP2 ranks > 0 take rank 0's
+    verdict)."""
+    bad = []
+    if checked:
+        for name, parameter in model.named_parameters():
+            packed = hasattr(parameter, "quant_state")  # 4-bit bytes, stored in a float dtype: not numbers
+            if parameter.is_floating_point() and not packed and not bool(torch.isfinite(parameter.detach()).all()):
+                bad.append(name.removeprefix("base_model.model.").replace(".base_layer.", "."))  # the file's names
+    if fabric.world_size > 1:
+        bad = fabric.broadcast(bad, src=0)  # every rank raises alike, none is left waiting
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise TrainingError(f"model.name_or_path={args.name_or_path}: its weights are not finite ({shown})")
+
+
 def build_policy(fabric: Fabric, job: Job) -> tuple[PolicyLogprobs, torch.optim.Optimizer]:
     """Load the model, wrap it for log-probs, shard it (per the strategy), and build the optimizer on the sharded
     trainable parameters."""
@@ -285,6 +326,7 @@ def build_policy(fabric: Fabric, job: Job) -> tuple[PolicyLogprobs, torch.optim.
     model = load_model(
         job.model, dtype=job.launch.param_dtype, seed=job.seed, on_meta=from_rank0 and not fabric.is_global_zero
     )
+    require_finite_weights(fabric, job.model, model, checked=not (from_rank0 and not fabric.is_global_zero))
     total, trainable = parameter_counts(model)
     policy = PolicyLogprobs(model)
     full_state = None
@@ -336,6 +378,7 @@ def open_run(
         fabric.print(f"resumed from {job.resume_path} at step {full_state['step']}")
         if fabric.is_global_zero:
             warn_changed_settings(saved.get("config", {}), job.config)
+            warn_changed_inputs(saved.get("inputs"), input_fingerprints(job))
     logger = MetricLogger(
         job.logger,
         job.out_dir,
@@ -343,7 +386,7 @@ def open_run(
         config=job.config,
         fresh=job.resume_path is None,
     )
-    meta = {"method": method, "config": job.config}
+    meta = {"method": method, "config": job.config, "inputs": input_fingerprints(job)}
     run = Run(job, fabric, policy, optimizer, logger, full_state, meta, resumed_meta=saved)
     if job.resume_path is not None:
         # What the resumed run logged at the checkpoint's step is kept, not logged twice; every rank must agree,
@@ -392,6 +435,32 @@ def shaping_settings(config: dict[str, Any], exclude: Sequence[str] = ()) -> dic
     return out
 
 
+def input_fingerprints(job: Job) -> dict[str, Any]:
+    """What the run read, as sizes and modification times (no hashing of large files): the model's files (and seed,
+    for a random init) and each local data file. A checkpoint records them; a resume compares."""
+    data = {}
+    for path in (job.data.train_path, job.data.validation_path()):
+        file = Path(resolve_path(path)) if path else None
+        if file is not None and file.is_file():
+            stat = file.stat()
+            data[str(path)] = [stat.st_size, int(stat.st_mtime)]
+    return {"model": content_hash(model_fingerprint(job.model, job.seed)), "data": data}
+
+
+def warn_changed_inputs(saved: dict[str, Any] | None, current: dict[str, Any]) -> None:  # called on rank 0
+    """Files that changed on disk at the same paths since the checkpoint was written: flags compare equal, but the run
+    would continue on other data, or against another reference model."""
+    if not saved:
+        return
+    changed = [
+        f"{path} (size or time)" for path, seen in saved.get("data", {}).items() if current["data"].get(path) != seen
+    ]
+    if saved.get("model") != current["model"]:
+        changed.append("the model's weight files (or the seed of its random init)")
+    if changed:
+        log.warning("resuming with inputs that changed since the checkpoint was written: %s", "; ".join(changed))
+
+
 def warn_changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> None:  # called on rank 0
     """Resuming with other data, objective or batch settings than the checkpoint's run is allowed (a deliberate
     change) but not silent."""
@@ -420,6 +489,13 @@ def finish(run: Run, recipe: Recipe) -> Path:
     if run.args.save_interval and not (run.out_dir / f"step-{run.state['step']:06d}" / META).is_file():
         save(run)
     require_finite_parameters(run.fabric, run.policy, "not exporting final/")
+    val_loss = run.last_validation.get("loss", 0.0)
+    if not math.isfinite(val_loss):
+        # Finite weights can still be garbage (a diverged step leaves them huge): the held-out loss says so.
+        raise TrainingError(
+            f"the validation loss at step {run.state['step']} is {val_loss} (the weights diverged): not exporting "
+            "final/; resume from an earlier checkpoint with a lower train.lr (or train.max_norm set)"
+        )
     lora = run.job.model.lora
     final = export_hf(
         run.fabric,

@@ -418,6 +418,53 @@ def test_final_is_never_written_with_non_finite_weights(
     assert not checkpoint_dirs(tmp_path / "b")
 
 
+def test_diverged_weights_are_not_exported_though_finite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An update of lr 1e20 leaves finite but huge weights (the next step is skipped): the held-out loss is NaN, and
+    final/ is refused rather than exported from garbage."""
+    args = [a for a in KTO_ARGS if not a.startswith(("--train.max_steps", "--train.lr", "--train.warmup"))]
+    args += ["--train.max_steps=2", "--train.lr=1e20", "--train.warmup_steps=0", "--train.max_norm=null"]
+    result = program(kto.setup, [*args, "--train.save_interval=null", f"--out_dir={tmp_path / 'a'}"], capsys)
+    assert_one_line_error(result, "the validation loss at step 2 is nan (the weights diverged): not exporting final/")
+    assert not (tmp_path / "a" / "final").exists()
+
+
+def test_weights_that_are_not_finite_are_refused_as_they_load(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fabric_align.args import ModelArgs
+    from fabric_align.modeling import load_model, load_tokenizer
+
+    model = load_model(ModelArgs(), dtype=torch.float32, seed=0)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "nan-model")
+    load_tokenizer(ModelArgs()).save_pretrained(tmp_path / "nan-model")
+    args = [*KTO_ARGS, f"--model.name_or_path={tmp_path / 'nan-model'}", "--model.lora.r=4"]  # a frozen base too
+    result = program(kto.setup, [*args, f"--out_dir={tmp_path / 'out'}"], capsys)
+    assert_one_line_error(result, "its weights are not finite (model.layers.0.mlp.down_proj.weight)")
+
+
+def test_resuming_under_another_optimizer_or_lora_layout_is_refused_before_loading(
+    earlier_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seal(earlier_run / "step-000004", {"step": 4, "config": {"train": {"optimizer": "adamw"}, "model": {"lora": None}}})
+    before = snapshot(earlier_run)
+    for flags, message in (
+        (["--train.optimizer=rmsprop"], "trained with train.optimizer='adamw', which 'rmsprop' cannot continue"),
+        (["--model.lora.r=4"], "trained with model.lora (r, target_modules)=None, which (4, 'all-linear') cannot"),
+    ):
+        result = program(kto.setup, [*FAST, *flags, f"--out_dir={earlier_run}", "--resume=auto"], capsys)
+        assert_one_line_error(result, message)
+    assert snapshot(earlier_run) == before
+
+
+def test_ctrl_c_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    assert_one_line_error(program(interrupted, [], capsys), "interrupted; --resume auto continues")
+
+
 def test_generation_refuses_non_finite_logits(tmp_path: Path) -> None:
     from fabric_align.args import ModelArgs
     from fabric_align.errors import TrainingError

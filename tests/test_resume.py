@@ -84,5 +84,9 @@ def test_resume_from_an_explicit_path_and_the_final_step(
     run_cli(kto.setup, [*short, f"--out_dir={out}", "--resume=auto", "--kto.beta=0.3", "--train.eval_interval=2"])
     assert "differ from the checkpoint's run: kto.beta: 0.1 -> 0.3" in caplog.text
     assert "eval_interval" not in caplog.text
+    # Files that changed on disk (here the random init's seed, the reference's identity) are said too.
+    assert "inputs that changed" not in caplog.text
+    run_cli(kto.setup, [*short, f"--out_dir={out}", "--resume=auto", "--seed=7"])
+    assert "inputs that changed since the checkpoint was written: the model's weight files (or the seed" in caplog.text
     with pytest.raises(ConfigError, match="not a complete checkpoint"):
         run_cli(kto.setup, [*short, f"--out_dir={out}", f"--resume={out / 'logs'}"])

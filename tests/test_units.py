@@ -3,6 +3,7 @@ reduction, the launch settings."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -178,3 +179,14 @@ def test_lora_target_modules_as_names_or_a_pattern() -> None:
         check_model_structure(model, load_config(model))  # matches modules: no error
     with pytest.raises(ConfigError, match="must not include the lm_head"):
         LoRAArgs(target_modules="lm_head").check()
+
+
+def test_resume_names_input_files_that_changed(caplog: pytest.LogCaptureFixture) -> None:
+    from fabric_align.trainer import warn_changed_inputs
+
+    seen = {"data": {"train.jsonl": [100, 7]}, "model": "m"}
+    with caplog.at_level(logging.WARNING, logger="fabric_align"):
+        warn_changed_inputs(seen, {"data": {"train.jsonl": [100, 7]}, "model": "m"})
+        assert caplog.text == ""
+        warn_changed_inputs(seen, {"data": {"train.jsonl": [40, 9]}, "model": "m"})
+    assert "changed since the checkpoint was written: train.jsonl (size or time)" in caplog.text
