@@ -215,7 +215,8 @@ def prepare_job(
     model_config = load_hub_object(model, load_config, "its config")
     check_model_config(model, model_config)
     check_model_structure(model, model_config)
-    check_max_length(data, model, model_config)
+    spin_args = method.get("spin")
+    check_max_length(data, model, model_config, generated=spin_args.max_new_tokens if spin_args else 0)
     config = hparams(
         model=model,
         data=data,
@@ -233,16 +234,24 @@ def prepare_job(
     return Job(model, data, train, logger, out_dir, seed, launch, resume_path, tokenizer, config)
 
 
-def check_max_length(data: DataArgs, model: ModelArgs, model_config: Any) -> None:
+def check_max_length(data: DataArgs, model: ModelArgs, model_config: Any, *, generated: int = 0) -> None:
     """Sequences must fit the model's positions: learned position embeddings (GPT-2's) fail past them with an index
-    error deep in the forward, rotary ones extrapolate to positions they never trained on."""
+    error deep in the forward, rotary ones extrapolate to positions they never trained on. ``generated``: SPIN's
+    ``max_new_tokens``, decoded after prompts of up to ``max_length - 1`` tokens."""
     for name in ("max_position_embeddings", "n_positions"):
         limit = getattr(model_config, name, None)
-        if isinstance(limit, int) and data.max_length > limit:
+        if not isinstance(limit, int):
+            continue
+        if data.max_length > limit:
             raise ConfigError(
                 f"data.max_length={data.max_length} exceeds {model.name_or_path}'s {name}={limit}: lower "
                 "data.max_length (longer rows keep their prompt and are cut, or dropped when the prompt alone "
                 "does not fit)"
+            )
+        if data.max_length - 1 + generated > limit:
+            raise ConfigError(
+                f"data.max_length={data.max_length} and spin.max_new_tokens={generated} decode up to position "
+                f"{data.max_length - 1 + generated}, past {model.name_or_path}'s {name}={limit}: lower either"
             )
 
 

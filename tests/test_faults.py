@@ -175,6 +175,10 @@ def test_kto_flags(case: str, earlier_run: Path, capsys: pytest.CaptureFixture[s
 
 
 SPIN_FLAGS = {
+    "generation past the model's positions": (
+        ["--data.max_length=1000", "--spin.max_new_tokens=100"],
+        "spin.max_new_tokens=100 decode up to position 1099, past fabric-align/tiny-llama's max_position_embeddings",
+    ),
     "beta nan": (["--spin.beta=.nan"], "spin.beta=nan: must be a finite number"),
     "one beta of the list nan": (["--spin.beta=[0.1,.nan]"], "spin.beta[1]=nan"),
     "temperature nan": (["--spin.temperature=.nan"], "spin.temperature=nan"),
