@@ -348,17 +348,23 @@ def check_pickle_allowlist(path: Path) -> None:
         raise TrainingError(f"{path}: refused to load ({err})") from err
 
 
-def nonfinite_parameters(fabric: Fabric, module: nn.Module) -> list[str]:
-    """Names of trainable parameters holding NaN or inf (on this rank's shards); every rank gets the global verdict
-    as a non-empty list when any rank found one. Frozen and 4-bit packed weights are not checked: they never change,
-    and packed bytes stored as floats are not numbers."""
+def nonfinite_parameters(fabric: Fabric, module: nn.Module, *, frozen: bool = False) -> list[str]:
+    """Names of trainable parameters (``frozen``: all of them, as a model loads) holding NaN or inf, on this rank's
+    shards; every rank gets the global verdict as a non-empty list when any rank found one. 4-bit packed weights are
+    not checked (packed bytes stored as floats are not numbers), nor meta tensors (ranks that read no weights); frozen
+    ones only when asked, since they never change."""
     bad = []
     for name, parameter in module.named_parameters():
-        if not parameter.requires_grad or hasattr(parameter, "quant_state"):
+        if (not parameter.requires_grad and not frozen) or hasattr(parameter, "quant_state"):
             continue
         local = parameter.to_local() if hasattr(parameter, "to_local") else parameter
+        if local.is_meta or not local.is_floating_point():
+            continue
         if local.numel() and not bool(torch.isfinite(local.detach()).all()):
-            bad.append(name.replace("_forward_module.", ""))  # Fabric's wrapper is not part of the model's names
+            # The names the model's own files use: without Fabric's and peft's wrappers.
+            bad.append(
+                name.replace("_forward_module.", "").removeprefix("base_model.model.").replace(".base_layer.", ".")
+            )
     if fabric.world_size > 1:
         count = fabric.all_reduce(torch.tensor(float(len(bad)), device=fabric.device), reduce_op="sum")
         if float(count) > 0 and not bad:
@@ -366,11 +372,13 @@ def nonfinite_parameters(fabric: Fabric, module: nn.Module) -> list[str]:
     return bad
 
 
-def require_finite_parameters(fabric: Fabric, module: nn.Module, what: str) -> None:
-    bad = nonfinite_parameters(fabric, module)
+def require_finite_parameters(
+    fabric: Fabric, module: nn.Module, what: str, *, frozen: bool = False, problem: str = "parameters are not finite"
+) -> None:
+    bad = nonfinite_parameters(fabric, module, frozen=frozen)
     if bad:
         shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        raise TrainingError(f"{what}: parameters are not finite ({shown})")
+        raise TrainingError(f"{what}: {problem} ({shown})")
 
 
 def full_state_dict(fabric: Fabric, module: nn.Module) -> dict[str, torch.Tensor]:
@@ -434,7 +442,7 @@ def _export_lora(
 
     adapter_state = get_peft_model_state_dict(peft_model, state_dict=state)
     peft_model.save_pretrained(target, state_dict=adapter_state, safe_serialization=True)
-    if base_at is not None:
+    if base_at is not None:  # before the merge, which adds the adapter into the (shared) state tensors in place
         base = _fresh_copy(peft_model, state).unload()
         base.save_pretrained(target / "base", safe_serialization=True)
         tokenizer.save_pretrained(target / "base")

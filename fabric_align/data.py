@@ -70,26 +70,28 @@ def read_rows(path: str, split: str = "train") -> list[Row]:
                 raise DataError(f"{path}: not a readable parquet file ({err})") from err
             return [Row(path, f"row {i}", without_nulls(r)) for i, r in enumerate(records)]
         text = decode_utf8(path, local.read_bytes())
-        if suffix == ".json" and text.lstrip().startswith(("[", "{")):
+        stripped = text.lstrip()
+        if suffix == ".json" and stripped.startswith("["):
             try:
                 records = json.loads(text)
             except json.JSONDecodeError as err:
-                if text.lstrip().startswith("{"):  # JSON lines in a .json file
-                    return _read_json_lines(path, text)
                 raise DataError(f"{path}, line {err.lineno}, field '<json>': malformed JSON ({err.msg})") from err
             except RecursionError:
                 raise DataError(f"{path}, line 1, field '<json>': nested too deeply to read") from None
             except ValueError as err:  # an integer of more digits than Python converts
                 raise DataError(f"{path}, line 1, field '<json>': unreadable JSON ({err})") from None
-            if isinstance(records, dict) and "\n" not in text.strip():
-                return _read_json_lines(path, text)  # one row, written as JSON lines
-            if isinstance(records, dict):
-                keys = sorted(records)[:5]
-                raise DataError(
-                    f"{path}, line 1, field '<json>': one JSON object (keys {keys}); expected an array of rows, or "
-                    "one row per line (.jsonl)"
-                )
             return [Row(path, f"row {i}", r) for i, r in enumerate(records)]
+        if suffix == ".json" and stripped.startswith("{") and "\n" in stripped.rstrip():
+            # JSON lines, or one pretty-printed object: only the first value is decoded to tell them apart.
+            try:
+                first, end = json.JSONDecoder().raw_decode(stripped)
+            except (ValueError, RecursionError):
+                first, end = None, 0  # reported per line below
+            if isinstance(first, dict) and not stripped[end:].strip():
+                raise DataError(
+                    f"{path}, line 1, field '<json>': one JSON object (keys {sorted(first)[:5]}); expected an array "
+                    "of rows, or one row per line (.jsonl)"
+                )
         return _read_json_lines(path, text)
     if str(path).startswith(("/", "./", "../", "~")) and not local.exists():
         # A local path, not a hub id: said at once, not after the hub's retries.

@@ -309,9 +309,10 @@ class IterationStore:
         ``data``: the fingerprints of this run's SFT splits, which must be those its answers belong to."""
         directory = self.directory(t)
         problem = verify_directory(directory)
-        if problem is None and read_meta(directory).get("id") != data_id:
+        meta = read_meta(directory) if problem is None else {}
+        if problem is None and meta.get("id") != data_id:
             problem = f"it holds other iteration data than the checkpoint trained on (id {data_id})"
-        if problem is None and read_meta(directory).get("data", data) != data:
+        if problem is None and meta.get("data", data) != data:
             problem = "its answers belong to other SFT data than this run's (data.train_path or val_path changed)"
         if problem is not None:
             raise TrainingError(

@@ -76,17 +76,23 @@ def check_out_dir(out_dir: Path, resume: Any) -> None:
         raise ConfigError(f"out_dir={out_dir} already holds {', '.join(taken[:3])}: {hint}")
 
 
-def check_resume_state(resume_path: Path, model: ModelArgs, train: TrainArgs) -> None:
-    """Settings that shape the checkpoint's state itself must be the checkpoint's: its optimizer state is one
-    optimizer's, and its parameters are one LoRA layout's (other settings may change on resume, with a warning)."""
-    saved = read_meta(resume_path).get("config", {})
-    lora = saved.get("model", {}).get("lora", "unknown")
-    layout = None if lora is None else (lora.get("r"), lora.get("target_modules")) if isinstance(lora, dict) else lora
-    current = None if model.lora is None else (model.lora.r, model.lora.target_modules)
+def check_resume_state(resume_path: Path, saved: dict[str, Any], model: ModelArgs, train: TrainArgs) -> None:
+    """Settings that shape the checkpoint's state itself must be the checkpoint's (``saved``: its logged config): its
+    optimizer state is one optimizer's, and its parameters are one LoRA layout's (other settings may change on
+    resume, with a warning). A setting the checkpoint did not record is taken as unchanged."""
+
+    def lora_layout(lora: dict[str, Any] | None) -> tuple[Any, Any] | None:
+        return None if lora is None else (lora.get("r"), lora.get("target_modules"))
+
+    saved_model, saved_train = saved.get("model", {}), saved.get("train", {})
+    current_lora = lora_layout(None if model.lora is None else asdict(model.lora))
     pairs = {
-        "train.optimizer": (saved.get("train", {}).get("optimizer", train.optimizer), train.optimizer),
-        "model.lora (r, target_modules)": (layout if layout != "unknown" else current, current),
-        "model.quantize": (saved.get("model", {}).get("quantize", model.quantize), model.quantize),
+        "train.optimizer": (saved_train.get("optimizer", train.optimizer), train.optimizer),
+        "model.lora (r, target_modules)": (
+            lora_layout(saved_model["lora"]) if "lora" in saved_model else current_lora,
+            current_lora,
+        ),
+        "model.quantize": (saved_model.get("quantize", model.quantize), model.quantize),
     }
     for name, (before, now) in pairs.items():
         if before != now:
@@ -96,7 +102,7 @@ def check_resume_state(resume_path: Path, model: ModelArgs, train: TrainArgs) ->
             )
 
 
-def check_resume(out_dir: Path, resume_path: Path, strategy: str) -> None:
+def check_resume(out_dir: Path, resume_path: Path, step: int, strategy: str) -> None:
     """A checkpoint can be resumed into ``out_dir`` under this strategy: it is out_dir's own (resuming an older one
     of its own rolls the run back, which the log says), or out_dir holds no run; and it is sharded (FSDP2) exactly
     when the strategy shards."""
@@ -106,7 +112,6 @@ def check_resume(out_dir: Path, resume_path: Path, strategy: str) -> None:
             f"resume={resume_path} is another directory's checkpoint, and out_dir={out_dir} already holds "
             f"{', '.join(taken[:3])}, which continuing there would overwrite: choose a new out_dir"
         )
-    step = read_meta(resume_path).get("step", -1)
     newer = [path.name for n, path in checkpoint_dirs(out_dir) if n > step] if own else []
     if newer:
         log.warning(
@@ -209,8 +214,9 @@ def prepare_job(
     if resume_path is None:
         check_out_dir(out_dir, resume)
     else:
-        check_resume(out_dir, resume_path, launch.strategy)
-        check_resume_state(resume_path, model, train)
+        meta = read_meta(resume_path)
+        check_resume(out_dir, resume_path, meta.get("step", -1), launch.strategy)
+        check_resume_state(resume_path, meta.get("config", {}), model, train)
     tokenizer = load_hub_object(model, load_tokenizer, "its tokenizer")
     model_config = load_hub_object(model, load_config, "its config")
     check_model_config(model, model_config)
@@ -304,23 +310,6 @@ def require_batches(num_examples: int, source: str, train: TrainArgs) -> None:
         )
 
 
-def require_finite_weights(fabric: Fabric, args: ModelArgs, model: nn.Module, *, checked: bool) -> None:
-    """A model whose stored weights hold NaN or inf would train on garbage (and a frozen LoRA base is never checked
-    again): refused as it loads. ``checked``: this rank loaded real weights (under FSDP2 ranks > 0 take rank 0's
-    verdict)."""
-    bad = []
-    if checked:
-        for name, parameter in model.named_parameters():
-            packed = hasattr(parameter, "quant_state")  # 4-bit bytes, stored in a float dtype: not numbers
-            if parameter.is_floating_point() and not packed and not bool(torch.isfinite(parameter.detach()).all()):
-                bad.append(name.removeprefix("base_model.model.").replace(".base_layer.", "."))  # the file's names
-    if fabric.world_size > 1:
-        bad = fabric.broadcast(bad, src=0)  # every rank raises alike, none is left waiting
-    if bad:
-        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        raise TrainingError(f"model.name_or_path={args.name_or_path}: its weights are not finite ({shown})")
-
-
 def build_policy(fabric: Fabric, job: Job) -> tuple[PolicyLogprobs, torch.optim.Optimizer]:
     """Load the model, wrap it for log-probs, shard it (per the strategy), and build the optimizer on the sharded
     trainable parameters."""
@@ -335,7 +324,9 @@ def build_policy(fabric: Fabric, job: Job) -> tuple[PolicyLogprobs, torch.optim.
     model = load_model(
         job.model, dtype=job.launch.param_dtype, seed=job.seed, on_meta=from_rank0 and not fabric.is_global_zero
     )
-    require_finite_weights(fabric, job.model, model, checked=not (from_rank0 and not fabric.is_global_zero))
+    # Stored weights that are not finite would train on garbage (a frozen LoRA base is never checked again).
+    where = f"model.name_or_path={job.model.name_or_path}"
+    require_finite_parameters(fabric, model, where, frozen=True, problem="its weights are not finite")
     total, trainable = parameter_counts(model)
     policy = PolicyLogprobs(model)
     full_state = None
@@ -379,6 +370,7 @@ def open_run(
         **(state or {}),
     }
     saved: dict[str, Any] = {}
+    inputs = input_fingerprints(job)
     if job.resume_path is not None:
         saved = load_checkpoint(fabric, job.resume_path, full_state)
         # The manifest was verified before launch; this catches what a checksum cannot (a file that was written
@@ -387,7 +379,7 @@ def open_run(
         fabric.print(f"resumed from {job.resume_path} at step {full_state['step']}")
         if fabric.is_global_zero:
             warn_changed_settings(saved.get("config", {}), job.config)
-            warn_changed_inputs(saved.get("inputs"), input_fingerprints(job))
+            warn_changed_inputs(saved.get("inputs"), inputs)
     logger = MetricLogger(
         job.logger,
         job.out_dir,
@@ -395,7 +387,7 @@ def open_run(
         config=job.config,
         fresh=job.resume_path is None,
     )
-    meta = {"method": method, "config": job.config, "inputs": input_fingerprints(job)}
+    meta = {"method": method, "config": job.config, "inputs": inputs}
     run = Run(job, fabric, policy, optimizer, logger, full_state, meta, resumed_meta=saved)
     if job.resume_path is not None:
         # What the resumed run logged at the checkpoint's step is kept, not logged twice; every rank must agree,
