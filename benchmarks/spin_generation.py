@@ -35,6 +35,14 @@ same work for both and are compared token by token.
     python benchmarks/spin_generation.py --threads 1              # one torch thread
     python benchmarks/spin_generation.py --device cuda --config qwen0.5b --prompts 256 --batch-size 64
     python benchmarks/spin_generation.py --model smollm2 --threads 1   # real model, mixed prompts, real end tokens
+    python benchmarks/spin_generation.py --model smollm2 --threads 1 --max-length 256   # as SPIN decodes under
+                                                                                        # data.max_length
+
+``--max-length L``: what SPIN keeps of an answer is ``L - len(prompt)`` tokens at most (``data.max_length``).
+fabric-align's ``generate`` stops each row there (``max_length=L``); Hugging Face's ``generate`` has no per-row limit
+(its ``max_length`` counts the padded batch width, so it would cut short prompts' answers early), so it decodes up to
+``max_new_tokens`` as SPIN's users run it, and each answer is cut afterwards; ``fabric-align-uncapped`` is
+fabric-align's ``generate`` without the limit, cut the same way. Tokens/s counts the kept tokens for all three.
 """
 
 from __future__ import annotations
@@ -224,6 +232,7 @@ def fabric_align_generate(
     max_new_tokens: int,
     ends: Sequence[int] = (EOS,),
     pad: int = PAD,
+    max_length: int | None = None,
 ) -> list[list[int]]:
     from fabric_align.generation import generate
 
@@ -235,9 +244,24 @@ def fabric_align_generate(
         pad_id=pad,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
+        max_length=max_length,
         show_progress=False,
         **mode,
     )
+
+
+def fabric_align_uncapped(
+    model: torch.nn.Module, prompts: list[list[int]], *args: Any, max_length: int | None = None
+) -> list[list[int]]:
+    """fabric-align's ``generate`` without its per-row limit, each answer cut to ``max_length`` afterwards."""
+    return fit(prompts, fabric_align_generate(model, prompts, *args), max_length)
+
+
+def fit(prompts: list[list[int]], answers: list[list[int]], max_length: int | None) -> list[list[int]]:
+    """Each answer as SPIN keeps it: at most ``max_length - len(prompt)`` tokens."""
+    if max_length is None:
+        return answers
+    return [answer[: max_length - len(prompt)] for prompt, answer in zip(prompts, answers, strict=True)]
 
 
 def hf_generate(
@@ -248,6 +272,7 @@ def hf_generate(
     max_new_tokens: int,
     ends: Sequence[int] = (EOS,),
     pad: int = PAD,
+    max_length: int | None = None,
 ) -> list[list[int]]:
     from transformers import DynamicCache
 
@@ -274,14 +299,18 @@ def hf_generate(
             eos_token_id=list(ends),  # every end token stops a row (a row that has ended then gets padding)
             pad_token_id=pad,
             use_cache=True,
-            past_key_values=DynamicCache(),
+            cache=DynamicCache(),  # transformers 5.x name (`past_key_values` warns)
         )
         for row, i in enumerate(batch):
             results[i] = cut_at_end(out[row, width:].tolist(), ends)
-    return results
+    return fit(prompts, results, max_length)
 
 
-METHODS: dict[str, Callable[..., list[list[int]]]] = {"fabric-align": fabric_align_generate, "hf": hf_generate}
+METHODS: dict[str, Callable[..., list[list[int]]]] = {
+    "fabric-align": fabric_align_generate,
+    "hf": hf_generate,
+    "fabric-align-uncapped": fabric_align_uncapped,  # only with --max-length
+}
 
 
 def timed(fn: Callable[[], list[list[int]]], device: str) -> tuple[float, list[list[int]]]:
@@ -312,6 +341,7 @@ def main() -> None:
     parser.add_argument("--min-prompt", type=int, default=32, help="random model only")
     parser.add_argument("--max-prompt", type=int, default=128, help="random model only")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: 128 (random model), 256 (smollm2)")
+    parser.add_argument("--max-length", type=int, default=None, help="prompt + kept answer, as SPIN's data.max_length")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=["sample", "greedy"])
     parser.add_argument("--seed", type=int, default=0)
@@ -350,25 +380,31 @@ def main() -> None:
             f"{args.prompts} prompts of {args.min_prompt}-{args.max_prompt} tokens, batch size {args.batch_size}, "
             f"max_new_tokens {max_new_tokens}, {args.rounds} rounds, torch threads {torch.get_num_threads()}"
         )
+    if args.max_length:
+        setting += f", answers kept to max_length {args.max_length} - prompt"
+        too_long = [len(p) for p in prompts if len(p) >= args.max_length]
+        if too_long:
+            parser.error(f"--max-length {args.max_length} leaves no room after prompts of {too_long} tokens")
+    methods = list(METHODS) if args.max_length else ["fabric-align", "hf"]
     print(setting)
     print(json.dumps(env))
 
     def call(name: str, mode: str, subset: list[list[int]], batch_size: int, new_tokens: int) -> list[list[int]]:
         torch.manual_seed(args.seed)  # Hugging Face's draws: the same answers every round
-        return METHODS[name](model, subset, MODES[mode], batch_size, new_tokens, ends, pad)
+        return METHODS[name](model, subset, MODES[mode], batch_size, new_tokens, ends, pad, max_length=args.max_length)
 
     # Warm-up: one small batch per method and mode (first-call allocations, lazy imports).
     for mode in args.modes:
-        for name in METHODS:
+        for name in methods:
             call(name, mode, prompts[:2], 2, 4)
 
     results: dict[str, dict[str, Any]] = {}
     for mode in args.modes:
-        times: dict[str, list[float]] = {name: [] for name in METHODS}
+        times: dict[str, list[float]] = {name: [] for name in methods}
         tokens: dict[str, int] = {}
         outputs: dict[str, list[list[int]]] = {}
         for r in range(args.rounds):
-            names = list(METHODS) if r % 2 == 0 else list(reversed(METHODS))
+            names = methods if r % 2 == 0 else methods[::-1]
             for name in names:
                 seconds, out = timed(
                     lambda name=name, mode=mode: call(name, mode, prompts, args.batch_size, max_new_tokens),
@@ -379,7 +415,7 @@ def main() -> None:
                 outputs[name] = out
                 print(f"  {mode} round {r} {name}: {seconds:.2f} s, {tokens[name]} tokens", flush=True)
         row = {}
-        for name in METHODS:
+        for name in methods:
             median = statistics.median(times[name])
             row[name] = {
                 "seconds": median,
@@ -398,6 +434,9 @@ def main() -> None:
             if real:
                 # Where the others part: the tokens they agree on before the first difference.
                 row["greedy_common_prefix"] = [common_prefix(x, y) for x, y in zip(a, b, strict=True) if x != y]
+        if args.max_length:  # the per-row limit saves work only: the kept answers must be the same
+            a, b = outputs["fabric-align"], outputs["fabric-align-uncapped"]
+            row["capped_identical_to_uncapped"] = f"{sum(x == y for x, y in zip(a, b, strict=True))}/{len(a)}"
         results[mode] = row
 
     if real:
@@ -423,6 +462,15 @@ def main() -> None:
                 f"{hf['ended']}/{args.prompts} |"
             )
         lines.append(line)
+    for mode, row in results.items():
+        if args.max_length:
+            fa, uncapped = row["fabric-align"], row["fabric-align-uncapped"]
+            gain = fa["tokens_per_s"] / uncapped["tokens_per_s"]
+            lines.append(
+                f"\n{mode}: fabric-align-uncapped {uncapped['tokens_per_s']:.0f} tokens/s "
+                f"({uncapped['seconds']:.1f} s); "
+                f"the per-row limit: {gain:.2f}x; kept answers identical: {row['capped_identical_to_uncapped']}"
+            )
     if "greedy" in results:
         lines.append(f"\ngreedy outputs identical (fabric-align vs HF): {results['greedy']['greedy_identical']}")
         if real and results["greedy"]["greedy_common_prefix"]:

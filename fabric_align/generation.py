@@ -146,7 +146,7 @@ class PreallocatedLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         end = self.length + key_states.shape[-2]
-        if end > self.capacity:  # the caller sizes it for the prompts and max_new_tokens: a bug if reached
+        if end > self.capacity:  # the caller sizes it for the prompts and answers: a bug if reached
             raise TrainingError(f"generation: the KV cache holds {self.capacity} positions, {end} were written")
         self.key_buffer[:, :, self.length : end] = key_states
         self.value_buffer[:, :, self.length : end] = value_states
@@ -215,11 +215,15 @@ def generate(
     temperature: float,
     top_p: float,
     batch_size: int,
+    max_length: int | None = None,
     desc: str = "generate",
     show_progress: bool = True,
 ) -> list[list[int]]:
     """One completion per prompt (token ids, ending with an end token unless ``max_new_tokens`` cut it). ``eos_id``:
     the end token, or every token that ends a generation (a chat model's turn end and its document end).
+    ``max_length``: a prompt and its answer together hold at most this many tokens (each row stops at its own
+    ``max_length - len(prompt)``, the answer a trainer would keep of a longer one), so decoding never feeds a
+    position past ``max_length - 2``.
 
     Continuous batching: at most ``batch_size`` rows decode together. Once a quarter of the rows have ended, they
     leave the batch and its KV cache, and waiting prompts (shortest first) take their places: prefilled on their
@@ -227,6 +231,10 @@ def generate(
     masked). Each row keeps its own answer position, which keys its noise, so a prompt samples what it would alone.
     """
     device = next(model.parameters()).device
+    limits = [max_new_tokens if max_length is None else min(max_new_tokens, max_length - len(p)) for p in prompts]
+    if limits and min(limits) < 1:
+        i = limits.index(min(limits))
+        raise ValueError(f"generate: prompt {i} ({len(prompts[i])} tokens) leaves no room in max_length={max_length}")
     end_ids = [eos_id] if isinstance(eos_id, int) else sorted(set(eos_id))
     ends = torch.tensor(end_ids, dtype=torch.long, device=device)
     decoder, head = model.get_decoder(), model.get_output_embeddings()
@@ -262,7 +270,8 @@ def generate(
                 input_ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
                 mask[row, width - len(prompts[i]) :] = 1
             input_ids, mask = input_ids.to(device), mask.to(device)
-            cache = answer_cache(model, width + max_new_tokens)
+            limit = torch.tensor([limits[i] for i in joining], device=device)
+            cache = answer_cache(model, width + max(limits[i] for i in joining))
             hidden = decoder(
                 input_ids=input_ids,
                 attention_mask=mask,
@@ -279,7 +288,8 @@ def generate(
                 )
             row_keys = torch.tensor([keys[i] for i in joining], dtype=torch.int64, device=device)
             first = next_tokens(hidden, row_keys, torch.zeros_like(row_keys))
-            batch = batch.join(model, _Batch.start(joining, row_keys, mask, cache, first, ends, max_new_tokens, pad_id))
+            joined = _Batch.start(joining, row_keys, limit, mask, cache, first, ends, max_new_tokens, pad_id)
+            batch = batch.join(model, joined)
         else:
             batch.mask = torch.cat([batch.mask, torch.ones_like(batch.mask[:, :1])], dim=1)  # the fed token's column
             hidden = decoder(
@@ -315,8 +325,9 @@ def _check_and_count(draw: _Draw, finished: torch.Tensor) -> int:
 
 
 class _Batch:
-    """The rows decoding together: for each, its prompt index, key, answer so far (``out``, ``drawn`` tokens), last
-    token (fed next), next position id and whether it has ended, with the attention mask and KV cache of all."""
+    """The rows decoding together: for each, its prompt index, key, answer so far (``out``, ``drawn`` tokens), longest
+    answer (``limit``), last token (fed next), next position id and whether it has ended, with the attention mask and
+    KV cache of all."""
 
     def __init__(self, **state: Any) -> None:
         self.__dict__.update(state)
@@ -325,42 +336,39 @@ class _Batch:
     def empty(cls, device: torch.device, max_new_tokens: int, pad_id: int) -> _Batch:
         nothing = torch.zeros(0, dtype=torch.long, device=device)
         return cls(
-            index=[], keys=nothing, out=nothing.new_full((0, max_new_tokens + 1), pad_id), drawn=nothing, last=nothing,
-            next_position=nothing, finished=nothing.bool(), mask=nothing.reshape(0, 0), cache=None, done=0,
-            pad_id=pad_id,
+            index=[], keys=nothing, out=nothing.new_full((0, max_new_tokens + 1), pad_id), drawn=nothing, limit=nothing,
+            last=nothing, next_position=nothing, finished=nothing.bool(), mask=nothing.reshape(0, 0), cache=None,
+            done=0, pad_id=pad_id,
         )  # fmt: skip
 
     @classmethod
     def start(
-        cls, index: list[int], keys: torch.Tensor, mask: torch.Tensor, cache: Any, first: _Draw,
+        cls, index: list[int], keys: torch.Tensor, limit: torch.Tensor, mask: torch.Tensor, cache: Any, first: _Draw,
         ends: torch.Tensor, max_new_tokens: int, pad_id: int,
     ) -> _Batch:  # fmt: skip
         """Rows that have just been prefilled and drawn their first token."""
         token = first.token
         out = token.new_full((len(index), max_new_tokens + 1), pad_id)  # the last column is spare (see record)
         out[:, 0] = token
-        finished = torch.isin(token, ends) | (max_new_tokens == 1)
+        finished = torch.isin(token, ends) | (limit == 1)
         return cls(
-            index=index, keys=keys, out=out, drawn=torch.ones_like(token), last=token, next_position=mask.sum(-1),
-            finished=finished, mask=mask, cache=cache, done=_check_and_count(first, finished), pad_id=pad_id,
+            index=index, keys=keys, out=out, drawn=torch.ones_like(token), limit=limit, last=token,
+            next_position=mask.sum(-1), finished=finished, mask=mask, cache=cache,
+            done=_check_and_count(first, finished), pad_id=pad_id,
         )  # fmt: skip
 
     @property
     def rows(self) -> int:
         return len(self.index)
 
-    @property
-    def max_new_tokens(self) -> int:
-        return self.out.shape[1] - 1
-
     def record(self, draw: _Draw, ends: torch.Tensor) -> None:
         """One decode step's draws. Rows that had ended keep what they have (their draws never mattered); a row ends
-        at an end token or when its answer is ``max_new_tokens`` long."""
+        at an end token or when its answer is ``limit`` long."""
         token = torch.where(self.finished, torch.full_like(draw.token, self.pad_id), draw.token)
         # A row that has ended writes padding just past its answer (a full one, into the spare last column).
         self.out.scatter_(1, self.drawn.unsqueeze(1), token.unsqueeze(1))
         self.drawn = self.drawn + (~self.finished).long()
-        self.finished = self.finished | torch.isin(token, ends) | (self.drawn == self.max_new_tokens)
+        self.finished = self.finished | torch.isin(token, ends) | (self.drawn == self.limit)
         self.last, self.next_position = token, self.next_position + 1
         self.done = _check_and_count(draw, self.finished)
 
@@ -377,7 +385,7 @@ class _Batch:
         keep = (~self.finished).nonzero().squeeze(1)
         self.cache.batch_select_indices(keep)
         self.index = [self.index[row] for row in keep.tolist()]
-        for name in ("keys", "out", "drawn", "last", "next_position", "finished", "mask"):
+        for name in ("keys", "out", "drawn", "limit", "last", "next_position", "finished", "mask"):
             setattr(self, name, getattr(self, name)[keep])
         self.done = 0
         return left
@@ -393,7 +401,9 @@ class _Batch:
         mask = own_mask.new_zeros(self.rows + other.rows, width)
         mask[: self.rows, width - own_mask.shape[1] :] = own_mask
         mask[self.rows :, width - other.mask.shape[1] :] = other.mask
-        cache = answer_cache(model, width + self.max_new_tokens)
+        # Room for the longest answer still to come: every row gets a column per step until the batch ends.
+        remaining = torch.cat([self.limit - self.drawn, other.limit - other.drawn]).max()
+        cache = answer_cache(model, width + int(remaining) + 1)
         for layer, mine, theirs in zip(cache.layers, self.cache.layers, other.cache.layers, strict=True):
             joined = []
             for a, b in ((mine.keys[:, :, lead:], theirs.keys), (mine.values[:, :, lead:], theirs.values)):
@@ -407,6 +417,7 @@ class _Batch:
             keys=torch.cat([self.keys, other.keys]),
             out=torch.cat([self.out, other.out]),
             drawn=torch.cat([self.drawn, other.drawn]),
+            limit=torch.cat([self.limit, other.limit]),
             last=torch.cat([self.last, other.last]),
             next_position=torch.cat([self.next_position, other.next_position]),
             finished=torch.cat([self.finished, other.finished]),

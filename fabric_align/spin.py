@@ -461,6 +461,7 @@ class SelfPlay:
                     eos_id=ends,
                     pad_id=self.tokenizer.pad_token_id,
                     max_new_tokens=self.args.max_new_tokens,
+                    max_length=self.max_length,  # what training keeps of an answer: decode no further
                     temperature=self.args.temperature,
                     top_p=self.args.top_p,
                     batch_size=self.args.rollout_batch_size,
@@ -477,15 +478,19 @@ class SelfPlay:
         """How the opponent's answers compare with the real ones. Answers cut at ``max_new_tokens`` carry no end token
         while every real answer does: when many are cut, ending is what tells real from generated, and SPIN may learn
         to stop ever earlier; answers that are empty (the opponent ended at once) show that it did."""
-        n = len(generated)
-        cut = sum(1 for g in generated if len(g) >= self.args.max_new_tokens and g[-1] not in ends)
+        n, split = len(generated), self.splits["train"]
+        # Answers without an end token stopped where prompt and answer fill data.max_length (so is a real answer that
+        # long: training sees both cut) or else at spin.max_new_tokens.
+        pairs = zip(split.prompts, generated, strict=True)
+        unended = [(len(p), len(g)) for p, g in pairs if not g or g[-1] not in ends]
+        full = sum(length >= self.max_length - prompt for prompt, length in unended)
+        cut = sum(self.args.max_new_tokens <= length < self.max_length - prompt for prompt, length in unended)
         empty = sum(1 for g in generated if not g or (len(g) == 1 and g[0] in ends))
-        real = self.splits["train"].answers
         hint = " (no end token, unlike every real answer: raise spin.max_new_tokens)" if cut > n / 4 else ""
         self.fabric.print(
             f"iteration {t}: the opponent's answers average {sum(map(len, generated)) / n:.1f} tokens, the real ones "
-            f"{sum(map(len, real)) / len(real):.1f}; {cut} of {n} were cut at spin.max_new_tokens{hint}, {empty} are "
-            "empty"
+            f"{sum(map(len, split.answers)) / len(split):.1f}; {cut} of {n} were cut at spin.max_new_tokens{hint}, "
+            f"{empty} are empty, {full} filled data.max_length"
         )
         if empty > n / 4:
             why = (

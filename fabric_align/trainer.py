@@ -221,8 +221,7 @@ def prepare_job(
     model_config = load_hub_object(model, load_config, "its config")
     check_model_config(model, model_config)
     check_model_structure(model, model_config)
-    spin_args = method.get("spin")
-    check_max_length(data, model, model_config, generated=spin_args.max_new_tokens if spin_args else 0)
+    check_max_length(data, model, model_config)
     config = hparams(
         model=model,
         data=data,
@@ -240,10 +239,10 @@ def prepare_job(
     return Job(model, data, train, logger, out_dir, seed, launch, resume_path, tokenizer, config)
 
 
-def check_max_length(data: DataArgs, model: ModelArgs, model_config: Any, *, generated: int = 0) -> None:
+def check_max_length(data: DataArgs, model: ModelArgs, model_config: Any) -> None:
     """Sequences must fit the model's positions: learned position embeddings (GPT-2's) fail past them with an index
-    error deep in the forward, rotary ones extrapolate to positions they never trained on. ``generated``: SPIN's
-    ``max_new_tokens``, decoded after prompts of up to ``max_length - 1`` tokens."""
+    error deep in the forward, rotary ones extrapolate to positions they never trained on. SPIN's opponent stops each
+    answer where prompt and answer reach ``max_length``, so it decodes no further either."""
     for name in ("max_position_embeddings", "n_positions"):
         limit = getattr(model_config, name, None)
         if not isinstance(limit, int):
@@ -253,11 +252,6 @@ def check_max_length(data: DataArgs, model: ModelArgs, model_config: Any, *, gen
                 f"data.max_length={data.max_length} exceeds {model.name_or_path}'s {name}={limit}: lower "
                 "data.max_length (longer rows keep their prompt and are cut, or dropped when the prompt alone "
                 "does not fit)"
-            )
-        if data.max_length - 1 + generated > limit:
-            raise ConfigError(
-                f"data.max_length={data.max_length} and spin.max_new_tokens={generated} decode up to position "
-                f"{data.max_length - 1 + generated}, past {model.name_or_path}'s {name}={limit}: lower either"
             )
 
 
@@ -321,6 +315,11 @@ def build_policy(fabric: Fabric, job: Job) -> tuple[PolicyLogprobs, torch.optim.
     # device and take their shards from rank 0 once it is sharded, so a node holds one full copy in CPU memory, not
     # one per GPU. (A 4-bit model is quantized as it loads, so every rank loads that one.)
     from_rank0 = fabric.world_size > 1 and job.launch.strategy == "fsdp" and not job.model.quantize
+    if from_rank0:
+        log.info(
+            "only rank 0 reads %s; the other ranks build it on the meta device and take their shards from rank 0",
+            job.model.name_or_path,
+        )
     model = load_model(
         job.model, dtype=job.launch.param_dtype, seed=job.seed, on_meta=from_rank0 and not fabric.is_global_zero
     )

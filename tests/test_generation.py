@@ -238,6 +238,37 @@ def test_waiting_prompts_take_the_places_of_rows_that_ended(model_and_tokenizer:
     assert decode_steps < fixed_steps, (decode_steps, fixed_steps)
 
 
+def test_each_answer_stops_where_prompt_and_answer_fill_max_length(model_and_tokenizer: tuple) -> None:
+    """With ``max_length``, a row stops decoding once its prompt and answer hold that many tokens: the answer is the
+    uncapped one cut there (what a trainer keeps of it), no position past ``max_length - 2`` is fed, and rows that
+    reach their limit leave early, so fewer rows are decoded."""
+    model, tok = model_and_tokenizer
+    prompts = [tok(p)["input_ids"] for p in PROMPTS * 2]
+    keys = list(range(80, 88))
+    probe = dict(pad_id=tok.pad_token_id, max_new_tokens=12, temperature=1.0, top_p=1.0, show_progress=False)
+    longest = max(map(len, prompts))
+    max_length = longest + 3  # the longest prompts get 3 tokens, the shortest the whole 12
+    positions: list[int] = []
+    hook = model.get_decoder().register_forward_pre_hook(
+        lambda module, args, kwargs: positions.append(int(kwargs["position_ids"].max())), with_kwargs=True
+    )
+    try:
+        with decoder_calls(model) as free_calls:
+            free = generate(model, prompts, keys, eos_id=[], batch_size=4, **probe)
+        free_positions, positions[:] = max(positions), []
+        with decoder_calls(model) as capped_calls:
+            capped = generate(model, prompts, keys, eos_id=[], batch_size=4, max_length=max_length, **probe)
+    finally:
+        hook.remove()
+    assert all(len(row) == 12 for row in free)  # no end token: every row runs to max_new_tokens
+    assert capped == [row[: max_length - len(p)] for p, row in zip(prompts, free, strict=True)]
+    assert min(map(len, capped)) == 3 and max(map(len, capped)) == 12
+    assert max(positions) <= max_length - 2 < free_positions
+    assert sum(rows for rows, _ in capped_calls) < sum(rows for rows, _ in free_calls)
+    with pytest.raises(ValueError, match=f"prompt 3 \\({longest} tokens\\) leaves no room in max_length={longest}"):
+        generate(model, prompts[:4], keys[:4], eos_id=[], batch_size=4, max_length=longest, **probe)
+
+
 def test_the_opponent_copy_keeps_the_models_end_tokens(model_and_tokenizer: tuple) -> None:
     """The copy decoded under mixed precision is rebuilt from the config: it must keep the generation config's end
     tokens, or an FSDP2 / bf16 run would stop at other tokens than a plain one."""

@@ -570,6 +570,11 @@ def test_the_opponents_answers_are_reported_and_a_collapse_to_empty_answers_warn
     assert printed[-1].startswith("iteration 0: the opponent's answers average 3.4 tokens, the real ones 3.0")
     assert "3 of 8 were cut at spin.max_new_tokens (no end token" in printed[-1] and "0 are empty" in printed[-1]
     assert caplog.text == ""
+    # Answers that stopped where prompt and answer fill data.max_length are not cut by max_new_tokens.
+    play.max_length = 5  # 3 answer tokens after the 2 of the prompt
+    play.report_answers(0, [[9, 9, 9]] * 2 + [[9, 2]] * 6, ends)
+    assert "0 of 8 were cut at spin.max_new_tokens, 0 are empty, 2 filled data.max_length" in printed[-1]
+    play.max_length = 64
     collapsed = [[2]] * 2 + [[0]] + [[]] + [[9, 2]] * 4  # 4 of 8 empty, none cut
     with caplog.at_level(logging.WARNING, logger="fabric_align"):
         play.report_answers(1, collapsed, ends)
