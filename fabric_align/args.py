@@ -26,6 +26,9 @@ DEMO_VALIDATION = {
 SEED_RANGE = 2**32  # numpy's seed range, which Fabric's seed_everything also enforces
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def check_number(
     name: str,
     value: float | None,
@@ -43,6 +46,8 @@ def check_number(
         raise ConfigError(f"{name}=null: a number is required")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"{name}={value}: must be a finite number")
+    if isinstance(value, float) and abs(value) > FLOAT32_MAX:  # finite in Python, inf in the tensors it scales
+        raise ConfigError(f"{name}={value}: must be a finite number in float32 (at most {FLOAT32_MAX:.7g} in size)")
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:

@@ -35,7 +35,7 @@ def run_program(setup: Callable[..., Any], args: list[str] | None = None) -> Non
 def exit_with_error(message: str) -> None:
     for bar in list(getattr(tqdm, "_instances", ())):  # end an open progress bar's line: the error gets its own
         bar.close()
-    rank = int(os.environ.get("RANK", os.environ.get("GLOBAL_RANK", "0")) or 0)
+    rank = process_rank()
     print(f"error: {f'[rank {rank}] ' if rank else ''}{message}", file=sys.stderr, flush=True)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         with contextlib.suppress(Exception):  # best effort: every rank raised the same error
@@ -82,8 +82,36 @@ def parser_message(text: str) -> str:
     return text.replace(". Got value: ", ", got ").replace("a typing.Literal[", "one of [")
 
 
+def process_rank() -> int:
+    """This process's global rank, before the process group exists too: ``fabric run`` (torchrun) sets ``RANK``,
+    Fabric's own launcher ``LOCAL_RANK`` in the processes it starts (one node). 0 outside distributed runs."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    for name in ("RANK", "GLOBAL_RANK", "LOCAL_RANK"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def rank_zero_or_error(record: logging.LogRecord) -> bool:
+    """Every rank reads the same data and settings, so their notes and warnings would repeat once per process: only
+    rank 0 shows them. Errors show on every rank, tagged with it."""
+    if record.levelno >= logging.ERROR:
+        rank = process_rank()
+        if rank:
+            record.msg = f"[rank {rank}] {record.msg}"
+        return True
+    return process_rank() == 0
+
+
 def configure_logging() -> None:
+    root = logging.getLogger()
+    ours = not root.handlers  # a host program's (or pytest's) handlers are left as they are
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    if ours:
+        for handler in root.handlers:
+            handler.addFilter(rank_zero_or_error)
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # On CPUs with AVX512-BF16, importing bitsandbytes tries to fetch a CPU 4-bit matmul kernel from the Hugging Face

@@ -54,7 +54,8 @@ def resolve_path(path: str) -> str:
 
 
 def read_rows(path: str, split: str = "train") -> list[Row]:
-    """Rows of a local .jsonl/.json/.parquet file, a ``save_to_disk`` directory, or a Hugging Face dataset id."""
+    """Rows of a local .jsonl/.json/.parquet file, a folder of such files, a ``save_to_disk`` directory, or a Hugging
+    Face dataset id."""
     path = resolve_path(path)
     local = Path(path).expanduser()
     suffix = local.suffix.lower()
@@ -110,6 +111,9 @@ def read_rows(path: str, split: str = "train") -> list[Row]:
         return [Row(f"{path}[{split}]", f"row {i}", without_nulls(r)) for i, r in enumerate(loaded)]
     if local.is_file():
         raise DataError(f"{path}: unsupported file type (expected {', '.join(LOCAL_SUFFIXES)})")
+    files = split_files(local, path, split) if local.is_dir() else None
+    if files is not None:  # read here, so that a bad row is named by its file and line
+        return [row for file in files for row in read_rows(str(file))]
     import datasets
 
     try:
@@ -117,6 +121,26 @@ def read_rows(path: str, split: str = "train") -> list[Row]:
     except Exception as err:  # hub errors come in many types; the message says what went wrong
         raise DataError(f"{path}: not a local file and could not be loaded as a dataset ({err})") from err
     return [Row(f"{path}[{split}]", f"row {i}", without_nulls(r)) for i, r in enumerate(loaded)]
+
+
+def split_files(directory: Path, path: str, split: str) -> list[Path] | None:
+    """The files of ``split`` in a folder of data files, as ``datasets.load_dataset`` picks them (by its own file
+    naming rules: ``train.jsonl``, ``data/test-00000-of-00001.parquet``, all files for ``train`` when no name says),
+    when every one is of a kind read here; None to leave the folder to ``datasets`` (other formats, or a dataset card
+    that may configure its own files)."""
+    card = directory / "README.md"
+    if card.is_file() and card.read_bytes().startswith(b"---"):
+        return None
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    try:
+        splits = DataFilesDict.from_patterns(get_data_patterns(str(directory)), base_path=str(directory))
+    except Exception:  # no data files, unreadable: datasets says what is wrong
+        return None
+    if split not in splits:
+        raise DataError(f"{path}: no split '{split}' (its files make {sorted(str(name) for name in splits)})")
+    files = [Path(file) for file in splits[split]]
+    return files if files and all(file.suffix.lower() in LOCAL_SUFFIXES for file in files) else None
 
 
 def without_nulls(record: Any) -> Any:

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 
 from fabric_align.args import DataArgs, KTOArgs, LoggerArgs, ModelArgs, TrainArgs
-from fabric_align.checkpoints import load_plain, verify_directory, write_sealed
+from fabric_align.checkpoints import load_plain, read_meta, verify_directory, write_sealed
 from fabric_align.cli import configure_logging, run_program
 from fabric_align.data import (
     ChatRenderer,
@@ -397,7 +397,7 @@ def reference_logps(
     # bf16-mixed), so a cache made under other settings is not reused.
     key = content_hash(model_fingerprint(job.model, job.seed), job.launch.precision, job.launch.strategy, sequences)
     cache = job.out_dir / "cache" / f"kto-reference-{key}"
-    logps = read_reference_cache(cache, len(sequences))
+    logps = read_reference_cache(cache, key, len(sequences))
     if logps is not None:
         fabric.print(f"reference log-probs from {cache}")
     else:
@@ -414,7 +414,7 @@ def reference_logps(
 
             def write(tmp: Path) -> dict[str, Any]:
                 torch.save(logps, tmp / REFERENCE_FILE)
-                return {"sequences": len(sequences)}
+                return {"sequences": len(sequences), "key": key}
 
             write_sealed(cache, write)
         fabric.barrier()
@@ -429,12 +429,15 @@ def reference_logps(
 REFERENCE_FILE = "logps.pt"
 
 
-def read_reference_cache(path: Path, expected: int) -> torch.Tensor | None:
+def read_reference_cache(path: Path, key: str, expected: int) -> torch.Tensor | None:
     """The cached reference log-probs, or None when there are none or the directory is damaged (then they are
-    computed again and the directory replaced: the cache only ever holds what this run can recompute)."""
+    computed again and the directory replaced: the cache only ever holds what this run can recompute). Its
+    ``meta.json`` must name ``key``: a directory renamed or copied from another run's cache is not trusted."""
     if not path.is_dir():
         return None
     problem = verify_directory(path)
+    if problem is None and read_meta(path).get("key") != key:
+        problem = "its meta.json names other weights, data or settings"
     if problem is None:
         try:
             logps = load_plain(path / REFERENCE_FILE)

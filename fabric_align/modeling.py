@@ -156,7 +156,6 @@ def load_model(args: ModelArgs, *, dtype: torch.dtype, seed: int, on_meta: bool 
         kwargs["attn_implementation"] = args.attn_implementation
     if on_meta:
         config = AutoConfig.from_pretrained(path, revision=args.revision, trust_remote_code=args.trust_remote_code)
-        log.info("building %s on the meta device: its shards will come from rank 0", path)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
     elif is_random_init(args):

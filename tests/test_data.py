@@ -139,18 +139,42 @@ def test_dataset_directory_through_datasets(tmp_path: Path, renderer: ChatRender
     assert len(data) == 4 and data.source.endswith("[train]")
 
 
-def test_dataset_folder_and_split_through_load_dataset(tmp_path: Path, renderer: ChatRenderer) -> None:
-    """A folder of data files goes through `datasets.load_dataset`, the same path as a hub id."""
+def test_a_folder_of_data_files_reads_the_rows_datasets_would_and_names_a_bad_rows_file_and_line(
+    tmp_path: Path, renderer: ChatRenderer
+) -> None:
+    """A folder of data files gives each split the rows `datasets.load_dataset` gives it (its file naming rules, its
+    file order), read here: a bad row is named by its file and line, not lost in a dataset-builder error."""
+    import datasets
+
+    from fabric_align.data import read_rows
+
     folder = tmp_path / "my-dataset"
-    folder.mkdir()
+    (folder / "data").mkdir(parents=True)
+    for shard in range(2):
+        write_jsonl(
+            folder / "data" / f"train-0000{shard}-of-00002.jsonl",
+            [{"prompt": f"p{shard}{i}", "completion": f"c{i}", "label": i % 2 == 0} for i in range(3)],
+        )
     write_jsonl(
-        folder / "train.jsonl", [{"prompt": f"p{i}", "completion": f"c{i}", "label": i % 2 == 0} for i in range(6)]
+        folder / "data" / "test-00000-of-00001.jsonl",
+        [{"prompt": f"t{i}", "completion": f"c{i}", "label": i % 2 == 0} for i in range(3)],
     )
-    write_jsonl(
-        folder / "test.jsonl", [{"prompt": f"t{i}", "completion": f"c{i}", "label": i % 2 == 0} for i in range(3)]
-    )
+    for split in ("train", "test"):
+        expected = list(datasets.load_dataset(str(folder), split=split))
+        assert [row.value for row in read_rows(str(folder), split)] == expected
     assert len(load_split(str(folder), "train", renderer, 64, seed=0, train=True)) == 6
     assert len(load_split(str(folder), "test", renderer, 64, seed=0, train=False)) == 3
+    with pytest.raises(DataError, match=r"my-dataset: no split 'validation' \(its files make \['test', 'train'\]\)"):
+        read_rows(str(folder), "validation")
+    bad = folder / "data" / "train-00001-of-00002.jsonl"
+    bad.write_text(bad.read_text() + '{"prompt": "p", "completion": \n')
+    with pytest.raises(DataError, match=r"train-00001-of-00002.jsonl, line 4, field '<json>': malformed JSON"):
+        read_rows(str(folder), "train")
+    # Files of other kinds are left to datasets.
+    other = tmp_path / "csv-dataset"
+    other.mkdir()
+    (other / "train.csv").write_text("prompt,completion,label\np,c,true\n")
+    assert [row.value for row in read_rows(str(other), "train")] == [{"prompt": "p", "completion": "c", "label": True}]
 
 
 def test_eos_written_inside_the_text_and_multi_message_completions_are_kept_whole(

@@ -111,6 +111,7 @@ KTO_FLAGS = {
     "undesirable weight negative": (["--kto.undesirable_weight=-1"], "kto.undesirable_weight=-1.0: must be positive"),
     "max_norm nan": (["--train.max_norm=.nan"], "train.max_norm=nan"),
     "lr nan": (["--train.lr=.nan"], "train.lr=nan"),
+    "lr inf in float32": (["--train.lr=1e39"], "train.lr=1e+39: must be a finite number in float32"),
     "min_lr above lr": (["--train.lr=1e-4", "--train.min_lr=1e-3"], "train.min_lr=0.001: must be in [0, 0.0001]"),
     "adam beta above 1": (["--train.betas=[1.5,0.9]"], "train.betas[0]=1.5: must be in [0, 1)"),
     "adam beta nan": (["--train.betas=[0.9,.nan]"], "train.betas[1]=nan"),
@@ -175,10 +176,6 @@ def test_kto_flags(case: str, earlier_run: Path, capsys: pytest.CaptureFixture[s
 
 
 SPIN_FLAGS = {
-    "generation past the model's positions": (
-        ["--data.max_length=1000", "--spin.max_new_tokens=100"],
-        "spin.max_new_tokens=100 decode up to position 1099, past fabric-align/tiny-llama's max_position_embeddings",
-    ),
     "beta nan": (["--spin.beta=.nan"], "spin.beta=nan: must be a finite number"),
     "one beta of the list nan": (["--spin.beta=[0.1,.nan]"], "spin.beta[1]=nan"),
     "temperature nan": (["--spin.temperature=.nan"], "spin.temperature=nan"),
@@ -559,6 +556,25 @@ def test_damaged_files_behind_a_rewritten_manifest_are_one_line_or_recomputed(
     reseal(out / "step-000010")
     result = program(kto.setup, [*KTO_ARGS, f"--out_dir={out}", "--resume=auto"], capsys)
     assert_one_line_error(result, "step-000010/state: unreadable")
+
+
+def test_a_reference_cache_made_for_other_settings_is_recomputed(
+    tmp_path: Path, kto_straight: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The cache's directory name is its key; its meta.json records the key too, so a directory renamed or copied in
+    from another run (other weights, data or precision) is recomputed rather than trusted."""
+    out = tmp_path / "out"
+    shutil.copytree(kto_straight, out)
+    shutil.rmtree(out / "final")
+    (cache,) = (out / "cache").glob("kto-reference-*")
+    meta = json.loads((cache / "meta.json").read_text())
+    assert cache.name == f"kto-reference-{meta['key']}"
+    (cache / "meta.json").write_text(json.dumps({**meta, "key": "0" * len(meta["key"])}))  # as from another run
+    with caplog.at_level(logging.WARNING, logger="fabric_align"):
+        assert_ok(program(kto.setup, [*KTO_ARGS, f"--out_dir={out}", "--resume=auto"], capsys))
+    assert "names other weights, data or settings" in caplog.text
+    assert json.loads((cache / "meta.json").read_text())["key"] == meta["key"]  # replaced by what this run computed
+    assert_same_weights(weights(kto_straight), weights(out))
 
 
 def test_a_crafted_spin_iteration_is_never_unpickled(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
