@@ -223,7 +223,7 @@ def generate(
     the end token, or every token that ends a generation (a chat model's turn end and its document end).
     ``max_length``: a prompt and its answer together hold at most this many tokens (each row stops at its own
     ``max_length - len(prompt)``, the answer a trainer would keep of a longer one), so decoding never feeds a
-    position past ``max_length - 2``.
+    position past ``max_length - 2`` (rows that have ended and wait to leave stay at their last position).
 
     Continuous batching: at most ``batch_size`` rows decode together. Once a quarter of the rows have ended, they
     leave the batch and its KV cache, and waiting prompts (shortest first) take their places: prefilled on their
@@ -353,7 +353,7 @@ class _Batch:
         finished = torch.isin(token, ends) | (limit == 1)
         return cls(
             index=index, keys=keys, out=out, drawn=torch.ones_like(token), limit=limit, last=token,
-            next_position=mask.sum(-1), finished=finished, mask=mask, cache=cache,
+            next_position=mask.sum(-1) - finished.long(), finished=finished, mask=mask, cache=cache,
             done=_check_and_count(first, finished), pad_id=pad_id,
         )  # fmt: skip
 
@@ -369,7 +369,9 @@ class _Batch:
         self.out.scatter_(1, self.drawn.unsqueeze(1), token.unsqueeze(1))
         self.drawn = self.drawn + (~self.finished).long()
         self.finished = self.finished | torch.isin(token, ends) | (self.drawn == self.limit)
-        self.last, self.next_position = token, self.next_position + 1
+        # A row that has ended is fed padding until it leaves, at the position it last had: never a position past
+        # its answer's end (one past the model's limit, or one that rescales a dynamic rotary embedding for all).
+        self.last, self.next_position = token, self.next_position + (~self.finished).long()
         self.done = _check_and_count(draw, self.finished)
 
     def leave(self, end_ids: list[int]) -> list[tuple[int, list[int]]]:

@@ -265,8 +265,39 @@ def test_each_answer_stops_where_prompt_and_answer_fill_max_length(model_and_tok
     assert min(map(len, capped)) == 3 and max(map(len, capped)) == 12
     assert max(positions) <= max_length - 2 < free_positions
     assert sum(rows for rows, _ in capped_calls) < sum(rows for rows, _ in free_calls)
+    # A row that ends early waits in the batch until a quarter of it has ended: fed padding, it must not move on to
+    # positions past max_length - 2 (past the model's limit, they would index out of GPT-2's position table).
+    waiting = [prompts[3]] + [prompts[0]] * 6  # the long prompt's row ends after 3 tokens, the others run 12
+    positions[:] = []
+    hook = model.get_decoder().register_forward_pre_hook(
+        lambda module, args, kwargs: positions.append(int(kwargs["position_ids"].max())), with_kwargs=True
+    )
+    try:
+        with decoder_calls(model) as calls:
+            answers = generate(model, waiting, keys[:7], eos_id=[], batch_size=7, max_length=max_length, **probe)
+    finally:
+        hook.remove()
+    assert [len(a) for a in answers] == [3] + [12] * 6 and max(rows for rows, _ in calls) == 7
+    assert max(positions) <= max_length - 2
+    alone = each_alone(model, waiting, keys[:7], eos_id=[], **probe)
+    assert answers == [row[: max_length - len(p)] for p, row in zip(waiting, alone, strict=True)]
     with pytest.raises(ValueError, match=f"prompt 3 \\({longest} tokens\\) leaves no room in max_length={longest}"):
         generate(model, prompts[:4], keys[:4], eos_id=[], batch_size=4, max_length=longest, **probe)
+
+
+def test_learned_positions_up_to_max_length_are_enough() -> None:
+    """GPT-2's position table of exactly ``max_length`` entries (what the trainers' check asks for) suffices, however
+    long the answers still decoding beside a row that has ended: decoding feeds no position past ``max_length - 2``."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=4, n_positions=20)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    prompts = [list(range(3, 21))] + [[5, 6, 7]] * 6  # the first row's answer ends after 2 tokens, the others run 12
+    probe = dict(eos_id=[], pad_id=0, max_new_tokens=12, temperature=1.0, top_p=1.0, show_progress=False)
+    answers = generate(model, prompts, list(range(7)), batch_size=7, max_length=20, **probe)
+    assert [len(a) for a in answers] == [2] + [12] * 6
+    assert answers == each_alone(model, prompts, list(range(7)), max_length=20, **probe)
 
 
 def test_the_opponent_copy_keeps_the_models_end_tokens(model_and_tokenizer: tuple) -> None:
