@@ -49,6 +49,7 @@ set with the reference first and keeps no reference model.
     python benchmarks/kto_step.py --threads 1                      # the same with one torch thread per process
     python benchmarks/kto_step.py --device cuda --config qwen0.5b  # GPU: Qwen2.5-0.5B shapes, bf16, 12 steps
     python benchmarks/kto_step.py --frameworks fabric-align trl --rounds 1 --json results.json
+    python benchmarks/kto_step.py --min-length 0.125               # lengths spread as in real data (1/8 to 1)
 
 The data set has ``steps * global_batch`` examples, so the reference pass scores exactly the data the timed run
 trains on (2 * steps * global_batch sequences).
@@ -431,10 +432,10 @@ def build_model(config_name: str, out: Path, *, bf16: bool, seed: int) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def make_rows(n: int, seq_len: int, seed: int) -> list[dict[str, Any]]:
+def make_rows(n: int, seq_len: int, seed: int, min_length: float = 0.75) -> list[dict[str, Any]]:
     """KTO rows of plain ASCII text (one token per character with the byte-level tokenizer): total length
-    (BOS + prompt + completion + EOS) uniform in [3/4, 1] x seq_len, prompt uniform in [1/8, 1/2] x seq_len,
-    labels alternating (balanced)."""
+    (BOS + prompt + completion + EOS) uniform in [min_length, 1] x seq_len, prompt uniform in [1/8, 1/2] x seq_len
+    (below the default ``min_length``: in [1/8, 1/2] x the total), labels alternating (balanced)."""
     rng = random.Random(seed)
     alphabet = string.ascii_lowercase + "      "
 
@@ -443,8 +444,11 @@ def make_rows(n: int, seq_len: int, seed: int) -> list[dict[str, Any]]:
 
     rows = []
     for i in range(n):
-        total = rng.randint(3 * seq_len // 4, seq_len)
-        prompt = rng.randint(seq_len // 8, seq_len // 2)
+        total = rng.randint(int(min_length * seq_len), seq_len)
+        if min_length >= 0.75:  # the draw of every recorded result, kept so that they stay reproducible
+            prompt = rng.randint(seq_len // 8, seq_len // 2)
+        else:
+            prompt = rng.randint(max(2, total // 8), total // 2)
         rows.append({"prompt": text(prompt - 1), "completion": text(total - prompt - 1), "label": i % 2 == 0})
     return rows
 
@@ -643,6 +647,12 @@ def benchmark_parser(doc: str, frameworks: tuple[str, ...], unit: str) -> argpar
 
 def main() -> None:
     parser = benchmark_parser(__doc__, FRAMEWORKS, unit="examples")
+    parser.add_argument(
+        "--min-length",
+        type=float,
+        default=0.75,
+        help="shortest example, as a fraction of --seq-len (lengths are uniform up to it; default 0.75)",
+    )
     args = parser.parse_args()
 
     if args.worker:
@@ -664,7 +674,9 @@ def main() -> None:
         model_dir = work / "model"
         n_params = build_model(config, model_dir, bf16=cuda, seed=args.seed)
         n = steps * global_batch
-        rows = make_rows(n, args.seq_len, args.seed)
+        if not 0.05 <= args.min_length <= 1:
+            parser.error("--min-length must be in [0.05, 1]")
+        rows = make_rows(n, args.seq_len, args.seed, args.min_length)
         data = work / "kto_train.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
         order = visit_order(n, global_batch, steps, args.seed)
@@ -675,7 +687,8 @@ def main() -> None:
         env["torch_threads"] = str(args.threads) if args.threads else f"{env['torch_threads']} (default)"
         setting = (
             f"{config} ({n_params / 1e6:.1f}M parameters), {'bf16' if cuda else 'fp32'}, {args.device}, "
-            f"global batch {global_batch}, micro-batch {micro_batch}, max length {args.seq_len}, {steps} steps "
+            f"global batch {global_batch}, micro-batch {micro_batch}, lengths {args.min_length:g}-1 x {args.seq_len}, "
+            f"{steps} steps "
             f"(tokens/s over steps 2..{steps}), {n} examples, activation checkpointing "
             f"{checkpointing_setting(args.activation_checkpointing)}, {args.rounds} round(s), torch threads "
             f"{args.threads or 'default'}"

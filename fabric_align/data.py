@@ -402,6 +402,10 @@ class StepPlan:
     num_examples: int
     global_batch_size: int
     seed: int
+    lengths: Sequence[int] | None = None
+    """Each example's padded length (tokens). When given, a step's examples are sorted by it before they are cut into
+    micro-batches, so each micro-batch pads to the length of similar rows instead of to its longest row's. The step
+    still reads the same examples: its loss and gradient change only by the round-off of the other grouping."""
 
     @property
     def steps_per_epoch(self) -> int:
@@ -418,9 +422,22 @@ class StepPlan:
 
     def micro_batches(self, step: int, rank: int, world_size: int, micro_batch_size: int) -> list[list[int]]:
         indices = self.global_indices(step)
-        per_rank = len(indices) // world_size
-        mine = indices[rank * per_rank : (rank + 1) * per_rank]
-        return [mine[i : i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+        if self.lengths is None:
+            per_rank = len(indices) // world_size
+            mine = indices[rank * per_rank : (rank + 1) * per_rank]
+            return [mine[i : i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+        lengths = self.lengths
+        ordered = sorted(indices, key=lambda i: lengths[i])
+        groups = [ordered[i : i + micro_batch_size] for i in range(0, len(ordered), micro_batch_size)]
+        # Dealt to the ranks back and forth (0, 1, ..., w-1, w-1, ..., 0, 0, ...), so every rank gets as many groups
+        # and a similar amount of work: the ranks wait for each other at every step.
+        return [g for k, g in enumerate(groups) if snake_rank(k, world_size) == rank]
+
+
+def snake_rank(k: int, world_size: int) -> int:
+    """The rank that the k-th of a sequence of groups goes to when they are dealt back and forth."""
+    lap, position = divmod(k, world_size)
+    return position if lap % 2 == 0 else world_size - 1 - position
 
 
 def shard_evenly(num_items: int, rank: int, world_size: int, micro_batch_size: int) -> list[list[int]]:

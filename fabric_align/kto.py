@@ -250,6 +250,11 @@ class KTO:
     def kl_sum(self, data: KTOData, micro_batches: list[list[int]]) -> torch.Tensor:
         """[sum of r(x_i, y_pi(i)) over this rank's KL pairs, their count]; -1 indices (padding) count for nothing."""
         totals = torch.zeros(2, dtype=torch.float64, device=self.fabric.device)
+        # A sum over all of this rank's pairs: regrouped by length (the same number of forwards of the same sizes),
+        # each forward pads less.
+        flat = sorted((i for indices in micro_batches for i in indices), key=lambda i: len(data.kl_sequences[i][0]))
+        sizes = [len(indices) for indices in micro_batches]
+        micro_batches = [flat[sum(sizes[:k]) : sum(sizes[: k + 1])] for k in range(len(sizes))]
         for indices in micro_batches:
             # Padding rows still run: every rank must join the same FSDP collectives.
             safe = [max(i, 0) for i in indices]
@@ -378,7 +383,8 @@ def main(fabric: Any, job: Job, kto: KTOArgs, train_data: KTOData, val_data: KTO
     fabric.print(f"{len(train_data)} training examples, {len(val_data) if val_data else 0} validation examples")
     # Reference log-probs before any update (and before loading a checkpoint): no reference model is kept.
     reference_logps(fabric, policy, job, kto, train_data, val_data)
-    plan = StepPlan(len(train_data), job.train.global_batch_size, job.seed)
+    lengths = [len(ids) for ids, _ in train_data.sequences]
+    plan = StepPlan(len(train_data), job.train.global_batch_size, job.seed, lengths)
     run = open_run(fabric, job, policy, optimizer, method="kto")
     recipe = KTO(fabric, policy, kto, train_data, val_data, job.tokenizer.pad_token_id)
     fit(run, recipe, plan, Phase(0, job.train.max_steps or job.train.epochs * plan.steps_per_epoch))

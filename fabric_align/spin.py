@@ -761,7 +761,8 @@ def main(fabric: Any, job: Job, spin: SPINArgs, train_data: SFTData, val_data: S
         if run.state["step"] == start and not run.logged_before_resume("generation/mean_length", start):
             run.logger.log({"generation/mean_length": mean_length, "iteration": t, "beta": beta}, step=start)
             log_samples(run, job.tokenizer, train_data, data_t, t, spin.num_logged_samples, start)
-        plan = StepPlan(len(pairs), job.train.global_batch_size, job.seed + 1000 * t)
+        lengths = [max(len(r[0]), len(g[0])) for r, g in zip(pairs.real, pairs.generated, strict=True)]
+        plan = StepPlan(len(pairs), job.train.global_batch_size, job.seed + 1000 * t, lengths)
         per_step = {"train/iteration": t, "train/beta": beta, "train/generation/mean_length": mean_length}
         fit(run, recipe, plan, phase, extra_metrics=lambda m=per_step: m)
         log_validation(run, recipe, run.state["step"])  # each iteration's end, on its own validation pairs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
@@ -107,6 +108,39 @@ def test_step_plan_is_the_same_global_batch_for_any_split(world_size: int, micro
         assert seen == plan.global_indices(step)
     epoch0 = [i for s in range(4) for i in plan.global_indices(s)]
     assert len(set(epoch0)) == 32 and plan.global_indices(4) != plan.global_indices(0)
+
+
+@pytest.mark.parametrize(("world_size", "micro"), [(1, 2), (2, 2), (2, 1), (4, 1)])
+def test_a_step_grouped_by_length_reads_the_same_examples_and_pads_less(world_size: int, micro: int) -> None:
+    """With lengths, each step's examples are the same, cut into micro-batches of similar lengths, dealt so that
+    every rank gets as many micro-batches and a similar share of the tokens; less padding overall."""
+    import random
+
+    rng = random.Random(0)
+    lengths = [rng.randint(8, 512) for _ in range(64)]
+    plain = StepPlan(num_examples=64, global_batch_size=16, seed=3)
+    grouped = StepPlan(num_examples=64, global_batch_size=16, seed=3, lengths=lengths)
+    padded = {"plain": 0, "grouped": 0}
+    for step in range(8):
+        for name, plan in (("plain", plain), ("grouped", grouped)):
+            shares = [plan.micro_batches(step, r, world_size, micro) for r in range(world_size)]
+            assert sorted(i for share in shares for mb in share for i in mb) == sorted(plain.global_indices(step))
+            assert {len(share) for share in shares} == {16 // (world_size * micro)}
+            assert all(len(mb) == micro for share in shares for mb in share)
+            # padding: the tokens a micro-batch adds to reach its longest row
+            padded[name] += sum(
+                max(lengths[i] for i in mb) - lengths[j] for share in shares for mb in share for j in mb
+            )
+        shares = [grouped.micro_batches(step, r, world_size, micro) for r in range(world_size)]
+        ranked = sorted(lengths[i] for i in grouped.global_indices(step))
+        spans = [(min(lengths[i] for i in mb), max(lengths[i] for i in mb)) for share in shares for mb in share]
+        for a, b in itertools.combinations(spans, 2):  # micro-batches hold neighbours in length order: no overlap
+            assert a[1] <= b[0] or b[1] <= a[0], (a, b)
+        if world_size > 1:  # back-and-forth dealing: the ranks' token counts are within one group's worth
+            work = [sum(lengths[i] for mb in share for i in mb) for share in shares]
+            assert max(work) - min(work) <= micro * (ranked[-1] - ranked[0])
+    if micro > 1:
+        assert padded["grouped"] < 0.6 * padded["plain"], padded
 
 
 def test_shard_evenly_covers_everything_once_with_equal_shares() -> None:
