@@ -426,12 +426,19 @@ class StepPlan:
             per_rank = len(indices) // world_size
             mine = indices[rank * per_rank : (rank + 1) * per_rank]
             return [mine[i : i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
-        lengths = self.lengths
-        ordered = sorted(indices, key=lambda i: lengths[i])
-        groups = [ordered[i : i + micro_batch_size] for i in range(0, len(ordered), micro_batch_size)]
-        # Dealt to the ranks back and forth (0, 1, ..., w-1, w-1, ..., 0, 0, ...), so every rank gets as many groups
-        # and a similar amount of work: the ranks wait for each other at every step.
-        return [g for k, g in enumerate(groups) if snake_rank(k, world_size) == rank]
+        return deal_by_length(indices, self.lengths, rank, world_size, micro_batch_size)
+
+
+def deal_by_length(
+    indices: list[int], lengths: Sequence[int], rank: int, world_size: int, micro_batch_size: int
+) -> list[list[int]]:
+    """This rank's micro-batches of ``indices`` (a multiple of ``world_size * micro_batch_size`` of them; -1:
+    padding, sorted last), each holding examples of neighbouring lengths, so it pads little. The micro-batches are
+    dealt to the ranks back and forth (0, 1, ..., w-1, w-1, ..., 0, 0, ...): every rank gets as many and a similar
+    amount of work, since the ranks wait for each other."""
+    ordered = sorted(indices, key=lambda i: lengths[i] if i >= 0 else math.inf)
+    groups = [ordered[i : i + micro_batch_size] for i in range(0, len(ordered), micro_batch_size)]
+    return [group for k, group in enumerate(groups) if snake_rank(k, world_size) == rank]
 
 
 def snake_rank(k: int, world_size: int) -> int:
@@ -447,3 +454,11 @@ def shard_evenly(num_items: int, rank: int, world_size: int, micro_batch_size: i
     per_rank = math.ceil(per_rank / micro_batch_size) * micro_batch_size
     mine = [i if i < num_items else -1 for i in range(rank * per_rank, (rank + 1) * per_rank)]
     return [mine[i : i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+
+
+def shard_by_length(lengths: Sequence[int], rank: int, world_size: int, micro_batch_size: int) -> list[list[int]]:
+    """``shard_evenly``'s shares (as many micro-batches on every rank, -1: padding) of ``range(len(lengths))``,
+    with each micro-batch holding examples of neighbouring lengths (``deal_by_length``)."""
+    per_rank = math.ceil(math.ceil(len(lengths) / world_size) / micro_batch_size) * micro_batch_size
+    indices = list(range(len(lengths))) + [-1] * (per_rank * world_size - len(lengths))
+    return deal_by_length(indices, lengths, rank, world_size, micro_batch_size)

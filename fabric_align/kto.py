@@ -297,8 +297,8 @@ class KTO:
     def micro_step(self, indices: list[int], z0: torch.Tensor, normalizer: float) -> tuple[torch.Tensor, dict]:
         return self.loss(self.train, indices, z0, normalizer)
 
-    def eval_size(self) -> int:
-        return len(self.val) if self.val is not None else 0
+    def eval_lengths(self) -> list[int]:
+        return [len(ids) for ids, _ in self.val.sequences] if self.val is not None else []
 
     def prepare_eval(self, shares: list[list[int]]) -> torch.Tensor:
         return self.z0(self.val, shares)  # over all of the validation set's KL pairs

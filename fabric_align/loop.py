@@ -21,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fabric_align.checkpoints import checkpoint_dirs, require_finite_parameters, save_checkpoint
-from fabric_align.data import StepPlan, pad_sequences, shard_evenly
+from fabric_align.data import StepPlan, pad_sequences, shard_by_length, shard_evenly
 from fabric_align.errors import TrainingError
 from fabric_align.loggers import MetricLogger
 from fabric_align.metrics import MetricSpec, reduce_metrics
@@ -45,8 +45,8 @@ class Recipe(Protocol):
     def micro_step(self, indices: list[int], context: Any, normalizer: float) -> tuple[torch.Tensor, dict]:
         """Loss (to backpropagate) and metrics of one training micro-batch."""
 
-    def eval_size(self) -> int:
-        """Validation examples (0: no validation)."""
+    def eval_lengths(self) -> list[int]:
+        """The padded length of each validation example (empty: no validation); micro-batches group similar ones."""
 
     def prepare_eval(self, shares: list[list[int]]) -> Any:
         """Once per validation, given this rank's micro-batches (-1: padding) (KTO: z0 over the validation set)."""
@@ -217,12 +217,12 @@ def evaluate(run: Run, recipe: Recipe) -> dict[str, float]:
     """The recipe's metrics over its whole validation set (without prefix), or {} when it has none. Each rank takes
     an even share in micro-batches padded with -1 (every rank joins the same FSDP collectives); a padding-only
     micro-batch runs its forward and contributes nothing."""
-    size = recipe.eval_size()
-    if not size:
+    lengths = recipe.eval_lengths()
+    if not lengths:
         return {}
     fabric = run.fabric
     run.policy.eval()
-    shares = shard_evenly(size, fabric.global_rank, fabric.world_size, run.args.eval_micro_batch_size)
+    shares = shard_by_length(lengths, fabric.global_rank, fabric.world_size, run.args.eval_micro_batch_size)
     context = recipe.prepare_eval(shares)
     parts = []
     for indices in shares:

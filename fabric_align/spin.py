@@ -239,6 +239,13 @@ class Pairs:
         return len(self.real)
 
 
+def pair_lengths(pairs: Pairs) -> list[int]:
+    """What each pair pads to: its real and generated sequences share one batch."""
+    return [
+        max(len(real), len(generated)) for (real, _), (generated, _) in zip(pairs.real, pairs.generated, strict=True)
+    ]
+
+
 @dataclass
 class IterationData:
     """What iteration t's opponent made: its answer to every prompt of each split, the reference log-probs of the
@@ -605,9 +612,9 @@ class SPIN:
     def micro_step(self, indices: list[int], context: None, normalizer: float) -> tuple[torch.Tensor, dict]:
         return self.loss(self.train, indices, normalizer)
 
-    def eval_size(self) -> int:
+    def eval_lengths(self) -> list[int]:
         """Held-out prompts: the ground truth's NLL per token, the pair metrics with the opponent's answers."""
-        return len(self.val) if self.val is not None else 0
+        return pair_lengths(self.val) if self.val is not None else []
 
     def prepare_eval(self, shares: list[list[int]]) -> None:
         return None
@@ -761,8 +768,7 @@ def main(fabric: Any, job: Job, spin: SPINArgs, train_data: SFTData, val_data: S
         if run.state["step"] == start and not run.logged_before_resume("generation/mean_length", start):
             run.logger.log({"generation/mean_length": mean_length, "iteration": t, "beta": beta}, step=start)
             log_samples(run, job.tokenizer, train_data, data_t, t, spin.num_logged_samples, start)
-        lengths = [max(len(r[0]), len(g[0])) for r, g in zip(pairs.real, pairs.generated, strict=True)]
-        plan = StepPlan(len(pairs), job.train.global_batch_size, job.seed + 1000 * t, lengths)
+        plan = StepPlan(len(pairs), job.train.global_batch_size, job.seed + 1000 * t, pair_lengths(pairs))
         per_step = {"train/iteration": t, "train/beta": beta, "train/generation/mean_length": mean_length}
         fit(run, recipe, plan, phase, extra_metrics=lambda m=per_step: m)
         log_validation(run, recipe, run.state["step"])  # each iteration's end, on its own validation pairs

@@ -19,6 +19,7 @@ from fabric_align.data import (
     StepPlan,
     derangement,
     pad_sequences,
+    shard_by_length,
     shard_evenly,
 )
 from fabric_align.kto import load_split
@@ -141,6 +142,22 @@ def test_a_step_grouped_by_length_reads_the_same_examples_and_pads_less(world_si
             assert max(work) - min(work) <= micro * (ranked[-1] - ranked[0])
     if micro > 1:
         assert padded["grouped"] < 0.6 * padded["plain"], padded
+
+
+@pytest.mark.parametrize(("num_items", "world_size", "micro"), [(11, 3, 2), (8, 2, 4), (5, 1, 2), (1, 2, 1)])
+def test_shard_by_length_covers_everything_once_with_equal_shares_of_neighbours(
+    num_items: int, world_size: int, micro: int
+) -> None:
+    lengths = [(7 * i) % 13 + 1 for i in range(num_items)]
+    shares = [shard_by_length(lengths, r, world_size, micro) for r in range(world_size)]
+    evenly = [shard_evenly(num_items, r, world_size, micro) for r in range(world_size)]
+    assert [len(s) for s in shares] == [len(s) for s in evenly]  # the same forwards on every rank as before
+    assert all(len(mb) == micro for s in shares for mb in s)
+    assert sorted(i for s in shares for mb in s for i in mb if i >= 0) == list(range(num_items))
+    spans = [[lengths[i] for i in mb if i >= 0] for s in shares for mb in s]
+    spans = [(min(x), max(x)) for x in spans if x]
+    for a, b in itertools.combinations(spans, 2):
+        assert a[1] <= b[0] or b[1] <= a[0], (a, b)
 
 
 def test_shard_evenly_covers_everything_once_with_equal_shares() -> None:
