@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -252,7 +253,10 @@ class KTO:
         totals = torch.zeros(2, dtype=torch.float64, device=self.fabric.device)
         # A sum over all of this rank's pairs: regrouped by length (the same number of forwards of the same sizes),
         # each forward pads less.
-        flat = sorted((i for indices in micro_batches for i in indices), key=lambda i: len(data.kl_sequences[i][0]))
+        flat = sorted(
+            (i for indices in micro_batches for i in indices),
+            key=lambda i: len(data.kl_sequences[i][0]) if i >= 0 else math.inf,  # padding (-1) last, together
+        )
         sizes = [len(indices) for indices in micro_batches]
         micro_batches = [flat[sum(sizes[:k]) : sum(sizes[: k + 1])] for k in range(len(sizes))]
         for indices in micro_batches:

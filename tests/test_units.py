@@ -190,3 +190,33 @@ def test_resume_names_input_files_that_changed(caplog: pytest.LogCaptureFixture)
         assert caplog.text == ""
         warn_changed_inputs(seen, {"data": {"train.jsonl": [40, 9]}, "model": "m"})
     assert "changed since the checkpoint was written: train.jsonl (size or time)" in caplog.text
+
+
+def test_kto_kl_pass_groups_pairs_by_length_and_keeps_padding_apart() -> None:
+    """The KL pass regroups a rank's pairs by length (the same number of forwards of the same sizes); padding entries
+    (-1, which run pair 0 and count for nothing) go last, together, and do not widen a group of short pairs."""
+    import types
+
+    from fabric_align.data import shard_by_length
+    from fabric_align.kto import KTO
+
+    forwards: list[tuple[list[int], int]] = []
+
+    def logps(self: object, sequences: list, indices: list[int]) -> tuple[torch.Tensor, None]:
+        forwards.append((indices, max(len(sequences[i][0]) for i in indices)))
+        return torch.ones(len(indices), 1), None
+
+    recipe = types.SimpleNamespace(fabric=types.SimpleNamespace(device="cpu"))
+    recipe._logps = types.MethodType(logps, recipe)
+    kl = [([1] * 90, 1)] + [([1] * 10, 1)] * 4 + [([1] * 5, 1)]  # pair 0 is long, the last pair short
+    data = types.SimpleNamespace(kl_sequences=kl, ref_kl_logps=torch.zeros(len(kl)))
+    lengths = [len(ids) for ids, _ in kl]
+    total = torch.zeros(2, dtype=torch.float64)
+    for rank in range(2):
+        forwards.clear()
+        shares = shard_by_length(lengths, rank, 2, 2)
+        total += KTO.kl_sum(recipe, data, shares)  # type: ignore[arg-type]
+        assert [len(indices) for indices, _ in forwards] == [len(share) for share in shares]
+        if any(-1 in share for share in shares):
+            assert sorted(width for _, width in forwards) == [10, 90]  # short pairs together, padding apart
+    assert total.tolist() == [6.0, 6.0]  # every pair once (r = 1 each), padding counts for nothing
