@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +131,8 @@ def split_files(directory: Path, path: str, split: str) -> list[Path] | None:
     that may configure its own files)."""
     card = directory / "README.md"
     if card.is_file() and card.read_bytes().startswith(b"---"):
+        return None
+    if not re.fullmatch(r"\w+(\.\w+)*", split):  # a slice or sum of splits ("train[:10%]"): datasets reads it
         return None
     from datasets.data_files import DataFilesDict, get_data_patterns
 

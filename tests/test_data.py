@@ -215,6 +215,8 @@ def test_a_folder_of_data_files_reads_the_rows_datasets_would_and_names_a_bad_ro
         assert [row.value for row in read_rows(str(folder), split)] == expected
     assert len(load_split(str(folder), "train", renderer, 64, seed=0, train=True)) == 6
     assert len(load_split(str(folder), "test", renderer, 64, seed=0, train=False)) == 3
+    sliced = [row.value for row in read_rows(str(folder), "train[:2]+test[-1:]")]  # datasets' split syntax
+    assert sliced == list(datasets.load_dataset(str(folder), split="train[:2]+test[-1:]"))
     with pytest.raises(DataError, match=r"my-dataset: no split 'validation' \(its files make \['test', 'train'\]\)"):
         read_rows(str(folder), "validation")
     bad = folder / "data" / "train-00001-of-00002.jsonl"
