@@ -450,18 +450,10 @@ def snake_rank(k: int, world_size: int) -> int:
     return position if lap % 2 == 0 else world_size - 1 - position
 
 
-def shard_evenly(num_items: int, rank: int, world_size: int, micro_batch_size: int) -> list[list[int]]:
-    """This rank's share of ``range(num_items)`` in micro-batches, padded with -1 so every rank runs the same
-    number of forwards (FSDP needs every rank in every collective); -1 entries are dropped from results."""
-    per_rank = math.ceil(num_items / world_size)
-    per_rank = math.ceil(per_rank / micro_batch_size) * micro_batch_size
-    mine = [i if i < num_items else -1 for i in range(rank * per_rank, (rank + 1) * per_rank)]
-    return [mine[i : i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
-
-
 def shard_by_length(lengths: Sequence[int], rank: int, world_size: int, micro_batch_size: int) -> list[list[int]]:
-    """``shard_evenly``'s shares (as many micro-batches on every rank, -1: padding) of ``range(len(lengths))``,
-    with each micro-batch holding examples of neighbouring lengths (``deal_by_length``)."""
+    """This rank's share of ``range(len(lengths))`` in micro-batches of neighbouring lengths (``deal_by_length``),
+    padded with -1 so every rank runs the same number of forwards (FSDP needs every rank in every collective); -1
+    entries are dropped from results."""
     per_rank = math.ceil(math.ceil(len(lengths) / world_size) / micro_batch_size) * micro_batch_size
     indices = list(range(len(lengths))) + [-1] * (per_rank * world_size - len(lengths))
     return deal_by_length(indices, lengths, rank, world_size, micro_batch_size)

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fabric_align.checkpoints import checkpoint_dirs, require_finite_parameters, save_checkpoint
-from fabric_align.data import StepPlan, pad_sequences, shard_by_length, shard_evenly
+from fabric_align.data import StepPlan, pad_sequences, shard_by_length
 from fabric_align.errors import TrainingError
 from fabric_align.loggers import MetricLogger
 from fabric_align.metrics import MetricSpec, reduce_metrics
@@ -266,21 +266,26 @@ def score_sequences(
     reference: bool = False,
 ) -> torch.Tensor:
     """Sequence log-probs (sum over completion tokens) of every ``(token ids, prompt length)`` pair, each rank
-    scoring its share; the full float32 vector is returned on every rank. Sorted by length to cut padding."""
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))
-    shares = shard_evenly(len(order), fabric.global_rank, fabric.world_size, batch_size)
+    scoring its share; the full float32 vector is returned on every rank. Micro-batches of neighbouring lengths cut
+    padding, and dealt back and forth they give every rank a similar share of the tokens."""
+    lengths = [len(ids) for ids, _ in sequences]
+    shares = shard_by_length(lengths, fabric.global_rank, fabric.world_size, batch_size)
     policy.eval()
     local = []
     bar = tqdm(shares, desc=desc, disable=not fabric.is_global_zero, leave=False)
     for share in bar:
-        items = [sequences[order[i if i >= 0 else 0]] for i in share]
+        items = [sequences[max(i, 0)] for i in share]  # padding (-1) scores sequence 0, then is dropped
         batch = fabric.to_device(pad_sequences(items, pad_id))
         with policy.reference() if reference else contextlib.nullcontext():
             token_logps = policy(batch["input_ids"], batch["attention_mask"], batch["targets"])
         local.append(token_logps.sum(-1).float())
     policy.train()
     flat_local = torch.cat(local) if local else torch.zeros(0, device=fabric.device)
-    gathered = fabric.all_gather(flat_local).reshape(-1).cpu() if fabric.world_size > 1 else flat_local.cpu()
+    index = torch.tensor([i for share in shares for i in share], dtype=torch.long)
+    if fabric.world_size > 1:  # every rank holds as many entries
+        flat_local = fabric.all_gather(flat_local).reshape(-1)
+        index = fabric.all_gather(index.to(fabric.device)).reshape(-1)
+    flat_local, index = flat_local.cpu(), index.cpu()
     result = torch.empty(len(sequences), dtype=torch.float32)
-    result[torch.tensor(order, dtype=torch.long)] = gathered[: len(order)]
+    result[index[index >= 0]] = flat_local[index >= 0]
     return result
