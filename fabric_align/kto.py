@@ -11,8 +11,8 @@ r = log pi(y|x) - log pi_ref(y|x) summed over completion tokens. Reference log-p
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +28,7 @@ from fabric_align.data import (
     Row,
     StepPlan,
     content_hash,
+    deal_by_length,
     derangement,
     fit_length,
     pad_sequences,
@@ -108,6 +109,15 @@ class KTOData:
 
     def __len__(self) -> int:
         return len(self.sequences)
+
+    @functools.cached_property
+    def lengths(self) -> list[int]:
+        """Each example's padded length: what micro-batches are grouped by."""
+        return [len(ids) for ids, _ in self.sequences]
+
+    @functools.cached_property
+    def kl_lengths(self) -> list[int]:
+        return [len(ids) for ids, _ in self.kl_sequences]
 
 
 def load_split(
@@ -251,14 +261,11 @@ class KTO:
     def kl_sum(self, data: KTOData, micro_batches: list[list[int]]) -> torch.Tensor:
         """[sum of r(x_i, y_pi(i)) over this rank's KL pairs, their count]; -1 indices (padding) count for nothing."""
         totals = torch.zeros(2, dtype=torch.float64, device=self.fabric.device)
-        # A sum over all of this rank's pairs: regrouped by length (the same number of forwards of the same sizes),
+        # A sum over all of this rank's pairs: regrouped by their own length (as many forwards, of the same size),
         # each forward pads less.
-        flat = sorted(
-            (i for indices in micro_batches for i in indices),
-            key=lambda i: len(data.kl_sequences[i][0]) if i >= 0 else math.inf,  # padding (-1) last, together
-        )
-        sizes = [len(indices) for indices in micro_batches]
-        micro_batches = [flat[sum(sizes[:k]) : sum(sizes[: k + 1])] for k in range(len(sizes))]
+        if micro_batches:
+            flat = [i for indices in micro_batches for i in indices]
+            micro_batches = deal_by_length(flat, data.kl_lengths, 0, 1, len(micro_batches[0]))
         for indices in micro_batches:
             # Padding rows still run: every rank must join the same FSDP collectives.
             safe = [max(i, 0) for i in indices]
@@ -302,7 +309,7 @@ class KTO:
         return self.loss(self.train, indices, z0, normalizer)
 
     def eval_lengths(self) -> list[int]:
-        return [len(ids) for ids, _ in self.val.sequences] if self.val is not None else []
+        return self.val.lengths if self.val is not None else []
 
     def prepare_eval(self, shares: list[list[int]]) -> torch.Tensor:
         return self.z0(self.val, shares)  # over all of the validation set's KL pairs
@@ -387,8 +394,7 @@ def main(fabric: Any, job: Job, kto: KTOArgs, train_data: KTOData, val_data: KTO
     fabric.print(f"{len(train_data)} training examples, {len(val_data) if val_data else 0} validation examples")
     # Reference log-probs before any update (and before loading a checkpoint): no reference model is kept.
     reference_logps(fabric, policy, job, kto, train_data, val_data)
-    lengths = [len(ids) for ids, _ in train_data.sequences]
-    plan = StepPlan(len(train_data), job.train.global_batch_size, job.seed, lengths)
+    plan = StepPlan(len(train_data), job.train.global_batch_size, job.seed, train_data.lengths)
     run = open_run(fabric, job, policy, optimizer, method="kto")
     recipe = KTO(fabric, policy, kto, train_data, val_data, job.tokenizer.pad_token_id)
     fit(run, recipe, plan, Phase(0, job.train.max_steps or job.train.epochs * plan.steps_per_epoch))

@@ -238,12 +238,10 @@ class Pairs:
     def __len__(self) -> int:
         return len(self.real)
 
-
-def pair_lengths(pairs: Pairs) -> list[int]:
-    """What each pair pads to: its real and generated sequences share one batch."""
-    return [
-        max(len(real), len(generated)) for (real, _), (generated, _) in zip(pairs.real, pairs.generated, strict=True)
-    ]
+    @property
+    def lengths(self) -> list[int]:
+        """What each pair pads to (its real and generated sequences share one batch): what micro-batches group by."""
+        return [max(len(real), len(gen)) for (real, _), (gen, _) in zip(self.real, self.generated, strict=True)]
 
 
 @dataclass
@@ -614,7 +612,7 @@ class SPIN:
 
     def eval_lengths(self) -> list[int]:
         """Held-out prompts: the ground truth's NLL per token, the pair metrics with the opponent's answers."""
-        return pair_lengths(self.val) if self.val is not None else []
+        return self.val.lengths if self.val is not None else []
 
     def prepare_eval(self, shares: list[list[int]]) -> None:
         return None
@@ -768,7 +766,7 @@ def main(fabric: Any, job: Job, spin: SPINArgs, train_data: SFTData, val_data: S
         if run.state["step"] == start and not run.logged_before_resume("generation/mean_length", start):
             run.logger.log({"generation/mean_length": mean_length, "iteration": t, "beta": beta}, step=start)
             log_samples(run, job.tokenizer, train_data, data_t, t, spin.num_logged_samples, start)
-        plan = StepPlan(len(pairs), job.train.global_batch_size, job.seed + 1000 * t, pair_lengths(pairs))
+        plan = StepPlan(len(pairs), job.train.global_batch_size, job.seed + 1000 * t, pairs.lengths)
         per_step = {"train/iteration": t, "train/beta": beta, "train/generation/mean_length": mean_length}
         fit(run, recipe, plan, phase, extra_metrics=lambda m=per_step: m)
         log_validation(run, recipe, run.state["step"])  # each iteration's end, on its own validation pairs

@@ -198,7 +198,7 @@ def test_kto_kl_pass_groups_pairs_by_length_and_keeps_padding_apart() -> None:
     import types
 
     from fabric_align.data import shard_by_length
-    from fabric_align.kto import KTO
+    from fabric_align.kto import KTO, KTOData
 
     forwards: list[tuple[list[int], int]] = []
 
@@ -209,7 +209,7 @@ def test_kto_kl_pass_groups_pairs_by_length_and_keeps_padding_apart() -> None:
     recipe = types.SimpleNamespace(fabric=types.SimpleNamespace(device="cpu"))
     recipe._logps = types.MethodType(logps, recipe)
     kl = [([1] * 90, 1)] + [([1] * 10, 1)] * 4 + [([1] * 5, 1)]  # pair 0 is long, the last pair short
-    data = types.SimpleNamespace(kl_sequences=kl, ref_kl_logps=torch.zeros(len(kl)))
+    data = KTOData("stub", kl, kl, torch.ones(len(kl), dtype=torch.bool), ref_kl_logps=torch.zeros(len(kl)))
     lengths = [len(ids) for ids, _ in kl]
     total = torch.zeros(2, dtype=torch.float64)
     for rank in range(2):
