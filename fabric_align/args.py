@@ -123,6 +123,12 @@ class ModelArgs:
     matmuls and attention, recompute the elementwise rest of each decoder layer (norms, rotary embedding, activation
     function, products): less memory for the same numbers, bit for bit, at the cost of those cheap ops. ``true``:
     recompute whole decoder layers (least memory, one more forward). ``false``: keep everything."""
+    keep_softmax_mib: int = 0
+    """Memory for speed where the log-probs take the kernel's torch path (CPU): a trained lm_head keeps a
+    micro-batch's softmax over its completion tokens (tokens x vocabulary x 4 bytes) from the forward for the
+    backward when it fits in this many MiB, instead of recomputing those logits: one lm_head matmul per token fewer.
+    0: recompute, never holding more than a 64 MiB chunk of logits. A frozen lm_head (LoRA) needs neither; the
+    Triton kernels (GPUs) always recompute."""
     attn_implementation: str | None = "sdpa"
     """Attention implementation passed to transformers (``sdpa``, ``eager``, ``flash_attention_2``...)."""
     disable_dropout: bool = True
@@ -133,6 +139,7 @@ class ModelArgs:
     def check(self) -> None:
         if not self.name_or_path.strip():
             raise ConfigError("model.name_or_path is empty")
+        check_count("model.keep_softmax_mib", self.keep_softmax_mib, minimum=0)
         if self.lora is not None:
             self.lora.check()
         if self.quantize and self.lora is None:

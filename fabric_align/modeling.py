@@ -316,11 +316,15 @@ class PolicyLogprobs(nn.Module):
 
     This module is the FSDP root: its forward runs inside the root's all-gather of the embedding, final norm and
     lm_head, so ``lm_head.weight`` is the unsharded tensor when the kernel reads it.
+
+    ``keep_softmax_mib``: ``ModelArgs.keep_softmax_mib``, the torch path's budget for keeping the softmax from the
+    forward for the backward.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, keep_softmax_mib: int = 0) -> None:
         super().__init__()
         self.model = model
+        self.keep_softmax_bytes = keep_softmax_mib << 20
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
@@ -335,6 +339,7 @@ class PolicyLogprobs(nn.Module):
             targets.reshape(-1),
             bias=head.bias,
             temperature=temperature,
+            keep_softmax_bytes=self.keep_softmax_bytes,
         )
         # A fresh tensor, not a view: FSDP2 registers its pre-backward hook on the root's output, and warns on every
         # step that an in-place op on a view would drop that hook.

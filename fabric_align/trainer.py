@@ -327,7 +327,7 @@ def build_policy(fabric: Fabric, job: Job) -> tuple[PolicyLogprobs, torch.optim.
     where = f"model.name_or_path={job.model.name_or_path}"
     require_finite_parameters(fabric, model, where, frozen=True, problem="its weights are not finite")
     total, trainable = parameter_counts(model)
-    policy = PolicyLogprobs(model)
+    policy = PolicyLogprobs(model, keep_softmax_mib=job.model.keep_softmax_mib)
     full_state = None
     if from_rank0:
         signature = fabric.broadcast(parameter_signature(policy), src=0)

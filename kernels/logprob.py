@@ -8,7 +8,13 @@ Two implementations share one autograd Function:
 - Triton (CUDA; ``logprob_triton.py``): a fused matmul + online log-sum-exp forward that writes O(N) values,
   and a backward that recomputes logits tile by tile.
 - Torch (everywhere else): chunks of rows whose fp32 logits fit a fixed element budget; the backward
-  recomputes each chunk's logits, so the extra memory is one chunk of logits plus O(N) statistics.
+  recomputes each chunk's logits, so the extra memory is one chunk of logits plus O(N) statistics. Two cases
+  save that recomputation (one lm_head GEMM per token of the three a trained lm_head costs):
+  - a frozen lm_head (LoRA, QLoRA): the forward already holds each row's softmax, so it also computes the
+    gradient's ``[N, H]`` factor ``(softmax - onehot) @ W``; the backward only scales it by the upstream
+    gradient. Exact, and no larger buffer than a chunk.
+  - ``keep_softmax_bytes``: a trained lm_head keeps ``softmax - onehot`` of the valid rows (``N x V`` fp32) from
+    the forward for the backward when it fits this many bytes: speed for memory, off by default.
 
 Both first drop the rows whose target is ``ignore_index`` (prompt and padding tokens are often most of the
 batch), so those rows cost nothing beyond one host sync.
@@ -63,6 +69,7 @@ def fused_linear_logprob(
     ignore_index: int = -100,
     temperature: float = 1.0,
     implementation: Implementation | None = None,
+    keep_softmax_bytes: int = 0,
 ) -> torch.Tensor:
     """Log-probability of ``targets`` under ``log_softmax((hidden @ weight.T + bias) / temperature)``.
 
@@ -73,6 +80,9 @@ def fused_linear_logprob(
         bias: optional ``[V]``.
         temperature: logits are divided by it after adding the bias.
         implementation: ``triton``, ``torch`` or ``auto`` (Triton on CUDA tensors); None: ``FABRIC_ALIGN_KERNELS``.
+        keep_softmax_bytes: torch path, trained lm_head: keep the valid rows' fp32 softmax from the forward for
+            the backward when it fits this many bytes, instead of recomputing their logits. The Triton kernels
+            always recompute.
 
     Returns:
         float32 tensor shaped like ``targets``; exactly 0 at ignored positions. Gradients flow to hidden,
@@ -93,6 +103,12 @@ def fused_linear_logprob(
     temperature = float(temperature)
     if not temperature > 0.0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if keep_softmax_bytes < 0:
+        raise ValueError(f"keep_softmax_bytes must be >= 0, got {keep_softmax_bytes}")
+    # Under no_grad a Function still sees needs_input_grad from requires_grad: whether a backward can follow is
+    # only known here.
+    trained = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    grad_follows = torch.is_grad_enabled() and any(trained)
 
     out_shape = targets.shape
     hidden2d = hidden.reshape(-1, width)
@@ -122,8 +138,28 @@ def fused_linear_logprob(
     with torch.autocast(device_type, enabled=False):
         if triton_path:
             ensure_checked("log-prob", hidden2d.device, dtype, _probe, _tolerance(dtype, hidden2d.device))
-        logp = _FusedLinearLogprob.apply(hidden2d, weight, bias, targets1d, int(ignore_index), temperature, triton_path)
+        early = _early_gradient(trained, grad_follows, keep_softmax_bytes // 4)
+        logp = _FusedLinearLogprob.apply(
+            hidden2d, weight, bias, targets1d, int(ignore_index), temperature, triton_path, early
+        )
     return logp.reshape(out_shape)
+
+
+# What the torch path's forward computes for the backward besides the log-sum-exp (``_early_gradient``).
+RECOMPUTE, HIDDEN_FACTOR, KEEP_SOFTMAX = "recompute", "hidden-factor", "keep-softmax"
+
+
+def _early_gradient(trained: tuple[bool, bool, bool], grad_follows: bool, keep_elements: int) -> tuple[str, int]:
+    """``(HIDDEN_FACTOR, 0)`` when only ``hidden`` is trained (a frozen lm_head), ``(KEEP_SOFTMAX, keep_elements)``
+    when the lm_head is trained and up to ``keep_elements`` fp32 probabilities may be kept, else ``(RECOMPUTE, 0)``.
+    The torch forward applies it if its rows fit (``_torch_mode``); the Triton path ignores it."""
+    if not grad_follows:
+        return RECOMPUTE, 0
+    if trained == (True, False, False):
+        return HIDDEN_FACTOR, 0
+    if keep_elements > 0 and (trained[1] or trained[2]):
+        return KEEP_SOFTMAX, keep_elements
+    return RECOMPUTE, 0
 
 
 def _tolerance(dtype: torch.dtype, device: torch.device) -> float:
@@ -150,7 +186,7 @@ def _probe(device: torch.device, dtype: torch.dtype) -> dict[str, tuple[torch.Te
     for triton_path in (True, False):
         h, w, b = (x.to(device=device, dtype=dtype).requires_grad_() for x in (hidden, weight, bias))
         with torch.enable_grad():
-            logp = _FusedLinearLogprob.apply(h, w, b, targets.to(device), -100, 1.0, triton_path)
+            logp = _FusedLinearLogprob.apply(h, w, b, targets.to(device), -100, 1.0, triton_path, (RECOMPUTE, 0))
             grads = torch.autograd.grad(logp, (h, w, b), upstream.to(device))
         results[triton_path] = (logp, *grads)
     names = ("logp", "d_hidden", "d_weight", "d_bias")
@@ -168,6 +204,7 @@ class _FusedLinearLogprob(torch.autograd.Function):
         ignore_index: int,
         temperature: float,
         triton_path: bool,
+        early: tuple[str, int],
     ) -> torch.Tensor:
         n = hidden.shape[0]
         vocab = weight.shape[0]
@@ -178,6 +215,7 @@ class _FusedLinearLogprob(torch.autograd.Function):
         t_valid = targets if all_valid else targets.index_select(0, idx)
         logp = torch.zeros(n, dtype=torch.float32, device=hidden.device)
         stats = torch.empty(0, dtype=torch.float32, device=hidden.device)
+        ctx.mode, ctx.early = RECOMPUTE, None
         if nv > 0:
             lo, hi = torch.stack(torch.aminmax(t_valid)).tolist()  # one host sync for both bounds
             if lo < 0 or hi >= vocab:
@@ -188,8 +226,9 @@ class _FusedLinearLogprob(torch.autograd.Function):
                 h_valid = hidden if all_valid else hidden.index_select(0, idx)
                 logp_v, stats = logprob_triton.forward(h_valid, weight, bias, t_valid, temperature)
             else:
-                lm = _LMHead(hidden, None if all_valid else idx, weight, bias, t_valid, temperature)
-                logp_v, stats = _torch_forward(lm)
+                ctx.mode = _torch_mode(early, nv, vocab)
+                lm = _LMHead(hidden, None if all_valid else idx, weight, bias, t_valid, temperature, ctx.mode)
+                logp_v, stats, ctx.early = _torch_forward(lm)
             if all_valid:
                 logp = logp_v
             else:
@@ -215,12 +254,16 @@ class _FusedLinearLogprob(torch.autograd.Function):
                 d_weight = torch.zeros_like(weight)
             if need_b:
                 d_bias = torch.zeros_like(bias)
-            return d_hidden, d_weight, d_bias, None, None, None, None
+            return d_hidden, d_weight, d_bias, None, None, None, None, None
 
         g = grad_out.float()
         g_valid = (g if ctx.all_valid else g.index_select(0, idx)).contiguous()
         sub_idx = None if ctx.all_valid else idx
-        if ctx.triton_path:
+        early, ctx.early = ctx.early, ctx.early if ctx.mode == HIDDEN_FACTOR else None  # a kept softmax is used up
+        if ctx.mode == HIDDEN_FACTOR:
+            # d logp / d hidden = (onehot - softmax) @ W / T: the forward computed (softmax - onehot) @ W.
+            dh_v = (early * (g_valid * (-1.0 / ctx.temperature))[:, None]).to(hidden.dtype) if need_h else None
+        elif ctx.triton_path:
             from fabric_align.kernels import logprob_triton
 
             h_valid = hidden if ctx.all_valid else hidden.index_select(0, idx)
@@ -228,11 +271,13 @@ class _FusedLinearLogprob(torch.autograd.Function):
                 h_valid, weight, bias, t_valid, stats, g_valid, ctx.temperature, need_h, need_w, need_b
             )
         else:
-            lm = _LMHead(hidden, sub_idx, weight, bias, t_valid, ctx.temperature)
-            dh_v, d_weight, d_bias = _torch_backward(lm, stats, g_valid, need_h, need_w, need_b)
+            # A second backward through the graph (retain_graph) finds the kept softmax gone and recomputes.
+            mode = KEEP_SOFTMAX if early is not None else RECOMPUTE
+            lm = _LMHead(hidden, sub_idx, weight, bias, t_valid, ctx.temperature, mode)
+            dh_v, d_weight, d_bias = _torch_backward(lm, stats, g_valid, need_h, need_w, need_b, early)
         if need_h:
             d_hidden = dh_v if ctx.all_valid else torch.zeros_like(hidden).index_copy_(0, idx, dh_v)
-        return d_hidden, d_weight, d_bias, None, None, None, None
+        return d_hidden, d_weight, d_bias, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -240,17 +285,32 @@ class _FusedLinearLogprob(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _plan(nv: int, vocab: int) -> tuple[int, int]:
+def _plan(nv: int, vocab: int, mode: str = RECOMPUTE) -> tuple[int, int]:
     """Chunk shape (rows, cols) with rows * cols <= TORCH_CHUNK_ELEMENTS (at least one row of TORCH_MIN_COLS).
 
     All valid rows in one row block whenever the vocabulary can be split into chunks of at least
     ``TORCH_MIN_COLS`` columns: then every slice of the weight gradient is written exactly once, and only the
     small ``[N, H]`` hidden gradient is accumulated across vocabulary chunks. Usually N < V, which makes this
     far cheaper than re-reading and re-writing a ``[V, H]`` accumulator for every block of rows.
+
+    The forward of the other modes needs each row's whole softmax in one chunk: ``HIDDEN_FACTOR`` takes blocks of
+    rows x the whole vocabulary (no weight gradient to write), ``KEEP_SOFTMAX`` one chunk of everything.
     """
+    if mode == KEEP_SOFTMAX:
+        return nv, vocab
+    if mode == HIDDEN_FACTOR:
+        return min(nv, max(1, TORCH_CHUNK_ELEMENTS // vocab)), vocab
     cols = min(vocab, max(TORCH_MIN_COLS, TORCH_CHUNK_ELEMENTS // max(nv, 1)))
     rows = min(nv, max(1, TORCH_CHUNK_ELEMENTS // cols))
     return rows, cols
+
+
+def _torch_mode(early: tuple[str, int], nv: int, vocab: int) -> str:
+    """The forward's mode for ``nv`` valid rows: ``early``'s, unless a kept softmax would not fit its budget."""
+    mode, keep_elements = early
+    if mode == KEEP_SOFTMAX and nv * vocab > keep_elements:
+        return RECOMPUTE
+    return mode
 
 
 def _logits_into(
@@ -322,7 +382,8 @@ def accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, a32: torc
 @dataclass
 class _LMHead:
     """What one call reads: the hidden states (``idx``: the indices of the valid rows, None when all are valid), the
-    lm_head's weight and bias, the valid rows' targets and the temperature."""
+    lm_head's weight and bias, the valid rows' targets and the temperature; and what the forward keeps for the
+    backward (``mode``)."""
 
     hidden: torch.Tensor
     idx: torch.Tensor | None
@@ -330,11 +391,12 @@ class _LMHead:
     bias: torch.Tensor | None
     targets: torch.Tensor
     temperature: float
+    mode: str = RECOMPUTE
 
     @property
     def plan(self) -> tuple[int, int]:
         """The chunk shape (rows, cols) for these rows and this vocabulary (``_plan``)."""
-        return _plan(self.targets.numel(), self.weight.shape[0])
+        return _plan(self.targets.numel(), self.weight.shape[0], self.mode)
 
     def blocks(self) -> Iterator[tuple[int, int, Iterator[tuple[int, int]]]]:
         """Row blocks ``(r0, r1, chunks)``, each with its vocabulary chunks ``(v0, v1)``."""
@@ -357,11 +419,19 @@ class _LMHead:
         return _logits_into(z, h, self.weight[v0:v1], None if self.bias is None else self.bias[v0:v1], self.temperature)
 
 
-def _torch_forward(lm: _LMHead) -> tuple[torch.Tensor, torch.Tensor]:
+def _torch_forward(lm: _LMHead) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Log-probs and log-sum-exps of the valid rows, and what ``lm.mode`` computes early for the backward: the fp32
+    ``(softmax - onehot) @ W`` rows ``[nv, H]`` (``HIDDEN_FACTOR``), or ``softmax - onehot`` ``[nv, V]``
+    (``KEEP_SOFTMAX``), else None."""
     nv, device = lm.targets.numel(), lm.hidden.device
     logp = torch.empty(nv, dtype=torch.float32, device=device)
     lse = torch.empty(nv, dtype=torch.float32, device=device)
     buf = torch.empty(lm.chunk_elements(), dtype=torch.float32, device=device)  # the only [rows, cols] allocation
+    early = None
+    if lm.mode == HIDDEN_FACTOR:
+        early = torch.empty(nv, lm.weight.shape[1], dtype=torch.float32, device=device)
+    elif lm.mode == KEEP_SOFTMAX:
+        early = buf.view(nv, lm.weight.shape[0])  # one chunk of all valid rows, kept
     for r0, r1, chunks in lm.blocks():
         h = lm.rows(r0, r1)
         t = lm.targets[r0:r1]
@@ -380,7 +450,15 @@ def _torch_forward(lm: _LMHead) -> tuple[torch.Tensor, torch.Tensor]:
         lse_b = m_run + s_run.log()
         lse[r0:r1] = lse_b
         torch.sub(target_logit, lse_b, out=logp[r0:r1])
-    return logp, lse
+        if early is not None:  # the block's one chunk holds exp(logits - max) over the whole vocabulary
+            z.div_(s_run[:, None])
+            z.scatter_add_(1, t.unsqueeze(1), torch.full((r1 - r0, 1), -1.0, device=device))  # softmax - onehot
+            if lm.mode == HIDDEN_FACTOR:
+                if z.dtype == lm.weight.dtype:
+                    torch.mm(z, lm.weight, out=early[r0:r1])
+                else:  # as the recomputing backward: G rounded to the weight's dtype, products summed in fp32
+                    mm_fp32(early[r0:r1], z.to(lm.weight.dtype), lm.weight)
+    return logp, lse, early
 
 
 class _TorchGradients:
@@ -460,11 +538,24 @@ class _TorchGradients:
 
 
 def _torch_backward(
-    lm: _LMHead, lse: torch.Tensor, g: torch.Tensor, need_h: bool, need_w: bool, need_b: bool
+    lm: _LMHead,
+    lse: torch.Tensor,
+    g: torch.Tensor,
+    need_h: bool,
+    need_w: bool,
+    need_b: bool,
+    kept: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The gradients from the upstream ``g`` of the valid rows' log-probs; ``kept``: the forward's
+    ``softmax - onehot`` of all of them (``KEEP_SOFTMAX``), used up here, instead of recomputed logits."""
     grads = _TorchGradients(lm, need_h, need_w, need_b)
     # d logp / d logits = (onehot - softmax) / T, so grad_logits = (softmax - onehot) * s with s = -g / T.
     scale = g * (-1.0 / lm.temperature)
+    if kept is not None:
+        grads.begin_rows(0, kept.shape[0], lm.rows(0, kept.shape[0]), scale[:, None])
+        grads.add(kept, lm.weight, 0, kept.shape[1])
+        grads.end_rows()
+        return grads.result()
     buf = torch.empty(lm.chunk_elements(), dtype=torch.float32, device=lm.hidden.device)
     for r0, r1, chunks in lm.blocks():
         h = lm.rows(r0, r1)

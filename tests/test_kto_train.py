@@ -289,6 +289,26 @@ def test_activation_checkpointing_and_bf16(tmp_path: Path) -> None:
     assert column(read_metrics(tmp_path / "bf16"), "train/loss")[-1] < 0.5
 
 
+def test_keeping_the_softmax_changes_speed_not_results(tmp_path: Path) -> None:
+    """model.keep_softmax_mib: the lm_head's backward reuses the forward's softmax instead of recomputing the
+    logits; the run's numbers and weights are the recomputing run's to round-off."""
+    args = [*FAST, "--train.max_steps=3", "--train.save_interval=null", "--train.eval_interval=3"]
+    run_cli(kto.setup, [*args, f"--out_dir={tmp_path / 'recompute'}"])
+    run_cli(kto.setup, [*args, "--model.keep_softmax_mib=1", f"--out_dir={tmp_path / 'kept'}"])
+    rows_a, rows_b = read_metrics(tmp_path / "recompute"), read_metrics(tmp_path / "kept")
+    for key in ("train/loss", "train/kl", "train/rewards/margins", "val/loss"):
+        a, b = column(rows_a, key), column(rows_b, key)
+        assert len(a) == len(b) > 0, key
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-6, msg=key)
+    from conftest import load_safetensors
+
+    a, b = (load_safetensors(tmp_path / run / "final" / "model.safetensors") for run in ("recompute", "kept"))
+    assert a.keys() == b.keys()
+    for key in a:  # Adam's normalized steps carry the gradients' round-off further than the metrics show
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5, msg=key)
+    assert not all(torch.equal(a[key], b[key]) for key in a)  # the other path ran: round-off, not bit-identity
+
+
 def test_eval_batch_size_changes_batching_not_results(tmp_path: Path) -> None:
     """The no-grad passes (reference log-probs, validation) batch by train.eval_batch_size; only float noise from
     other padding widths may differ."""

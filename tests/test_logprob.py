@@ -338,6 +338,86 @@ def test_frozen_weight_skips_weight_grad(any_path, monkeypatch):
     _assert_all_close([out.double(), h.grad.double(), None, None], want, atol=5e-5, rtol=5e-5)
 
 
+@pytest.mark.parametrize("chunking", ["one-chunk", "row-blocks"])
+@pytest.mark.parametrize("bias,temperature,w_scale", CASES)
+def test_frozen_lm_head_gradient_is_computed_in_the_forward(
+    torch_path, monkeypatch, chunking, bias, temperature, w_scale
+):
+    """A frozen lm_head (and bias): the forward computes (softmax - onehot) @ W with each block's whole-vocabulary
+    softmax at hand, so the backward runs no GEMM: 2 per row block in all instead of 3."""
+    n, h_dim, v = 37, 48, 131
+    if chunking == "row-blocks":
+        monkeypatch.setattr(logprob_mod, "TORCH_CHUNK_ELEMENTS", 5 * v)  # blocks of 5 rows x the whole vocabulary
+    hidden, weight, b, targets, upstream = _problem(n, h_dim, v, bias=bias, w_scale=w_scale)
+    n_valid = int((targets != IGNORE).sum())
+    h = hidden.float().requires_grad_()
+    w, bb = weight.float(), None if b is None else b.float()
+    with _AllocRecorder() as fwd:
+        out = fused_linear_logprob(h, w, targets, bias=bb, temperature=temperature)
+    with _AllocRecorder() as bwd:
+        out.backward(upstream.float())
+    blocks = 1 if chunking == "one-chunk" else -(-n_valid // 5)
+    assert fwd.count("mm", "addmm") == 2 * blocks and bwd.count("mm", "addmm", "addmm_") == 0
+    chunk = n_valid * v if chunking == "one-chunk" else 5 * v
+    assert max(math.prod(s) for _, s in fwd.allocs if s != (n_valid, h_dim)) == chunk  # no N x V beyond a chunk
+    # The frozen bias gets no gradient: compare logp and d_hidden only.
+    want = _run(_ref64_fn, hidden, weight, b, targets, upstream, temperature, torch.float64, weight_grad=False)
+    naive = _run(linear_logprob_reference, hidden, weight, b, targets, upstream, temperature, torch.float32)
+    _assert_fp32_close([out.double(), h.grad.double(), None, None], [*want[:2], None, None], naive)
+
+
+def test_frozen_lm_head_bf16_within_naive_error(torch_path):
+    problem = _problem(37, 64, 131, bias=False)
+    want = _run(_ref64_fn, *problem, 0.9, torch.float64, weight_grad=False)
+    naive = _run(_naive_graph, *problem, 0.9, torch.bfloat16, weight_grad=False)
+    got = _run(fused_linear_logprob, *problem, 0.9, torch.bfloat16, weight_grad=False)
+    _assert_within_naive_error(got, naive, want)
+
+
+def test_no_gradient_work_without_grad_mode(torch_path):
+    """Under no_grad (reference, KL and validation passes) a trainable-looking input computes no gradient factor."""
+    hidden, weight, _, targets, _ = _problem(29, 16, 61)
+    h, w = hidden.float().requires_grad_(), weight.float()
+    with torch.no_grad(), _AllocRecorder() as rec:
+        fused_linear_logprob(h, w, targets)
+    assert rec.count("mm", "addmm") == 1
+    with torch.no_grad(), _AllocRecorder() as rec:
+        fused_linear_logprob(h, w.requires_grad_(), targets, keep_softmax_bytes=1 << 30)
+    assert rec.count("mm", "addmm") == 1 and max(math.prod(s) for _, s in rec.allocs) < 29 * 61
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kept_softmax_saves_the_backwards_recomputation(torch_path, dtype):
+    """``keep_softmax_bytes`` large enough: the forward keeps softmax - onehot (N_valid x V fp32), the backward runs
+    only the two gradient GEMMs; the results are the recomputing path's to round-off. Too small a budget recomputes."""
+    n, h_dim, v = 37, 64, 131
+    problem = _problem(n, h_dim, v, bias=True)
+    n_valid = int((problem[3] != IGNORE).sum())
+    results = {}
+    for keep in (0, n_valid * v * 4 - 1, n_valid * v * 4):
+        with _AllocRecorder() as rec:  # forward and backward
+            results[keep] = _run(fused_linear_logprob, *problem, 0.9, dtype, keep_softmax_bytes=keep)
+        assert rec.count("mm", "addmm", "addmm_") == (3 if keep == n_valid * v * 4 else 4), keep
+    recomputed, kept = results[0], results[n_valid * v * 4]
+    assert torch.equal(results[n_valid * v * 4 - 1][2], recomputed[2])  # too small: the same path
+    tolerance = {torch.float32: 1e-6, torch.bfloat16: 2e-2}[dtype]
+    _assert_all_close(kept, recomputed, atol=tolerance, rtol=tolerance)
+    if dtype == torch.float32:
+        want = _run(_ref64_fn, *problem, 0.9, torch.float64)
+        _assert_fp32_close(kept, want, _run(linear_logprob_reference, *problem, 0.9, torch.float32))
+
+
+def test_kept_softmax_survives_a_second_backward(torch_path):
+    """retain_graph: the kept softmax is used up by the first backward; the second recomputes, to the same grads."""
+    hidden, weight, _, targets, upstream = _problem(23, 16, 41)
+    h, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
+    out = fused_linear_logprob(h, w, targets, keep_softmax_bytes=1 << 20)
+    first = torch.autograd.grad(out, (h, w), upstream.float(), retain_graph=True)
+    second = torch.autograd.grad(out, (h, w), upstream.float())
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Triton kernels under the interpreter (fp32, CPU)
 # ----------------------------------------------------------------------------------------------------------
