@@ -4,6 +4,7 @@ one ``error:`` line with exit status 1 for everything a user can act on."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import re
@@ -30,6 +31,11 @@ def run_program(setup: Callable[..., Any], args: list[str] | None = None) -> Non
         exit_with_error(f"{err.filename}: {err.strerror}" if err.filename and err.strerror else str(err))
     except KeyboardInterrupt:  # Ctrl-C: checkpoints are written atomically, so the newest complete one is intact
         exit_with_error("interrupted; --resume auto continues from the newest complete checkpoint")
+    else:
+        # The trained model outlives setup() in reference cycles (module hooks), and under FSDP2 holds its device
+        # mesh's process groups: free them now, while the interpreter is whole, not in its teardown, where a
+        # gloo process group's destruction has, rarely, aborted a rank after a successful run.
+        gc.collect()
 
 
 def exit_with_error(message: str) -> None:
