@@ -124,7 +124,7 @@ class ModelArgs:
     function, products): less memory for the same numbers, bit for bit, at the cost of those cheap ops. ``true``:
     recompute whole decoder layers (least memory, one more forward). ``false``: keep everything."""
     keep_softmax_mib: int = 0
-    """Memory for speed where the log-probs take the kernel's torch path (CPU): a trained lm_head keeps a
+    """Memory for speed where the log-probs take the kernel's torch path (CPU): a trained fp32 lm_head keeps a
     micro-batch's softmax over its completion tokens (tokens x vocabulary x 4 bytes) from the forward for the
     backward when it fits in this many MiB, instead of recomputing those logits: one lm_head matmul per token fewer.
     0: recompute, never holding more than a 64 MiB chunk of logits. A frozen lm_head (LoRA) needs neither; the

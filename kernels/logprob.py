@@ -9,7 +9,8 @@ Two implementations share one autograd Function:
   and a backward that recomputes logits tile by tile.
 - Torch (everywhere else): chunks of rows whose fp32 logits fit a fixed element budget; the backward
   recomputes each chunk's logits, so the extra memory is one chunk of logits plus O(N) statistics. Two cases
-  save that recomputation (one lm_head GEMM per token of the three a trained lm_head costs):
+  save that recomputation for an fp32 lm_head (one lm_head GEMM per token fewer; a 16-bit one would need an fp32
+  copy of the whole weight on CPU, so it always recomputes):
   - a frozen lm_head (LoRA, QLoRA): the forward already holds each row's softmax, so it also computes the
     gradient's ``[N, H]`` factor ``(softmax - onehot) @ W``; the backward only scales it by the upstream
     gradient. Exact, and no larger buffer than a chunk.
@@ -26,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from fabric_align.kernels._dispatch import Implementation, use_triton
 from fabric_align.kernels.selfcheck import TF32_TOLERANCE, TOLERANCE, ensure_checked
@@ -80,7 +82,7 @@ def fused_linear_logprob(
         bias: optional ``[V]``.
         temperature: logits are divided by it after adding the bias.
         implementation: ``triton``, ``torch`` or ``auto`` (Triton on CUDA tensors); None: ``FABRIC_ALIGN_KERNELS``.
-        keep_softmax_bytes: torch path, trained lm_head: keep the valid rows' fp32 softmax from the forward for
+        keep_softmax_bytes: torch path, trained fp32 lm_head: keep the valid rows' softmax from the forward for
             the backward when it fits this many bytes, instead of recomputing their logits. The Triton kernels
             always recompute.
 
@@ -215,7 +217,7 @@ class _FusedLinearLogprob(torch.autograd.Function):
         t_valid = targets if all_valid else targets.index_select(0, idx)
         logp = torch.zeros(n, dtype=torch.float32, device=hidden.device)
         stats = torch.empty(0, dtype=torch.float32, device=hidden.device)
-        ctx.mode, ctx.early = RECOMPUTE, None
+        ctx.mode, early_result = RECOMPUTE, None
         if nv > 0:
             lo, hi = torch.stack(torch.aminmax(t_valid)).tolist()  # one host sync for both bounds
             if lo < 0 or hi >= vocab:
@@ -226,22 +228,25 @@ class _FusedLinearLogprob(torch.autograd.Function):
                 h_valid = hidden if all_valid else hidden.index_select(0, idx)
                 logp_v, stats = logprob_triton.forward(h_valid, weight, bias, t_valid, temperature)
             else:
-                ctx.mode = _torch_mode(early, nv, vocab)
+                ctx.mode = _torch_mode(early, nv, weight)
                 lm = _LMHead(hidden, None if all_valid else idx, weight, bias, t_valid, temperature, ctx.mode)
-                logp_v, stats, ctx.early = _torch_forward(lm)
+                logp_v, stats, early_result = _torch_forward(lm)
             if all_valid:
                 logp = logp_v
             else:
                 logp.index_copy_(0, idx, logp_v)
-        ctx.save_for_backward(hidden, weight, bias, t_valid, idx, stats)
+        # Saved, not kept on ctx: freed with the graph's other saved tensors, and seen by saved-tensor hooks and
+        # non-reentrant checkpointing, which would otherwise hold it beside the one their recomputation makes.
+        ctx.save_for_backward(hidden, weight, bias, t_valid, idx, stats, early_result)
         ctx.all_valid = all_valid
         ctx.temperature = temperature
         ctx.triton_path = triton_path
         return logp
 
     @staticmethod
+    @once_differentiable  # a double backward would miss the softmax's own dependence on hidden: refused, not wrong
     def backward(ctx, grad_out: torch.Tensor):
-        hidden, weight, bias, t_valid, idx, stats = ctx.saved_tensors
+        hidden, weight, bias, t_valid, idx, stats, early = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and bias is not None
         nv = t_valid.numel()
@@ -259,7 +264,6 @@ class _FusedLinearLogprob(torch.autograd.Function):
         g = grad_out.float()
         g_valid = (g if ctx.all_valid else g.index_select(0, idx)).contiguous()
         sub_idx = None if ctx.all_valid else idx
-        early, ctx.early = ctx.early, ctx.early if ctx.mode == HIDDEN_FACTOR else None  # a kept softmax is used up
         if ctx.mode == HIDDEN_FACTOR:
             # d logp / d hidden = (onehot - softmax) @ W / T: the forward computed (softmax - onehot) @ W.
             dh_v = (early * (g_valid * (-1.0 / ctx.temperature))[:, None]).to(hidden.dtype) if need_h else None
@@ -271,9 +275,7 @@ class _FusedLinearLogprob(torch.autograd.Function):
                 h_valid, weight, bias, t_valid, stats, g_valid, ctx.temperature, need_h, need_w, need_b
             )
         else:
-            # A second backward through the graph (retain_graph) finds the kept softmax gone and recomputes.
-            mode = KEEP_SOFTMAX if early is not None else RECOMPUTE
-            lm = _LMHead(hidden, sub_idx, weight, bias, t_valid, ctx.temperature, mode)
+            lm = _LMHead(hidden, sub_idx, weight, bias, t_valid, ctx.temperature, ctx.mode)
             dh_v, d_weight, d_bias = _torch_backward(lm, stats, g_valid, need_h, need_w, need_b, early)
         if need_h:
             d_hidden = dh_v if ctx.all_valid else torch.zeros_like(hidden).index_copy_(0, idx, dh_v)
@@ -305,10 +307,12 @@ def _plan(nv: int, vocab: int, mode: str = RECOMPUTE) -> tuple[int, int]:
     return rows, cols
 
 
-def _torch_mode(early: tuple[str, int], nv: int, vocab: int) -> str:
-    """The forward's mode for ``nv`` valid rows: ``early``'s, unless a kept softmax would not fit its budget."""
+def _torch_mode(early: tuple[str, int], nv: int, weight: torch.Tensor) -> str:
+    """The forward's mode for ``nv`` valid rows: ``early``'s, unless the lm_head is not fp32 (a 16-bit one's
+    whole-vocabulary chunks would widen the whole weight to fp32 on CPU, and its low-precision gradient rounds the
+    softmax in place) or a kept softmax would not fit its budget."""
     mode, keep_elements = early
-    if mode == KEEP_SOFTMAX and nv * vocab > keep_elements:
+    if weight.dtype != torch.float32 or (mode == KEEP_SOFTMAX and nv * weight.shape[0] > keep_elements):
         return RECOMPUTE
     return mode
 
@@ -454,10 +458,7 @@ def _torch_forward(lm: _LMHead) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
             z.div_(s_run[:, None])
             z.scatter_add_(1, t.unsqueeze(1), torch.full((r1 - r0, 1), -1.0, device=device))  # softmax - onehot
             if lm.mode == HIDDEN_FACTOR:
-                if z.dtype == lm.weight.dtype:
-                    torch.mm(z, lm.weight, out=early[r0:r1])
-                else:  # as the recomputing backward: G rounded to the weight's dtype, products summed in fp32
-                    mm_fp32(early[r0:r1], z.to(lm.weight.dtype), lm.weight)
+                torch.mm(z, lm.weight, out=early[r0:r1])
     return logp, lse, early
 
 
@@ -546,8 +547,8 @@ def _torch_backward(
     need_b: bool,
     kept: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """The gradients from the upstream ``g`` of the valid rows' log-probs; ``kept``: the forward's
-    ``softmax - onehot`` of all of them (``KEEP_SOFTMAX``), used up here, instead of recomputed logits."""
+    """The gradients from the upstream ``g`` of the valid rows' log-probs; ``kept``: the forward's fp32
+    ``softmax - onehot`` of all of them (``KEEP_SOFTMAX``), read instead of recomputed logits."""
     grads = _TorchGradients(lm, need_h, need_w, need_b)
     # d logp / d logits = (onehot - softmax) / T, so grad_logits = (softmax - onehot) * s with s = -g / T.
     scale = g * (-1.0 / lm.temperature)
