@@ -16,9 +16,10 @@ too, on CUDA and CPU), KTO loss ``kto`` with beta 0.1. Activation checkpointing:
 changes no number), TRL none (it has no selective mode: its choice is none or whole layers);
 ``--activation-checkpointing`` recomputes whole layers in both (TRL's own default would turn that on). The
 ``fabric-align-keep-all`` row is fabric-align keeping every activation, to show what selective checkpointing
-saves. Everything else is each framework's default: in particular TRL's fused LM head, which on devices without
-Triton scores every position (prompt and padding included), and fabric-align's, which scores completion tokens
-only.
+saves; the ``fabric-align-keep-softmax`` row is fabric-align with ``model.keep_softmax_mib=1024`` (the lm_head's
+backward reuses the forward's softmax instead of recomputing the logits: speed for memory). Everything else is each
+framework's default: in particular TRL's fused LM head, which on devices without Triton scores every position
+(prompt and padding included), and fabric-align's, which scores completion tokens only.
 
 What is measured, identically for every framework:
 
@@ -79,7 +80,9 @@ REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = REPO / "fabric_align" / "assets" / "tiny-llama"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 KEEP_ALL = "fabric-align-keep-all"  # fabric-align with model.activation_checkpointing=false
-FRAMEWORKS = ("fabric-align", KEEP_ALL, "trl", "trl-precompute")
+KEEP_SOFTMAX = "fabric-align-keep-softmax"  # fabric-align with model.keep_softmax_mib=KEEP_SOFTMAX_MIB
+KEEP_SOFTMAX_MIB = 1024
+FRAMEWORKS = ("fabric-align", KEEP_ALL, KEEP_SOFTMAX, "trl", "trl-precompute")
 
 # Random-weight models built locally (the hub is not needed). Token ids stay below 264 (the byte-level tokenizer);
 # the vocabulary is as large as the config says, so the lm_head does the full-size work.
@@ -213,6 +216,11 @@ def checkpointing_for(name: str, whole_layers: bool) -> str:
     return "true" if whole_layers else "false" if name == KEEP_ALL or name.startswith("trl") else "selective"
 
 
+def keep_softmax_for(name: str) -> int:
+    """``model.keep_softmax_mib`` for a framework's run."""
+    return KEEP_SOFTMAX_MIB if name == KEEP_SOFTMAX else 0
+
+
 def checkpointing_setting(whole_layers: bool) -> str:
     return "whole layers in every framework" if whole_layers else "fabric-align selective, keep-all and TRL none"
 
@@ -224,6 +232,7 @@ def fabric_align_flags(cfg: dict[str, Any]) -> list[str]:
         f"--model.name_or_path={cfg['model_dir']}",
         "--model.attn_implementation=sdpa",
         f"--model.activation_checkpointing={cfg['activation_checkpointing']}",
+        f"--model.keep_softmax_mib={cfg['keep_softmax_mib']}",
         f"--data.train_path={cfg['data']}",
         "--data.val_path=null",
         f"--data.max_length={cfg['seq_len']}",
@@ -581,7 +590,10 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def table(results: list[dict[str, Any]], device: str) -> str:
-    base = next((r for r in results if r["framework"] == "fabric-align"), None)
+    """The results as a Markdown table, with ratios against plain fabric-align (or the first fabric-align variant
+    listed, when it is not)."""
+    ours = [r for r in results if r["framework"].startswith("fabric-align")]
+    base = next((r for r in ours if r["framework"] == "fabric-align"), ours[0] if ours else None)
     cpu = device == "cpu"
 
     def mem(r: dict[str, Any]) -> float:
@@ -594,9 +606,10 @@ def table(results: list[dict[str, Any]], device: str) -> str:
     )
     header += ["time to 1st step, s", "of which reference pass, s", "time to last step, s"]
     if base:
-        header += ["fabric-align / this: tokens/s"]
-        header += ["fabric-align / this: tokens per CPU-s"] if cpu else []
-        header += ["fabric-align / this: memory", "fabric-align / this: 1st step"]
+        ratio = f"{base['framework']} / this"
+        header += [f"{ratio}: tokens/s"]
+        header += [f"{ratio}: tokens per CPU-s"] if cpu else []
+        header += [f"{ratio}: memory", f"{ratio}: 1st step"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         row = [r["framework"], f"{r['tokens_per_s']:.0f}", ", ".join(f"{v:.0f}" for v in r["tokens_per_s_runs"])]
@@ -711,6 +724,7 @@ def main() -> None:
                 "lr": args.lr,
                 "seed": args.seed,
                 "activation_checkpointing": checkpointing_for(name, args.activation_checkpointing),
+                "keep_softmax_mib": keep_softmax_for(name),
                 "threads": args.threads,
             }
 

@@ -1,9 +1,12 @@
 """Benchmark ``fused_linear_logprob``: forward + backward time and extra peak memory against the naive op.
 
-Methods: ``triton`` (the Triton kernels), ``torch`` (the chunked torch path), ``naive``
+Methods: ``triton`` (the Triton kernels), ``torch`` (the chunked torch path; ``torch-keep-softmax`` with
+``keep_softmax_bytes`` unlimited; ``torch-recompute`` forced to recompute the logits in every backward, as before a
+frozen weight's forward computed the hidden gradient's factor), ``naive``
 (``log_softmax((h @ W.T).float()).gather``), ``compile`` (``torch.compile`` of naive) and ``liger`` (Liger-Kernel's
 fused linear cross entropy, sum reduction; skipped when not installed). Every step is forward + backward into
-hidden and weight with the gradients cleared first, so each method allocates the same gradient tensors.
+hidden and weight (``--frozen-weight``: hidden only, as with LoRA) with the gradients cleared first, so each method
+allocates the same gradient tensors.
 
 GPU (default when CUDA is available): bf16 at N=16384, H=4096, V=128256 and the KTO shape B=32 x T=512,
 H=1024, V=128256. Time is the median of CUDA-event timings; extra peak is ``max_memory_allocated`` during the
@@ -18,6 +21,7 @@ with glibc told to mmap every large block so that freed buffers leave the reside
     python benchmarks/logprob.py                      # GPU if available, else the CPU comparison
     python benchmarks/logprob.py --cpu                # CPU comparison (about 3 minutes on 2 cores)
     python benchmarks/logprob.py --shapes 16384x4096x128256 --methods triton naive liger
+    python benchmarks/logprob.py --cpu --frozen-weight --shapes 1024x576x49152 --methods torch torch-recompute naive
 """
 
 from __future__ import annotations
@@ -36,18 +40,19 @@ from collections.abc import Callable
 
 import torch
 
-METHODS = ("triton", "torch", "naive", "compile", "liger")
+METHODS = ("triton", "torch", "torch-keep-softmax", "torch-recompute", "naive", "compile", "liger")
 GPU_SHAPES = [(16384, 4096, 128256), (32 * 512, 1024, 128256)]
 CPU_SHAPE = (2048, 256, 131072)
 # Dense bf16 tensor-core peak, TFLOP/s (no sparsity).
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "A100": 312.0}
 
 
-def _inputs(n: int, h: int, v: int, dtype: torch.dtype, device: str, seed: int = 0):
+def _inputs(n: int, h: int, v: int, dtype: torch.dtype, device: str, seed: int = 0, frozen_weight: bool = False):
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, h, generator=gen).to(device=device, dtype=dtype).requires_grad_()
     # ~unit-variance logits, like a trained lm_head on normalized hidden states
-    weight = (torch.randn(v, h, generator=gen) / h**0.5).to(device=device, dtype=dtype).requires_grad_()
+    weight = (torch.randn(v, h, generator=gen) / h**0.5).to(device=device, dtype=dtype)
+    weight.requires_grad_(not frozen_weight)
     targets = torch.randint(0, v, (n,), generator=gen).to(device)
     upstream = torch.randn(n, generator=gen).to(device)
     return hidden, weight, targets, upstream
@@ -59,12 +64,16 @@ def _naive(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) ->
 
 def _make_step(method: str, hidden, weight, targets, upstream) -> Callable[[], torch.Tensor | None]:
     """A closure running one forward + backward; returns the per-token log-probs (None for liger)."""
-    if method in ("triton", "torch"):
-        from fabric_align.kernels import fused_linear_logprob
+    if method in ("triton", "torch", "torch-keep-softmax", "torch-recompute"):
+        from fabric_align.kernels import fused_linear_logprob, logprob
+
+        if method == "torch-recompute":
+            logprob._early_gradient = lambda *args: (logprob.RECOMPUTE, 0)
+        keep = 1 << 62 if method == "torch-keep-softmax" else 0
 
         def fwd():
-            os.environ["FABRIC_ALIGN_KERNELS"] = method
-            return fused_linear_logprob(hidden, weight, targets)
+            os.environ["FABRIC_ALIGN_KERNELS"] = "triton" if method == "triton" else "torch"
+            return fused_linear_logprob(hidden, weight, targets, keep_softmax_bytes=keep)
 
     elif method == "naive":
         fwd = lambda: _naive(hidden, weight, targets)
@@ -176,10 +185,10 @@ def _proc_status_kb(field: str) -> int:
     raise KeyError(field)
 
 
-def _cpu_worker(method: str, shape: tuple[int, int, int], reps: int) -> None:
+def _cpu_worker(method: str, shape: tuple[int, int, int], reps: int, frozen_weight: bool) -> None:
     """One fresh process: warm-up step, one memory-measured step, then timed steps. Prints one JSON line."""
     n, h, v = shape
-    hidden, weight, targets, upstream = _inputs(n, h, v, torch.float32, "cpu")
+    hidden, weight, targets, upstream = _inputs(n, h, v, torch.float32, "cpu", frozen_weight=frozen_weight)
     step = _make_step(method, hidden, weight, targets, upstream)
     out = step()  # warm-up: thread pools, first-touch of the gradient buffers
     hidden.grad = weight.grad = None
@@ -197,14 +206,15 @@ def _cpu_worker(method: str, shape: tuple[int, int, int], reps: int) -> None:
     print(json.dumps({"method": method, "times": times, "peak": peak_kb * 1024, "out": out.tolist()}))
 
 
-def run_cpu(shape, methods, rounds: int, reps: int) -> None:
+def run_cpu(shape, methods, rounds: int, reps: int, frozen_weight: bool) -> None:
     n, h, v = shape
     print(
         f"# device: CPU ({platform.processor() or platform.machine()}), {os.cpu_count()} cores, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), fp32, {datetime.date.today()}"
     )
     print(
-        f"## N={n} H={h} V={v}  (gradients alone: {(n * h + v * h) * 4 / 2**20:.0f} MiB; "
+        f"## N={n} H={h} V={v}{', frozen weight' * frozen_weight}  (gradients alone: "
+        f"{(n * h + v * h * (not frozen_weight)) * 4 / 2**20:.0f} MiB; "
         f"N x V fp32 logits: {n * v * 4 / 2**20:.0f} MiB)"
     )
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
@@ -213,6 +223,7 @@ def run_cpu(shape, methods, rounds: int, reps: int) -> None:
         order = methods if r % 2 == 0 else list(reversed(methods))
         for method in order:
             cmd = [sys.executable, __file__, "--worker", method, "--shapes", f"{n}x{h}x{v}", "--reps", str(reps)]
+            cmd += ["--frozen-weight"] if frozen_weight else []
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"{method} worker failed:\n{proc.stderr[-4000:]}")
@@ -275,18 +286,21 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=None, help="timed steps (default GPU 10, CPU 2 per round)")
     parser.add_argument("--rounds", type=int, default=2, help="CPU: fresh processes per method")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device dense bf16 peak, TFLOP/s")
+    parser.add_argument(
+        "--frozen-weight", action="store_true", help="CPU: gradients for hidden only (a frozen lm_head, as with LoRA)"
+    )
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
-        _cpu_worker(args.worker, args.shapes[0], args.reps)
+        _cpu_worker(args.worker, args.shapes[0], args.reps, args.frozen_weight)
     elif torch.cuda.is_available() and not args.cpu:
         run_gpu(
             args.shapes or GPU_SHAPES, args.methods or list(METHODS), args.warmup, args.reps or 10, args.peak_tflops
         )
     else:
         methods = args.methods or ["torch", "naive"]
-        run_cpu((args.shapes or [CPU_SHAPE])[0], methods, args.rounds, args.reps or 2)
+        run_cpu((args.shapes or [CPU_SHAPE])[0], methods, args.rounds, args.reps or 2, args.frozen_weight)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ maximum length, precision, attention implementation (sdpa), torch AdamW with the
 0.9/0.95, weight decay 0 and clipping at 1.0 (each framework's own implementation: TRL's default
 ``adamw_torch_fused``; fabric-align torch's fused kernel too, on CUDA and CPU), beta 0.1, sigmoid loss, activation
 checkpointing as in ``kto_step.py`` (fabric-align its default, selective, which changes no number; TRL none;
-``--activation-checkpointing``: whole layers in both; ``fabric-align-keep-all``: fabric-align keeping everything), no
+``--activation-checkpointing``: whole layers in both; ``fabric-align-keep-all``: fabric-align keeping everything;
+``fabric-align-keep-softmax``: fabric-align keeping the lm_head's softmax for the backward), no
 validation, no checkpoint saving. The reference pass runs ``2 x micro-batch`` sequences per forward in both (TRL's
 default ``precompute_ref_batch_size``, the micro-batch in pairs; fabric-align's ``train.eval_batch_size``, in
 sequences, is set to match); fabric-align sorts them by length first, TRL does not. Everything else is each
@@ -73,6 +74,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kto_step import (  # noqa: E402
     KEEP_ALL,
+    KEEP_SOFTMAX,
     TOKENIZER_DIR,
     StepClock,
     _timed,
@@ -84,6 +86,7 @@ from kto_step import (  # noqa: E402
     environment,
     fabric_align_flags,
     hwm_mib,
+    keep_softmax_for,
     own_tokens_per_sec,
     require_trl,
     rss_mib,
@@ -93,7 +96,7 @@ from kto_step import (  # noqa: E402
     visit_order,
 )
 
-FRAMEWORKS = ("fabric-align", KEEP_ALL, "trl-precompute")
+FRAMEWORKS = ("fabric-align", KEEP_ALL, KEEP_SOFTMAX, "trl-precompute")
 
 
 # ---------------------------------------------------------------------------------------------------- workers
@@ -295,6 +298,7 @@ def main() -> None:
                 "lr": args.lr,
                 "seed": args.seed,
                 "activation_checkpointing": checkpointing_for(name, args.activation_checkpointing),
+                "keep_softmax_mib": keep_softmax_for(name),
                 "threads": args.threads,
             }
 
