@@ -38,6 +38,11 @@ same work for both and are compared token by token.
     python benchmarks/spin_generation.py --model smollm2 --threads 1 --max-length 256   # as SPIN decodes under
                                                                                         # data.max_length
 
+``--profile``: after the timed rounds, each method decodes once more (the first mode) under ``torch.profiler``, the
+first ``--batch-size`` prompts for at most 64 new tokens (the profiler keeps every op's event: a whole run's would
+take many GB); the script prints the share of CPU time in matrix products (``mm``/``addmm``/``bmm``), in attention
+(``scaled_dot_product_*``) and in everything else, and each method's busiest ops: where a decode step's time goes.
+
 ``--max-length L``: what SPIN keeps of an answer is ``L - len(prompt)`` tokens at most (``data.max_length``).
 fabric-align's ``generate`` stops each row there (``max_length=L``); Hugging Face's ``generate`` has no per-row limit
 (its ``max_length`` counts the padded batch width, so it would cut short prompts' answers early), so it decodes up to
@@ -347,6 +352,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--profile", action="store_true", help="also profile one call per method (see above)")
     args = parser.parse_args()
 
     if args.threads:
@@ -475,10 +481,38 @@ def main() -> None:
         lines.append(f"\ngreedy outputs identical (fabric-align vs HF): {results['greedy']['greedy_identical']}")
         if real and results["greedy"]["greedy_common_prefix"]:
             lines[-1] += f" (the others agree on their first {results['greedy']['greedy_common_prefix']} tokens)"
+    if args.profile:
+        mode = args.modes[0]
+        subset, new_tokens = prompts[: args.batch_size], min(max_new_tokens, 64)
+        for name in methods:
+            work = lambda name=name: call(name, mode, subset, args.batch_size, new_tokens)  # noqa: E731
+            lines.append(f"\n{mode}, {name}, {len(subset)} prompts x up to {new_tokens} tokens: " + profile_call(work))
     table = "\n".join(lines)
     print(table)
     if args.json:
         args.json.write_text(json.dumps({"setting": setting, "env": env, "results": results, "table": table}, indent=2))
+
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm")
+
+
+def profile_call(fn: Callable[[], Any]) -> str:
+    """Run ``fn`` once under ``torch.profiler``: the shares of self CPU time in matrix products, in attention and in
+    the rest, and the five busiest ops."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS)
+    attention = sum(e.self_cpu_time_total for e in events if "scaled_dot_product" in e.key)
+    busiest = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:5]
+    return (
+        f"{total / 1e6:.1f} s of CPU time: matrix products {100 * matmul / total:.0f}%, attention "
+        f"{100 * attention / total:.0f}%, the rest {100 * (total - matmul - attention) / total:.0f}%; busiest: "
+        + ", ".join(f"{e.key} {100 * e.self_cpu_time_total / total:.0f}% ({e.count} calls)" for e in busiest)
+    )
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
