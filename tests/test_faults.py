@@ -124,6 +124,7 @@ KTO_FLAGS = {
     "lora rank zero": (["--model.lora.r=0"], "model.lora.r=0: must be at least 1"),
     "lora dropout one": (["--model.lora.dropout=1.0"], "model.lora.dropout=1.0: must be in [0, 1)"),
     "lora on the lm_head": (["--model.lora.target_modules=[lm_head]"], "must not include the lm_head"),
+    "keep_softmax_mib negative": (["--model.keep_softmax_mib=-1"], "model.keep_softmax_mib=-1: must be non-negative"),
     "4bit on a config-only model": (
         ["--model.quantize=4bit", "--model.lora.r=4"],
         "model.quantize=4bit needs pretrained weights",
