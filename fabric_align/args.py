@@ -195,7 +195,8 @@ class TrainArgs:
     min_lr: float = 0.0
     """Learning rate at the end of the decay (``cosine`` and ``linear`` schedules)."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    """After the linear warmup: cosine or linear decay to ``min_lr`` at the last step, or constant."""
+    """After the linear warmup: cosine or linear decay that reaches ``min_lr`` where training ends (the last step
+    runs one decay step above it), or constant."""
     weight_decay: float = 0.0
     """Decoupled weight decay."""
     betas: tuple[float, float] = (0.9, 0.95)

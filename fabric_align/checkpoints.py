@@ -13,13 +13,16 @@ sharded (torch.distributed.checkpoint) save is read first through an allow-list 
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import json
 import logging
+import os
 import pickle
 import random
 import re
 import shutil
+import socket
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -165,6 +168,49 @@ def find_resume_path(out_dir: Path, resume: str | Path | None) -> Path | None:
     return path
 
 
+# ---------------------------------------------------------------------------------------------- the run's lock
+LOCK_FILE = ".lock"
+_claimed: dict[Path, Any] = {}  # out_dir -> its open lock file, while this process runs there
+
+
+def claim_out_dir(out_dir: Path) -> str | None:
+    """Take ``out_dir`` for this process's run: an exclusive ``flock`` on ``out_dir/.lock``, which the operating
+    system releases when the process ends, however it ends (a killed run leaves no stale lock). Returns None, or who
+    holds it: a second run writing the same checkpoints, iterations and export would corrupt both (a relaunch while
+    the old run's workers still live, two sweep runs given one out_dir). A file system without locks is not
+    refused."""
+    key = out_dir.resolve()
+    if key in _claimed:
+        return None
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no lock
+        return None
+    file = open(key / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 (held open while the run lasts)
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        file.seek(0)
+        holder = file.read().strip()
+        file.close()
+        if err.errno in (errno.EAGAIN, errno.EACCES):
+            return holder or "another process"
+        log.debug("out_dir=%s: no lock (%s)", out_dir, err)
+        return None
+    file.truncate(0)
+    file.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+    file.flush()
+    _claimed[key] = file
+    return None
+
+
+def release_out_dirs() -> None:
+    """Release this process's out_dir locks: its run has ended (a test or a sweep may start the next in-process)."""
+    while _claimed:
+        _, file = _claimed.popitem()
+        file.close()
+
+
 def rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -286,11 +332,12 @@ def load_checkpoint(fabric: Fabric, path: Path, state: dict[str, Any]) -> dict[s
         check_pickle_allowlist(index)
     try:
         remainder = fabric.load(path / "state", state, weights_only=True)
-    except pickle.UnpicklingError as err:
-        problem = f"refused to load (it holds more than tensors and numbers: {refusal(err)})"
-        raise TrainingError(f"{path / 'state'}: {problem}") from None
-    except (RuntimeError, EOFError, OSError) as err:  # damaged, yet matching a manifest that was rewritten for it
-        raise TrainingError(f"{path / 'state'}: unreadable ({first_line(err)})") from None
+    except CheckpointException as err:  # a sharded load: each rank's failure, gathered (a BaseException)
+        causes = [cause for cause, _ in err.failures.values()] or [err]
+        refused = [cause for cause in causes if isinstance(cause, pickle.UnpicklingError)]
+        raise TrainingError(f"{path / 'state'}: {load_problem(refused[0] if refused else causes[0])}") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        raise TrainingError(f"{path / 'state'}: {load_problem(err)}") from None
     for key, value in remainder.items():
         state[key] = value
     meta = read_meta(path)
@@ -298,6 +345,18 @@ def load_checkpoint(fabric: Fabric, path: Path, state: dict[str, Any]) -> dict[s
     if rng_file.is_file() and meta.get("world_size") == fabric.world_size:
         set_rng_state(load_plain(rng_file))
     return meta
+
+
+def load_problem(err: BaseException) -> str:
+    """Why a checkpoint's state did not load, in one line: code refused, a state made for another model's shapes, or
+    damage (files that match a manifest rewritten for them)."""
+    if isinstance(err, pickle.UnpicklingError):
+        return f"refused to load (it holds more than tensors and numbers: {refusal(err)})"
+    lines = [" ".join(line.split()) for line in str(err).splitlines() if line.strip()]
+    mismatch = [line for line in lines if line.lower().startswith(("size mismatch", "missing key", "unexpected key"))]
+    if mismatch:
+        return f"does not fit this model ({mismatch[0][:200]}): was it written for another model.name_or_path?"
+    return f"unreadable ({first_line(err)})"
 
 
 # The globals a torch.distributed.checkpoint index (``.metadata``, a plain pickle) is made of: its own dataclasses,
@@ -416,9 +475,21 @@ def export_hf(
                 state.pop(name, None)
             model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        readable_as_umask(tmp)
         publish(tmp, final)
     fabric.barrier()
     return final
+
+
+def readable_as_umask(root: Path) -> None:
+    """Give every file under ``root`` the mode a plain ``open`` gives (0666 less the umask): safetensors writes its
+    files through private temporary files (0600), which would leave the weights, unlike the rest of the export,
+    unreadable by the other users who share a model directory."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in root.rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            file.chmod(0o666 & ~umask)
 
 
 def tied_aliases(module: nn.Module) -> list[str]:

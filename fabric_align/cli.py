@@ -68,6 +68,10 @@ def run_cli(setup: Callable[..., Any], args: list[str] | None = None) -> None:
         if message.startswith(("Problems parsing config", "Unexpected config")) and configs:
             message = f"--config {', '.join(configs)}: {message}"
         raise ConfigError(f"{message} (see --help)") from None
+    finally:
+        from fabric_align.checkpoints import release_out_dirs
+
+        release_out_dirs()  # the run has ended, whichever way
 
 
 def warn_flags_before_config(argv: list[str]) -> None:

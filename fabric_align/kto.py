@@ -45,7 +45,16 @@ from fabric_align.kernels import kto_loss
 from fabric_align.loop import Phase, fit, score_sequences
 from fabric_align.metrics import MetricSpec
 from fabric_align.modeling import PolicyLogprobs, model_fingerprint
-from fabric_align.trainer import Job, build_policy, finish, open_run, prepare_job, require_batches, validation_source
+from fabric_align.trainer import (
+    Job,
+    build_policy,
+    finish,
+    open_run,
+    prepare_job,
+    require_batches,
+    require_resumed_data,
+    validation_source,
+)
 
 log = logging.getLogger("fabric_align")
 
@@ -383,6 +392,7 @@ def setup(
     if val_path:
         val_data = load_split(val_path, data.val_split, renderer, data.max_length, seed + 1, train=False, **options)
     require_batches(len(train_data), train_data.source, train)
+    require_resumed_data(job, content_hash(train_data.sequences, train_data.labels.tolist()))
     kto = resolve_weights(train_data, kto)
     job.config["kto"]["desirable_weight"] = kto.desirable_weight  # the value used, also under auto
     warn_weight_ratio(train_data, kto)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +14,8 @@ from lightning.fabric import Fabric
 
 from fabric_align.errors import ConfigError
 from fabric_align.modeling import fsdp2_parallelize
+
+log = logging.getLogger("fabric_align")
 
 STRATEGIES = ("auto", "fsdp", "ddp")
 PRECISIONS = ("32-true", "bf16-true", "bf16-mixed", "16-mixed")
@@ -85,8 +88,7 @@ class Launch:
         # Metrics go through MetricLogger (rank 0 only), not Fabric's loggers.
         fabric = Fabric(**self.fabric_kwargs())
         effective = getattr(fabric.strategy.precision, "precision", self.precision)
-        # (Fabric runs 16-mixed as bf16-mixed on CPUs, which have no fp16 autocast; that one it says itself.)
-        if effective != self.precision and not (self.precision == "16-mixed" and effective == "bf16-mixed"):
+        if effective != self.precision:
             raise ConfigError(f"precision={self.precision}, but Fabric was set up with {effective}")
         if not self.under_cli:
             fabric.launch()
@@ -119,6 +121,11 @@ def resolve_launch(devices: int | str, num_nodes: int, precision: str | None, st
     accelerator = os.environ.get("LT_ACCELERATOR", "auto") if under_cli else "auto"
     if accelerator == "auto":
         accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    if precision == "16-mixed" and accelerator == "cpu":
+        # CPUs have no fp16 autocast, and Fabric would run bf16-mixed instead: said here, and recorded as what runs
+        # (the logged config, the checkpoints and the reference cache's key), not as what was asked.
+        log.warning("precision=16-mixed: CPUs have no fp16 autocast; running bf16-mixed")
+        precision = "bf16-mixed"
     return Launch(accelerator, count_devices(devices, accelerator), num_nodes, precision, strategy, under_cli)
 
 

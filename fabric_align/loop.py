@@ -113,6 +113,18 @@ def fit(
     """Train from ``state["step"]`` to ``phase.end``; the plan and the schedule are read at ``step - phase.start``."""
     fabric, args, state = run.fabric, run.args, run.state
     accum = args.accumulation_steps(fabric.world_size)
+    warmup = args.warmup_for(phase.steps)
+    if fabric.is_global_zero and state["step"] == phase.start and warmup >= phase.steps > 0:
+        peak = args.lr if phase.peak_lr is None else phase.peak_lr
+        log.warning(
+            "the warmup (%d steps) spans all %d steps of training%s: the learning rate ends at %.3g, short of its peak "
+            "%.3g",
+            warmup,
+            phase.steps,
+            f" from step {phase.start}" if phase.start else "",
+            lr_at(phase.steps - 1, args, phase.steps, peak),
+            peak,
+        )
     run.policy.train()
     bar = tqdm(
         total=phase.end, initial=state["step"], desc="train", disable=not fabric.is_global_zero, dynamic_ncols=True

@@ -23,6 +23,7 @@ from fabric_align.args import SEED_RANGE, DataArgs, LoggerArgs, ModelArgs, Train
 from fabric_align.checkpoints import (
     META,
     checkpoint_dirs,
+    claim_out_dir,
     export_hf,
     find_resume_path,
     load_checkpoint,
@@ -76,10 +77,21 @@ def check_out_dir(out_dir: Path, resume: Any) -> None:
         raise ConfigError(f"out_dir={out_dir} already holds {', '.join(taken[:3])}: {hint}")
 
 
-def check_resume_state(resume_path: Path, saved: dict[str, Any], model: ModelArgs, train: TrainArgs) -> None:
-    """Settings that shape the checkpoint's state itself must be the checkpoint's (``saved``: its logged config): its
-    optimizer state is one optimizer's, and its parameters are one LoRA layout's (other settings may change on
-    resume, with a warning). A setting the checkpoint did not record is taken as unchanged."""
+def check_resume_state(
+    resume_path: Path, meta: dict[str, Any], method: str, model: ModelArgs, train: TrainArgs, seed: int
+) -> None:
+    """What the checkpoint's state and position mean must be the checkpoint's (``meta``: its meta.json): it was
+    written by this method; its optimizer state is one optimizer's; its parameters are one LoRA layout's; and its
+    step counts batches of one data order, which the seed and the global batch size decide (step s reads examples
+    ``s * global_batch_size`` onwards of the seed's shuffle). Other settings may change on resume, with a warning. A
+    setting the checkpoint did not record is taken as unchanged."""
+    saved_method = meta.get("method", method)
+    if saved_method != method:
+        raise ConfigError(
+            f"resume={resume_path}: the checkpoint was written by {saved_method}, not {method}: resume it with "
+            f"fabric_align/{saved_method}.py, or choose another out_dir"
+        )
+    saved = meta.get("config", {})
 
     def lora_layout(lora: dict[str, Any] | None) -> tuple[Any, Any] | None:
         return None if lora is None else (lora.get("r"), lora.get("target_modules"))
@@ -99,6 +111,20 @@ def check_resume_state(resume_path: Path, saved: dict[str, Any], model: ModelArg
             raise ConfigError(
                 f"resume={resume_path}: its state was trained with {name}={before!r}, which {now!r} cannot continue; "
                 "resume with the checkpoint's setting, or start a new run from its export"
+            )
+    order = {
+        "seed": (saved.get("seed", seed), seed),
+        "train.global_batch_size": (
+            saved_train.get("global_batch_size", train.global_batch_size),
+            train.global_batch_size,
+        ),
+    }
+    for name, (before, now) in order.items():
+        if before != now:
+            raise ConfigError(
+                f"resume={resume_path}: the checkpoint's run used {name}={before!r}, which decides the examples its "
+                f"remaining steps read ({name}={now!r} would repeat some and skip others); resume with {before!r} "
+                "(devices and micro_batch_size may change), or start a new run"
             )
 
 
@@ -166,6 +192,8 @@ class Job:
     resume_path: Path | None
     tokenizer: Any
     config: dict[str, Any]
+    train_data_id: str | None = None
+    """A fingerprint of the training examples, in checkpoints; set by ``require_resumed_data``."""
 
 
 def prepare_job(
@@ -213,10 +241,12 @@ def prepare_job(
     resume_path = find_resume_path(out_dir, resume)
     if resume_path is None:
         check_out_dir(out_dir, resume)
+        if resume is not None:
+            log.info("resume=auto: no checkpoint in %s; starting from the beginning", out_dir)
     else:
         meta = read_meta(resume_path)
         check_resume(out_dir, resume_path, meta.get("step", -1), launch.strategy)
-        check_resume_state(resume_path, meta.get("config", {}), model, train)
+        check_resume_state(resume_path, meta, next(iter(method)), model, train, seed)
     tokenizer = load_hub_object(model, load_tokenizer, "its tokenizer")
     model_config = load_hub_object(model, load_config, "its config")
     check_model_config(model, model_config)
@@ -237,6 +267,23 @@ def prepare_job(
         strategy=launch.strategy,
     )
     return Job(model, data, train, logger, out_dir, seed, launch, resume_path, tokenizer, config)
+
+
+def require_resumed_data(job: Job, data_id: str) -> None:
+    """Record ``data_id`` (a fingerprint of the training examples as tokenized) for the run's checkpoints, and refuse
+    to resume a checkpoint that trained on other examples, before any model loads: its step counts global batches of
+    its examples' shuffle, so on other data (another file, an edited one, another ``data.max_length``) the remaining
+    steps would read a different, arbitrary part of the new set."""
+    job.train_data_id = data_id
+    if job.resume_path is None:
+        return
+    saved = read_meta(job.resume_path).get("train_data", data_id)  # checkpoints that did not record it: unchecked
+    if saved != data_id:
+        raise ConfigError(
+            f"resume={job.resume_path}: data.train_path={job.data.train_path} (as read with data.max_length="
+            f"{job.data.max_length}) is not the training data the checkpoint's run was on; resume with that data, "
+            "or start a new run"
+        )
 
 
 def check_max_length(data: DataArgs, model: ModelArgs, model_config: Any) -> None:
@@ -308,9 +355,16 @@ def build_policy(fabric: Fabric, job: Job) -> tuple[PolicyLogprobs, torch.optim.
     """Load the model, wrap it for log-probs, shard it (per the strategy), and build the optimizer on the sharded
     trainable parameters."""
     fabric.seed_everything(job.seed)
+    holder = None
     if fabric.is_global_zero:
         job.out_dir.mkdir(parents=True, exist_ok=True)
-    fabric.barrier()
+        holder = claim_out_dir(job.out_dir)
+    holder = fabric.broadcast(holder, src=0)  # every rank stops, not only rank 0
+    if holder is not None:
+        raise ConfigError(
+            f"out_dir={job.out_dir} is in use by another run ({holder}), still writing there: wait for it to end or "
+            "stop it (all of its processes), or choose another out_dir"
+        )
     # Under FSDP2 with several processes only rank 0 reads the weights: the others build the model on the meta
     # device and take their shards from rank 0 once it is sharded, so a node holds one full copy in CPU memory, not
     # one per GPU. (A 4-bit model is quantized as it loads, so every rank loads that one.)
@@ -387,6 +441,8 @@ def open_run(
         fresh=job.resume_path is None,
     )
     meta = {"method": method, "config": job.config, "inputs": inputs}
+    if job.train_data_id is not None:
+        meta["train_data"] = job.train_data_id
     run = Run(job, fabric, policy, optimizer, logger, full_state, meta, resumed_meta=saved)
     if job.resume_path is not None:
         # What the resumed run logged at the checkpoint's step is kept, not logged twice; every rank must agree,
@@ -452,8 +508,11 @@ def warn_changed_inputs(saved: dict[str, Any] | None, current: dict[str, Any]) -
     would continue on other data, or against another reference model."""
     if not saved:
         return
+    # A path the run no longer reads is a changed setting, which warn_changed_settings reports.
     changed = [
-        f"{path} (size or time)" for path, seen in saved.get("data", {}).items() if current["data"].get(path) != seen
+        f"{path} (size or time)"
+        for path, seen in saved.get("data", {}).items()
+        if path in current["data"] and current["data"][path] != seen
     ]
     if saved.get("model") != current["model"]:
         changed.append("the model's weight files (or the seed of its random init)")

@@ -13,6 +13,8 @@ import logging
 import math
 import pickle
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,7 @@ import torch
 from fabric_align import checkpoints, cli, kto, loop, spin, trainer
 from fabric_align.checkpoints import checkpoint_dirs, seal, verify_directory
 from fabric_align.metrics import reduce_metrics
+from fabric_align.modeling import EMBEDDED_MODEL_DIR
 
 from conftest import FAST, KTO_TEN_STEPS, column, load_safetensors, read_metrics, write_jsonl
 
@@ -357,6 +360,37 @@ def poison_steps(monkeypatch: pytest.MonkeyPatch, steps: set[int], accum: int, k
     monkeypatch.setattr(kto, "kto_loss", loss)
 
 
+def test_a_second_run_into_a_busy_out_dir_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Another process's run holds out_dir (say, a relaunch while the old run's workers live on): refused in one
+    line before any model loads, nothing of it touched; its end, even a kill, frees out_dir."""
+    out = tmp_path / "out"
+    out.mkdir()
+    hold = "import sys, time; from pathlib import Path; from fabric_align.checkpoints import claim_out_dir as c\n"
+    hold += "assert c(Path(sys.argv[1])) is None; print('held', flush=True); time.sleep(120)"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        result = program(kto.setup, [*FAST, f"--out_dir={out}"], capsys)
+        assert_one_line_error(result, f"out_dir={out} is in use by another run (process {holder.pid} on ")
+        assert "model:" not in result.out  # stopped before loading it
+        assert [p.name for p in out.iterdir()] == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert checkpoints.claim_out_dir(out) is None
+    checkpoints.release_out_dirs()
+
+
+def test_a_warmup_as_long_as_training_is_said(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Legal, yet likely a mistake (a warmup set for another data size): the peak learning rate is never reached."""
+    args = [*FAST, "--train.global_batch_size=8", "--train.max_steps=2", "--train.warmup_steps=5", "--train.lr=3e-3"]
+    cli.run_cli(kto.setup, [*args, "--train.save_interval=null", f"--out_dir={tmp_path / 'out'}"])
+    assert (
+        "the warmup (5 steps) spans all 2 steps of training: the learning rate ends at 0.001, short of" in caplog.text
+    )
+    assert column(read_metrics(tmp_path / "out"), "train/lr") == pytest.approx([3e-3 / 6, 3e-3 * 2 / 6])
+
+
 @pytest.mark.parametrize("kind", ["loss", "grad"])
 def test_a_non_finite_step_is_skipped_and_counted(
     kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
@@ -531,6 +565,39 @@ def test_a_crafted_training_state_is_refused_in_one_line(
     result = program(kto.setup, [*KTO_ARGS, f"--out_dir={out}", "--resume=auto"], capsys)
     assert_one_line_error(result, "step-000010/state: refused to load", "Unsupported global")
     assert not marker.exists()
+
+
+def test_a_crafted_fsdp_shard_is_refused_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A sharded (FSDP2) checkpoint's tensor file: torch.distributed.checkpoint gathers each rank's failure into one
+    exception, which still ends as one line, and nothing runs."""
+    out, marker = tmp_path / "out", tmp_path / "pwned"
+    args = [*FAST, "--train.global_batch_size=8", "--train.max_steps=2", "--strategy=fsdp", f"--out_dir={out}"]
+    assert_ok(program(kto.setup, args, capsys))
+    shutil.rmtree(out / "final")
+    step = out / "step-000002"
+    (shard,) = (step / "state").glob("*.distcp")
+    # A pickle where the reader seeks for its first tensor (offset 0), the file's size kept.
+    payload = pickle.dumps(Payload(marker), protocol=2)
+    shard.write_bytes(payload + bytes(max(0, shard.stat().st_size - len(payload))))
+    reseal(step)
+    result = program(kto.setup, [*args, "--resume=auto"], capsys)
+    assert_one_line_error(result, "step-000002/state: refused to load")
+    assert not marker.exists()
+
+
+def test_a_checkpoint_of_another_architecture_is_named_so(
+    tmp_path: Path, kto_straight: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, other = tmp_path / "out", tmp_path / "wider"
+    shutil.copytree(kto_straight, out)
+    shutil.rmtree(out / "final")
+    shutil.copytree(EMBEDDED_MODEL_DIR, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] * 2}))
+    result = program(
+        kto.setup, [*KTO_ARGS, f"--out_dir={out}", "--resume=auto", f"--model.name_or_path={other}"], capsys
+    )
+    assert_one_line_error(result, "step-000010/state: does not fit this model (size mismatch for", "model.name_or_path")
 
 
 def test_damaged_files_behind_a_rewritten_manifest_are_one_line_or_recomputed(

@@ -68,6 +68,8 @@ def test_default_run_writes_checkpoints_and_export(default_run: Path) -> None:
     final = default_run / "final"
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
         assert (final / name).is_file(), name
+    # The weights are as readable as the rest (safetensors writes through private 0600 temporary files).
+    assert {f.stat().st_mode & 0o777 for f in final.iterdir()} == {(final / "config.json").stat().st_mode & 0o777}
     (cache,) = (default_run / "cache").glob("kto-reference-*")
     assert (cache / "logps.pt").is_file() and (cache / "meta.json").is_file()
 

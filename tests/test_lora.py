@@ -77,6 +77,8 @@ def test_lora_export_adapter_and_merged(lora_run: Path) -> None:
 
     final = lora_run / "final"
     assert (final / "adapter_config.json").is_file() and (final / "adapter_model.safetensors").is_file()
+    modes = {f.stat().st_mode & 0o777 for f in final.rglob("*") if f.is_file()}
+    assert modes == {(final / "adapter_config.json").stat().st_mode & 0o777}
     adapter = load_safetensors(final / "adapter_model.safetensors")
     assert adapter and all("lora_" in k for k in adapter)
 

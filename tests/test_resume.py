@@ -3,16 +3,18 @@ mid-write is never picked by resume=auto."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from fabric_align import checkpoints, kto, loop
+from fabric_align import checkpoints, kto, loop, spin
 from fabric_align.checkpoints import checkpoint_dirs, find_resume_path
 from fabric_align.errors import ConfigError
+from fabric_align.modeling import EMBEDDED_MODEL_DIR
 
-from conftest import KTO_TEN_STEPS, column, load_safetensors, read_metrics, run_cli
+from conftest import FAST, KTO_TEN_STEPS, column, load_safetensors, read_metrics, run_cli
 
 ARGS = KTO_TEN_STEPS
 
@@ -84,9 +86,22 @@ def test_resume_from_an_explicit_path_and_the_final_step(
     run_cli(kto.setup, [*short, f"--out_dir={out}", "--resume=auto", "--kto.beta=0.3", "--train.eval_interval=2"])
     assert "differ from the checkpoint's run: kto.beta: 0.1 -> 0.3" in caplog.text
     assert "eval_interval" not in caplog.text
-    # Files that changed on disk (here the random init's seed, the reference's identity) are said too.
+    # Other weights files (here the same random-init config, copied: the reference's identity) are said too.
     assert "inputs that changed" not in caplog.text
-    run_cli(kto.setup, [*short, f"--out_dir={out}", "--resume=auto", "--seed=7"])
+    copy = tmp_path / "tiny-copy"
+    shutil.copytree(EMBEDDED_MODEL_DIR, copy)
+    run_cli(kto.setup, [*short, f"--out_dir={out}", "--resume=auto", f"--model.name_or_path={copy}"])
     assert "inputs that changed since the checkpoint was written: the model's weight files (or the seed" in caplog.text
+    # What decides which examples the remaining steps read may not change: the seed, the global batch, the data.
+    for flag, expected in [
+        ("--seed=7", "the checkpoint's run used seed=42, which decides the examples"),
+        ("--train.global_batch_size=4", "used train.global_batch_size=8, which decides"),
+        ("--data.max_length=48", "is not the training data the checkpoint's run was on"),
+    ]:
+        with pytest.raises(ConfigError, match=expected):
+            run_cli(kto.setup, [*short, f"--out_dir={out}", "--resume=auto", flag])
+    # Nor may the other method resume it.
+    with pytest.raises(ConfigError, match="the checkpoint was written by kto, not spin"):
+        run_cli(spin.setup, [*FAST, f"--out_dir={out}", "--resume=auto"])
     with pytest.raises(ConfigError, match="not a complete checkpoint"):
         run_cli(kto.setup, [*short, f"--out_dir={out}", f"--resume={out / 'logs'}"])

@@ -91,6 +91,9 @@ def test_launch_from_flags(monkeypatch: pytest.MonkeyPatch) -> None:
         resolve_launch(1, 1, "fp8", "auto")
     with pytest.raises(ConfigError, match="num_nodes=0"):
         resolve_launch(1, 0, None, "auto")
+    # A CPU has no fp16 autocast: 16-mixed runs, and is recorded, as bf16-mixed (what Fabric would run).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_launch(1, 1, "16-mixed", "auto").precision == "bf16-mixed"
 
 
 def test_launch_under_fabric_run(monkeypatch: pytest.MonkeyPatch) -> None:
