@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,8 +143,46 @@ def split_files(directory: Path, path: str, split: str) -> list[Path] | None:
         return None
     if split not in splits:
         raise DataError(f"{path}: no split '{split}' (its files make {sorted(str(name) for name in splits)})")
+    warn_unread_files(directory, path, splits)
     files = [Path(file) for file in splits[split]]
+    kinds = Counter(
+        FILE_KINDS.get(f.suffix.lower(), f.suffix.lower()) for f in files if f.suffix.lower() in DATA_SUFFIXES
+    )
+    if len(kinds) > 1:  # datasets would read the most common kind only, and drop the other files' rows silently
+        found = ", ".join(f"{n} {kind}" for kind, n in kinds.most_common())
+        raise DataError(f"{path}: split '{split}' mixes kinds of data files ({found}); keep one kind per split")
     return files if files and all(file.suffix.lower() in LOCAL_SUFFIXES for file in files) else None
+
+
+DATA_SUFFIXES = (*LOCAL_SUFFIXES, ".csv", ".tsv", ".txt", ".arrow")
+FILE_KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".txt": "text"}
+
+
+def warn_unread_files(directory: Path, path: str, splits: Any) -> None:
+    """``datasets``' naming rules read a folder's files by split name (``train.jsonl``; ``data/train-*``) and, where
+    several file kinds are present, only the most common one: other data files are left out without a word, rows a
+    user meant to train on. Named here."""
+    read = {Path(file).resolve() for files in splits.values() for file in files}
+    unread = sorted(
+        str(file.relative_to(directory))
+        for file in directory.rglob("*")
+        if file.suffix.lower() in DATA_SUFFIXES
+        and file.is_file()
+        and not any(part.startswith((".", "__")) for part in file.relative_to(directory).parts)
+        and file.resolve() not in read
+    )
+    if unread:
+        log.warning(
+            "%s: %d data file(s) no split reads under datasets' naming rules (the splits: %s): %s%s; name each file "
+            "after its split (train.jsonl, train-2.jsonl, data/train-00001-of-00002.jsonl) or point at a file",
+            path,
+            len(unread),
+            ", ".join(
+                f"{name} {len(files)} file(s)" for name, files in sorted(splits.items(), key=lambda kv: str(kv[0]))
+            ),
+            ", ".join(unread[:5]),
+            f" and {len(unread) - 5} more" if len(unread) > 5 else "",
+        )
 
 
 def without_nulls(record: Any) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import re
 from pathlib import Path
@@ -221,6 +222,36 @@ def test_a_folder_of_data_files_reads_the_rows_datasets_would_and_names_a_bad_ro
     other.mkdir()
     (other / "train.csv").write_text("prompt,completion,label\np,c,true\n")
     assert [row.value for row in read_rows(str(other), "train")] == [{"prompt": "p", "completion": "c", "label": True}]
+
+
+def test_a_folders_files_that_no_split_reads_are_named_and_mixed_kinds_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """datasets' naming rules read ``train.jsonl`` for the train split and leave ``more.jsonl`` out; with several
+    kinds of files in a split it reads the most common kind only. Neither may drop rows without a word."""
+    from fabric_align.data import read_rows
+
+    rows = [{"prompt": f"p{i}", "completion": f"c{i}", "label": i % 2 == 0} for i in range(3)]
+    folder = tmp_path / "named"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", rows)
+    write_jsonl(folder / "more.jsonl", rows)
+    (folder / "README.md").write_text("notes, not data\n")
+    with caplog.at_level(logging.WARNING, logger="fabric_align"):
+        assert len(read_rows(str(folder), "train")) == 3
+    assert (
+        "named: 1 data file(s) no split reads under datasets' naming rules (the splits: train 1 file(s)): more.jsonl;"
+        in caplog.text
+    )
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    write_jsonl(mixed / "a.jsonl", rows)
+    for name in ("b.csv", "c.csv"):
+        (mixed / name).write_text("prompt,completion,label\np,c,true\n")
+    with pytest.raises(
+        DataError, match=r"mixed: split 'train' mixes kinds of data files \(2 csv, 1 json\); keep one kind"
+    ):
+        read_rows(str(mixed), "train")
 
 
 def test_eos_written_inside_the_text_and_multi_message_completions_are_kept_whole(
