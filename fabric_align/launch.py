@@ -18,6 +18,17 @@ from fabric_align.modeling import fsdp2_parallelize
 log = logging.getLogger("fabric_align")
 
 STRATEGIES = ("auto", "fsdp", "ddp")
+# What tells Fabric's cluster environments where a multi-node process stands: its own variables (set by hand or by
+# `fabric run`), SLURM's, torchrun's, LSF's, MPI's.
+CLUSTER_VARIABLES = (
+    "NODE_RANK",
+    "MASTER_ADDR",
+    "SLURM_NTASKS",
+    "TORCHELASTIC_RUN_ID",
+    "LSB_JOBID",
+    "OMPI_COMM_WORLD_SIZE",
+    "PMI_SIZE",
+)
 PRECISIONS = ("32-true", "bf16-true", "bf16-mixed", "16-mixed")
 
 
@@ -118,6 +129,13 @@ def resolve_launch(devices: int | str, num_nodes: int, precision: str | None, st
         raise ConfigError(f"strategy={strategy!r}: expected one of {STRATEGIES}")
     if num_nodes < 1:
         raise ConfigError(f"num_nodes={num_nodes}: must be at least 1")
+    if num_nodes > 1 and not under_cli and not any(os.environ.get(name) for name in CLUSTER_VARIABLES):
+        # Fabric would take this process for node 0 of a cluster that never forms, and wait (30 minutes) in silence.
+        raise ConfigError(
+            f"num_nodes={num_nodes} with no cluster around this process (no NODE_RANK and MASTER_ADDR, SLURM or "
+            f"torchrun): start one process per node, e.g. `fabric run --num-nodes {num_nodes} --node-rank N "
+            "--main-address HOST fabric_align/kto.py ...` on each node, or run under SLURM or torchrun"
+        )
     accelerator = os.environ.get("LT_ACCELERATOR", "auto") if under_cli else "auto"
     if accelerator == "auto":
         accelerator = "cuda" if torch.cuda.is_available() else "cpu"

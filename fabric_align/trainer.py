@@ -192,6 +192,8 @@ class Job:
     resume_path: Path | None
     tokenizer: Any
     config: dict[str, Any]
+    architecture: dict[str, Any]
+    """The model config's shape-deciding fields (``model_architecture``), in checkpoints."""
     train_data_id: str | None = None
     """A fingerprint of the training examples, in checkpoints; set by ``require_resumed_data``."""
 
@@ -251,6 +253,9 @@ def prepare_job(
     model_config = load_hub_object(model, load_config, "its config")
     check_model_config(model, model_config)
     check_model_structure(model, model_config)
+    architecture = model_architecture(model_config)
+    if resume_path is not None:
+        check_resume_architecture(resume_path, read_meta(resume_path).get("architecture", {}), architecture, model)
     check_max_length(data, model, model_config)
     config = hparams(
         model=model,
@@ -266,7 +271,47 @@ def prepare_job(
         precision=launch.precision,
         strategy=launch.strategy,
     )
-    return Job(model, data, train, logger, out_dir, seed, launch, resume_path, tokenizer, config)
+    return Job(model, data, train, logger, out_dir, seed, launch, resume_path, tokenizer, config, architecture)
+
+
+# The config fields that decide the parameters' shapes, under the names of the common architectures (Llama, Qwen,
+# Mistral, Gemma, Phi, GPT-2, mixtures of experts).
+ARCHITECTURE_FIELDS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "n_inner",
+    "n_positions",
+    "num_experts",
+    "num_local_experts",
+    "moe_intermediate_size",
+)
+
+
+def model_architecture(model_config: Any) -> dict[str, Any]:
+    fields = model_config.to_dict()
+    return {name: fields[name] for name in ARCHITECTURE_FIELDS if fields.get(name) is not None}
+
+
+def check_resume_architecture(
+    resume_path: Path, saved: dict[str, Any], current: dict[str, Any], model: ModelArgs
+) -> None:
+    """A checkpoint's state only fits a model of its own shapes: a mismatch is named before any model loads (or any
+    reference pass runs), not as a state-dict error after them. Fields either side did not record are not compared."""
+    for name in ARCHITECTURE_FIELDS:
+        if name in saved and name in current and saved[name] != current[name]:
+            raise ConfigError(
+                f"resume={resume_path}: its model has {name}={saved[name]!r}, model.name_or_path="
+                f"{model.name_or_path} has {name}={current[name]!r}; resume with the checkpoint's model"
+            )
 
 
 def require_resumed_data(job: Job, data_id: str) -> None:
@@ -440,7 +485,7 @@ def open_run(
         config=job.config,
         fresh=job.resume_path is None,
     )
-    meta = {"method": method, "config": job.config, "inputs": inputs}
+    meta = {"method": method, "config": job.config, "inputs": inputs, "architecture": job.architecture}
     if job.train_data_id is not None:
         meta["train_data"] = job.train_data_id
     run = Run(job, fabric, policy, optimizer, logger, full_state, meta, resumed_meta=saved)

@@ -594,9 +594,16 @@ def test_a_checkpoint_of_another_architecture_is_named_so(
     shutil.copytree(EMBEDDED_MODEL_DIR, other)
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] * 2}))
-    result = program(
-        kto.setup, [*KTO_ARGS, f"--out_dir={out}", "--resume=auto", f"--model.name_or_path={other}"], capsys
-    )
+    args = [*KTO_ARGS, f"--out_dir={out}", "--resume=auto", f"--model.name_or_path={other}"]
+    result = program(kto.setup, args, capsys)
+    shapes = f"its model has intermediate_size={config['intermediate_size']}, model.name_or_path={other} has"
+    assert_one_line_error(result, "step-000010: " + shapes)
+    assert "reference log-probs" not in result.out + result.err  # said before any model loads
+    # A checkpoint that did not record its shapes: the state's own mismatch, named as such.
+    meta = json.loads((out / "step-000010" / "meta.json").read_text())
+    del meta["architecture"]
+    (out / "step-000010" / "meta.json").write_text(json.dumps(meta))
+    result = program(kto.setup, args, capsys)
     assert_one_line_error(result, "step-000010/state: does not fit this model (size mismatch for", "model.name_or_path")
 
 

@@ -11,7 +11,7 @@ import torch
 
 from fabric_align.args import TrainArgs
 from fabric_align.errors import ConfigError
-from fabric_align.launch import resolve_launch
+from fabric_align.launch import CLUSTER_VARIABLES, resolve_launch
 from fabric_align.metrics import ONE, MetricSpec, reduce_metrics
 from fabric_align.optim import lr_at
 
@@ -77,6 +77,7 @@ def test_undeclared_or_missing_metrics_are_errors() -> None:
 # ---------------------------------------------------------------------------------------------------- launch
 def test_launch_from_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("LT_CLI_USED", raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")  # as on a node of a cluster
     launch = resolve_launch("0,1,2", 2, "bf16-mixed", "fsdp")
     assert (launch.devices, launch.num_nodes, launch.world_size) == (3, 2, 6)
     assert launch.param_dtype == torch.float32  # mixed precision keeps fp32 masters
@@ -91,6 +92,15 @@ def test_launch_from_flags(monkeypatch: pytest.MonkeyPatch) -> None:
         resolve_launch(1, 1, "fp8", "auto")
     with pytest.raises(ConfigError, match="num_nodes=0"):
         resolve_launch(1, 0, None, "auto")
+    # Several nodes with nothing that makes a cluster: refused, rather than waiting for nodes that never come.
+    for name in CLUSTER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(
+        ConfigError, match="num_nodes=2 with no cluster around this process .* `fabric run --num-nodes 2"
+    ):
+        resolve_launch(1, 2, None, "auto")
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    assert resolve_launch(1, 2, None, "auto").world_size == 2
     # A CPU has no fp16 autocast: 16-mixed runs, and is recorded, as bf16-mixed (what Fabric would run).
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_launch(1, 1, "16-mixed", "auto").precision == "bf16-mixed"
