@@ -312,6 +312,11 @@ class IterationStore:
     def required(self, t: int, data_id: str, start: int, data: list[str]) -> IterationData:
         """The data a checkpoint inside iteration t trained on, which cannot be made again (its opponent is gone).
         ``data``: the fingerprints of this run's SFT splits, which must be those its answers belong to."""
+        self.check_required(t, data_id, start, data)
+        return self.load(t)
+
+    def check_required(self, t: int, data_id: str, start: int, data: list[str]) -> None:
+        """``required``'s checks without loading: intact, the data the checkpoint trained on, of this run's SFT data."""
         directory = self.directory(t)
         problem = verify_directory(directory)
         meta = read_meta(directory) if problem is None else {}
@@ -325,7 +330,6 @@ class IterationStore:
                 f"is gone, so it cannot be made again: resume from a checkpoint at or before step {start} (the "
                 "iteration's start)"
             )
-        return self.load(t)
 
     def previous_answers(self, t: int) -> list[list[int]]:
         """Iteration t - 1's generated training answers, for mix_previous."""
@@ -705,7 +709,33 @@ def setup(
     if val_path:
         val_data = load_split(val_path, data.val_split, renderer, data.max_length, **options)
     require_batches(len(train_data), train_data.source, train)
+    if job.resume_path is not None:
+        check_resumed_iteration(job, spin, train_data, val_data)
     main(job.launch.make_fabric(), job, spin, train_data, val_data)
+
+
+def require_recorded_iteration(resume_path: Path | None, trained_on: list[str], t: int) -> None:
+    if len(trained_on) <= t:
+        raise TrainingError(
+            f"{resume_path}: its meta.json does not record the iteration data it trained on (an older version's "
+            "checkpoint); resume from a checkpoint at an iteration's start"
+        )
+
+
+def check_resumed_iteration(job: Job, spin: SPINArgs, train_data: SFTData, val_data: SFTData | None) -> None:
+    """Before any model loads: a checkpoint inside an iteration trained on that iteration's stored data, which cannot
+    be made again (its opponent is gone), so it must be intact, the same, and of this run's SFT data. ``main``
+    checks again as it loads it."""
+    assert job.resume_path is not None
+    meta = read_meta(job.resume_path)
+    step, trained_on = meta.get("step", 0), list(meta.get("iterations", []))
+    data = [split.fingerprint() for split in (train_data, val_data) if split is not None]
+    store = IterationStore(job.out_dir, job.tokenizer, {})
+    for t, phase in enumerate(iteration_phases(spin, len(train_data), job.train)):
+        if step > phase.start:
+            require_recorded_iteration(job.resume_path, trained_on, t)
+        if phase.start < step <= phase.end:
+            store.check_required(t, trained_on[t], phase.start, data)
 
 
 def main(fabric: Any, job: Job, spin: SPINArgs, train_data: SFTData, val_data: SFTData | None) -> None:
@@ -727,11 +757,8 @@ def main(fabric: Any, job: Job, spin: SPINArgs, train_data: SFTData, val_data: S
     for t, phase in enumerate(phases):
         start, end = phase.start, phase.end
         inside = run.state["step"] > start  # resumed from a checkpoint after this iteration's start
-        if inside and len(trained_on) <= t:
-            raise TrainingError(
-                f"{job.resume_path}: its meta.json does not record the iteration data it trained on (an older "
-                "version's checkpoint); resume from a checkpoint at an iteration's start"
-            )
+        if inside:
+            require_recorded_iteration(job.resume_path, trained_on, t)
         if run.state["step"] > end:
             history.append(trained_on[t])
             continue  # finished before the checkpoint we resumed from

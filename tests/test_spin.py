@@ -122,8 +122,12 @@ def test_resume_in_iteration_one_reuses_generations(tmp_path: Path, monkeypatch:
     rows = (REPO / "fabric_align" / "assets" / "sft_demo_train.jsonl").read_text().splitlines()
     edited = write_jsonl(tmp_path / "edited.jsonl", [json.dumps({"prompt": "Hi", "completion": "Hello!"}), *rows[1:]])
     changed = [f"--data.train_path={edited}", "--data.val_path=fabric-align/sft-demo-val"]
-    with pytest.raises(TrainingError, match="its answers belong to other SFT data than this run's"):
-        run_cli(spin.setup, [*args, *changed, f"--out_dir={resumed}", "--resume=auto"])
+    hparams = (resumed / "logs" / "hparams.yaml").read_bytes()
+    with monkeypatch.context() as patch:  # refused before any model loads, and before the logs are touched
+        patch.setattr(spin, "build_policy", lambda *a: pytest.fail("loaded the model first"))
+        with pytest.raises(TrainingError, match="its answers belong to other SFT data than this run's"):
+            run_cli(spin.setup, [*args, *changed, f"--out_dir={resumed}", "--resume=auto"])
+    assert (resumed / "logs" / "hparams.yaml").read_bytes() == hparams
     run_cli(spin.setup, [*args, f"--out_dir={resumed}", "--resume=auto"])  # from step 3, in iteration 0
     assert {t: (resumed / f"iter-{t}" / "pairs.pt").stat().st_mtime_ns for t in (0, 1)} == written
     a = load_safetensors(straight / "final" / "model.safetensors")
