@@ -160,6 +160,8 @@ def find_resume_path(out_dir: Path, resume: str | Path | None) -> Path | None:
     path = Path(resume).expanduser()
     if not path.exists():
         raise ConfigError(f"resume={path}: no such checkpoint directory")
+    if path.is_file() and (path.parent / META).is_file():  # a file inside a checkpoint: its directory was meant
+        raise ConfigError(f"resume={path}: a file; pass the checkpoint's directory, resume={path.parent}")
     if not path.is_dir() or not (path / META).is_file():
         raise ConfigError(f"resume={path}: not a complete checkpoint directory (no {META})")
     problem = verify_directory(path)

@@ -202,7 +202,10 @@ def load_split(
     if with_generated:
         for row, item in zip(rows, parsed, strict=True):
             if item.generated is None:
-                raise row.error("generated", "missing: spin.reuse_generated needs every row's generated answer")
+                problem = "missing"
+                if isinstance(row.value, dict) and "generated" in row.value:  # beside 'messages' or 'prompt'
+                    problem = "read only beside 'real' (the SPIN authors' row form: 'real' messages, 'generated')"
+                raise row.error("generated", f"{problem}: spin.reuse_generated needs every row's generated answer")
     prompts, answers, generated = [], [], []
     cut = 0
     for row, item in zip(rows, parsed, strict=True):

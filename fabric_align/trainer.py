@@ -386,6 +386,15 @@ def validation_source(data: DataArgs) -> str | None:
         log.info("validation data: %s (the embedded demo's own, data.val_path=auto)", path)
     else:
         log.info("validation data: %s", path)
+    val_file = Path(resolve_path(path)).resolve() if path is not None else None
+    # (A single file has no splits: the same file is the same rows whatever the split names say.)
+    if val_file == Path(resolve_path(data.train_path)).resolve() and (
+        val_file.is_file() or data.val_split == data.train_split
+    ):
+        log.warning(
+            "data.val_path is the training data itself (%s): validation then measures fit, not held-out behaviour",
+            path,
+        )
     return path
 
 

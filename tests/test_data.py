@@ -395,3 +395,17 @@ def test_a_single_row_is_a_split_only_without_a_kl_term(tmp_path: Path, renderer
         load_split(path, "train", renderer, 64, 0, train=False)
     data = load_split(path, "train", renderer, 64, 0, train=False, kl_pairs=False)  # apo_zero_unpaired
     assert len(data) == 1 and data.kl_sequences == []
+
+
+def test_validating_on_the_training_data_is_warned(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from fabric_align.args import DataArgs
+    from fabric_align.trainer import validation_source
+
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "p", "completion": "c", "label": True}])
+    with caplog.at_level(logging.WARNING, logger="fabric_align"):
+        validation_source(DataArgs(train_path=str(path), val_path=str(tmp_path / "." / "rows.jsonl")))
+        assert "data.val_path is the training data itself" in caplog.text
+        caplog.clear()
+        validation_source(DataArgs(train_path=str(path), val_path=str(tmp_path / "other.jsonl")))
+        validation_source(DataArgs())  # the demo's own held-out split
+    assert "training data itself" not in caplog.text

@@ -105,3 +105,6 @@ def test_resume_from_an_explicit_path_and_the_final_step(
         run_cli(spin.setup, [*FAST, f"--out_dir={out}", "--resume=auto"])
     with pytest.raises(ConfigError, match="not a complete checkpoint"):
         run_cli(kto.setup, [*short, f"--out_dir={out}", f"--resume={out / 'logs'}"])
+    step = out / "step-000004"
+    with pytest.raises(ConfigError, match=f"meta.json: a file; pass the checkpoint's directory, resume={step}$"):
+        run_cli(kto.setup, [*short, f"--out_dir={out}", f"--resume={step / 'meta.json'}"])

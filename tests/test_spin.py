@@ -511,6 +511,18 @@ def test_authors_rows_with_and_without_reusing_their_generations(
             "answers another prompt",
         ),
         ([{"real": [{"role": "user", "content": "a"}]}], 1, "real", "no assistant turn"),
+        (
+            authors_rows(1)
+            + [
+                {
+                    "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+                    "generated": "c",
+                }
+            ],
+            2,
+            "generated",
+            "read only beside 'real'",
+        ),
     ],
 )
 def test_bad_authors_rows(rows: list, line: int, field: str, problem: str, tmp_path: Path) -> None:
