@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import re
+from array import array
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -411,6 +412,15 @@ def content_hash(*parts: Any) -> str:
     digest = hashlib.sha256()
     for part in parts:
         digest.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
+
+
+def sequences_hash(sequences: Sequence[tuple[list[int], int]], *extra: Any) -> str:
+    """``content_hash`` for token sequences, over their bytes (JSON-encoding millions of ids would take seconds)."""
+    digest = hashlib.sha256()
+    for ids, prompt_length in sequences:
+        digest.update(array("q", [len(ids), prompt_length, *ids]).tobytes())
+    digest.update(content_hash(*extra).encode())
     return digest.hexdigest()[:16]
 
 

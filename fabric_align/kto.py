@@ -38,6 +38,7 @@ from fabric_align.data import (
     require_field,
     require_messages,
     require_text,
+    sequences_hash,
     shown,
 )
 from fabric_align.errors import TrainingError
@@ -392,7 +393,7 @@ def setup(
     if val_path:
         val_data = load_split(val_path, data.val_split, renderer, data.max_length, seed + 1, train=False, **options)
     require_batches(len(train_data), train_data.source, train)
-    require_resumed_data(job, content_hash(train_data.sequences, train_data.labels.tolist()))
+    require_resumed_data(job, sequences_hash(train_data.sequences, train_data.labels.tolist()))
     kto = resolve_weights(train_data, kto)
     job.config["kto"]["desirable_weight"] = kto.desirable_weight  # the value used, also under auto
     warn_weight_ratio(train_data, kto)
