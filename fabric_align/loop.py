@@ -89,6 +89,7 @@ class Run:
     resumed_meta: dict[str, Any] = field(default_factory=dict)  # the resumed checkpoint's meta.json
     resumed_step: int = -1
     resumed_keys: set[str] = field(default_factory=set)  # what the resumed run had logged at resumed_step
+    epoch: int = 0  # train/epoch of the last step trained (0 before the first; SPIN: within the iteration)
 
     @property
     def args(self) -> TrainArgs:
@@ -129,8 +130,13 @@ def fit(
     bar = tqdm(
         total=phase.end, initial=state["step"], desc="train", disable=not fabric.is_global_zero, dynamic_ncols=True
     )
+
+    def trained_epoch(step: int) -> int:  # the epoch of the step before ``step``, as train/epoch counts it
+        return plan.epoch_of(step - 1 - phase.start) + 1 if step > phase.start else 0
+
     while state["step"] < phase.end:
         step = state["step"]
+        run.epoch = trained_epoch(step)
         if step % args.eval_interval == 0:
             log_validation(run, recipe, step)
         t0 = time.perf_counter()
@@ -189,6 +195,7 @@ def fit(
             raise TrainingError(stop)
         if args.save_interval and state["step"] % args.save_interval == 0:
             save(run)
+    run.epoch = trained_epoch(state["step"])  # for the validation after the phase
     bar.close()
 
 
@@ -254,7 +261,9 @@ def log_validation(run: Run, recipe: Recipe, step: int) -> dict[str, float]:
     metrics = evaluate(run, recipe)
     run.last_validation = metrics
     if metrics:
-        run.logger.log({f"val/{k}": v for k, v in metrics.items()} | {"val/step": step}, step=step)
+        run.logger.log(
+            {f"val/{k}": v for k, v in metrics.items()} | {"val/step": step, "val/epoch": run.epoch}, step=step
+        )
         if run.fabric.is_global_zero:
             shown = ", ".join(
                 f"{k}={v:.4f}"

@@ -54,6 +54,9 @@ def test_default_run_trains_and_its_margin_grows(default_run: Path) -> None:
         assert column(rows, f"train/{name}"), name
     assert column(rows, "train/step") == list(range(1, 65))
     assert column(rows, "train/epoch")[-1] == 4
+    # Validation before step s is after the steps before it: their epoch (16 steps each), 0 before the first.
+    assert column(rows, "val/step") == [0, 10, 20, 30, 40, 50, 60, 64]
+    assert column(rows, "val/epoch") == [0, 1, 2, 2, 3, 4, 4, 4]
     assert min(column(rows, "train/tokens_per_sec")) > 0
     lrs = column(rows, "train/lr")
     assert lrs[0] < lrs[5] and lrs[-1] < lrs[10]  # warmup, then cosine decay
