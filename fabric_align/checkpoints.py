@@ -188,7 +188,11 @@ def claim_out_dir(out_dir: Path) -> str | None:
         import fcntl
     except ImportError:  # not a POSIX system: no lock
         return None
-    file = open(key / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 (held open while the run lasts)
+    try:
+        file = open(key / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 (held open while the run lasts)
+    except OSError as err:  # the run's own writes will say what is wrong with out_dir
+        log.debug("out_dir=%s: no lock (%s)", out_dir, err)
+        return None
     try:
         fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as err:

@@ -122,6 +122,9 @@ def configure_logging() -> None:
     if ours:
         for handler in root.handlers:
             handler.addFilter(rank_zero_or_error)
+        # These libraries print through a handler of their own; passed on to ours too, each line showed twice.
+        for library in ("huggingface_hub", "datasets"):
+            logging.getLogger(library).propagate = False
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # On CPUs with AVX512-BF16, importing bitsandbytes tries to fetch a CPU 4-bit matmul kernel from the Hugging Face

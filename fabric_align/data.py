@@ -119,6 +119,9 @@ def read_rows(path: str, split: str = "train") -> list[Row]:
         return [row for file in files for row in read_rows(str(file))]
     import datasets
 
+    from fabric_align.hub import offline_unless_reachable
+
+    offline_unless_reachable()
     try:
         loaded = datasets.load_dataset(path, split=split)
     except Exception as err:  # hub errors come in many types; the message says what went wrong

@@ -32,6 +32,7 @@ from fabric_align.checkpoints import (
 )
 from fabric_align.data import content_hash, resolve_path
 from fabric_align.errors import ConfigError, TrainingError
+from fabric_align.hub import offline_unless_reachable
 from fabric_align.kernels._dispatch import kernel_choice
 from fabric_align.launch import Launch, resolve_launch
 from fabric_align.loggers import MetricLogger
@@ -350,6 +351,8 @@ def check_max_length(data: DataArgs, model: ModelArgs, model_config: Any) -> Non
 def load_hub_object(model: ModelArgs, loader: Callable[[ModelArgs], Any], what: str) -> Any:
     """``loader(model)``, with any failure to find or fetch the model (offline, no such hub id or revision, a
     directory without the files) as one ConfigError naming it."""
+    if not Path(resolve_model_path(model.name_or_path)).is_dir():  # a hub id
+        offline_unless_reachable()
     try:
         return loader(model)
     except Exception as err:  # transformers and huggingface_hub raise many types (OSError, HTTP errors, ValueError)

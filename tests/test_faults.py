@@ -246,6 +246,34 @@ def test_environment_failures_are_one_line(
     )
 
 
+def test_an_unreachable_hub_is_offline_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Where the hub cannot be reached, a hub id is read from the local cache only: a missing one fails at once,
+    instead of after huggingface_hub's half a minute of retries."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    from fabric_align import hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # restored after the test, as the two above
+    for name in hub.PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    hub.hub_reachable.cache_clear()
+    try:
+        result = program(
+            kto.setup, [*FAST, "--data.train_path=no-such-org/no-such-data", f"--out_dir={tmp_path}"], capsys
+        )
+    finally:
+        hub.hub_reachable.cache_clear()
+    assert_one_line_error(result, "no-such-org/no-such-data: not a local file and could not be loaded as a dataset")
+    assert huggingface_hub.constants.HF_HUB_OFFLINE and datasets.config.HF_HUB_OFFLINE
+    assert "OfflineModeIsEnabled" in result.err  # no request made, so no retries
+
+
 def test_disk_full_during_a_save(
     tmp_path: Path, kto_straight: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
