@@ -11,7 +11,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from fabric_align.errors import ConfigError
 
@@ -354,6 +354,13 @@ class SPINArgs:
             peak = self.lr_at(t, train.lr)
             if train.min_lr > peak:
                 raise ConfigError(f"train.min_lr={train.min_lr}: must be at most iteration {t}'s peak lr {peak}")
+
+    def restarts_data_at(self, step: int, train: TrainArgs, saved_train: dict[str, Any]) -> bool:
+        """Whether a checkpoint at optimizer step ``step`` stands at an iteration's start whatever the global batch
+        size: with ``train.max_steps`` (the checkpoint's too) each iteration is that many steps, and the next one
+        reads a new data plan of its own from its start, so the seed and global batch size may change there."""
+        steps = train.max_steps
+        return steps is not None and saved_train.get("max_steps") == steps and step >= 0 and step % steps == 0
 
     def _check_per_iteration(self, name: str, check: Callable[..., None], optional: bool = False) -> None:
         value = getattr(self, name)

@@ -189,7 +189,7 @@ def claim_out_dir(out_dir: Path) -> str | None:
     except ImportError:  # not a POSIX system: no lock
         return None
     try:
-        file = open(key / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 (held open while the run lasts)
+        file = open(key / LOCK_FILE, "a+", encoding="utf-8", errors="replace")  # noqa: SIM115 (held while the run lasts)
     except OSError as err:  # the run's own writes will say what is wrong with out_dir
         log.debug("out_dir=%s: no lock (%s)", out_dir, err)
         return None
@@ -203,9 +203,12 @@ def claim_out_dir(out_dir: Path) -> str | None:
             return holder or "another process"
         log.debug("out_dir=%s: no lock (%s)", out_dir, err)
         return None
-    file.truncate(0)
-    file.write(f"process {os.getpid()} on {socket.gethostname()}\n")
-    file.flush()
+    try:  # who holds it, for the message of a run refused; the lock holds without it (a full disk)
+        file.truncate(0)
+        file.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+        file.flush()
+    except OSError as err:
+        log.debug("out_dir=%s: lock holder not recorded (%s)", out_dir, err)
     _claimed[key] = file
     return None
 

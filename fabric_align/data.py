@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import re
-from array import array
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -158,8 +157,9 @@ def split_files(directory: Path, path: str, split: str) -> list[Path] | None:
     return files if files and all(file.suffix.lower() in LOCAL_SUFFIXES for file in files) else None
 
 
-DATA_SUFFIXES = (*LOCAL_SUFFIXES, ".csv", ".tsv", ".txt", ".arrow")
-FILE_KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".txt": "text"}
+# The data files a row can come from (not .txt: a folder's LICENSE.txt or notes.txt is no data set of rows).
+DATA_SUFFIXES = (*LOCAL_SUFFIXES, ".csv", ".tsv")
+FILE_KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".tsv": "csv"}
 
 
 def warn_unread_files(directory: Path, path: str, splits: Any) -> None:
@@ -415,15 +415,6 @@ def content_hash(*parts: Any) -> str:
     digest = hashlib.sha256()
     for part in parts:
         digest.update(json.dumps(part, sort_keys=True, default=str).encode())
-    return digest.hexdigest()[:16]
-
-
-def sequences_hash(sequences: Sequence[tuple[list[int], int]], *extra: Any) -> str:
-    """``content_hash`` for token sequences, over their bytes (JSON-encoding millions of ids would take seconds)."""
-    digest = hashlib.sha256()
-    for ids, prompt_length in sequences:
-        digest.update(array("q", [len(ids), prompt_length, *ids]).tobytes())
-    digest.update(content_hash(*extra).encode())
     return digest.hexdigest()[:16]
 
 

@@ -38,7 +38,6 @@ from fabric_align.data import (
     require_field,
     require_messages,
     require_text,
-    sequences_hash,
     shown,
 )
 from fabric_align.errors import TrainingError
@@ -114,6 +113,9 @@ class KTOData:
     sequences: list[Sequence]
     kl_sequences: list[Sequence]
     labels: torch.Tensor  # [n] bool
+    rows_id: str = ""
+    """A fingerprint of the kept rows' prompts, completions and labels, in order: what the examples are, whatever the
+    tokenizer or chat template makes of them (a template may write today's date into every prompt)."""
     ref_logps: torch.Tensor | None = None
     ref_kl_logps: torch.Tensor | None = None
 
@@ -141,7 +143,7 @@ def load_split(
     parsed = [parse_row(row) for row in rows]
     if train:
         require_both_labels(rows[0].source, [label for _, _, label in parsed], "rows")
-    encoded, kept = [], []
+    encoded, kept, kept_rows = [], [], []
     cut = 0
     for row, (prompt, completion, label) in zip(rows, parsed, strict=True):
         if not isinstance(prompt, str):
@@ -151,6 +153,7 @@ def load_split(
         if completion_ids is not None:
             encoded.append((enc.prompt_ids, enc.completion_ids))
             kept.append(label)
+            kept_rows.append((prompt, completion, label))
             cut += len(completion_ids) < len(enc.completion_ids)
     dropped = len(rows) - len(encoded)
     report_fit(rows[0].source, len(rows), dropped, cut, max_length)
@@ -169,7 +172,8 @@ def load_split(
         if kl_pairs:
             other = fit_length(prompt_ids, encoded[pairing[i]][1], max_length)
             kl_sequences.append((prompt_ids + other, len(prompt_ids)))
-    return KTOData(rows[0].source, sequences, kl_sequences, torch.tensor(kept, dtype=torch.bool))
+    labels = torch.tensor(kept, dtype=torch.bool)
+    return KTOData(rows[0].source, sequences, kl_sequences, labels, content_hash(kept_rows))
 
 
 def require_both_labels(source: str, labels: list[bool], what: str) -> None:
@@ -393,7 +397,7 @@ def setup(
     if val_path:
         val_data = load_split(val_path, data.val_split, renderer, data.max_length, seed + 1, train=False, **options)
     require_batches(len(train_data), train_data.source, train)
-    require_resumed_data(job, sequences_hash(train_data.sequences, train_data.labels.tolist()))
+    require_resumed_data(job, train_data.rows_id)
     kto = resolve_weights(train_data, kto)
     job.config["kto"]["desirable_weight"] = kto.desirable_weight  # the value used, also under auto
     warn_weight_ratio(train_data, kto)

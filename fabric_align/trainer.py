@@ -79,13 +79,12 @@ def check_out_dir(out_dir: Path, resume: Any) -> None:
 
 
 def check_resume_state(
-    resume_path: Path, meta: dict[str, Any], method: str, model: ModelArgs, train: TrainArgs, seed: int
+    resume_path: Path, meta: dict[str, Any], method: str, model: ModelArgs, train: TrainArgs
 ) -> None:
-    """What the checkpoint's state and position mean must be the checkpoint's (``meta``: its meta.json): it was
-    written by this method; its optimizer state is one optimizer's; its parameters are one LoRA layout's; and its
-    step counts batches of one data order, which the seed and the global batch size decide (step s reads examples
-    ``s * global_batch_size`` onwards of the seed's shuffle). Other settings may change on resume, with a warning. A
-    setting the checkpoint did not record is taken as unchanged."""
+    """What the checkpoint's state means must be the checkpoint's (``meta``: its meta.json): it was written by this
+    method, its optimizer state is one optimizer's and its parameters are one LoRA layout's. Other settings may
+    change on resume, with a warning (``check_resume_order``: those of the data order). A setting the checkpoint did
+    not record is taken as unchanged."""
     saved_method = meta.get("method", method)
     if saved_method != method:
         raise ConfigError(
@@ -113,6 +112,13 @@ def check_resume_state(
                 f"resume={resume_path}: its state was trained with {name}={before!r}, which {now!r} cannot continue; "
                 "resume with the checkpoint's setting, or start a new run from its export"
             )
+
+
+def check_resume_order(resume_path: Path, meta: dict[str, Any], train: TrainArgs, seed: int) -> None:
+    """The checkpoint's step counts global batches of one data order, which the seed and the global batch size decide
+    (step s reads examples ``s * global_batch_size`` onwards of the seed's shuffle): resumed mid-order, they must be
+    the checkpoint's."""
+    saved, saved_train = meta.get("config", {}), meta.get("config", {}).get("train", {})
     order = {
         "seed": (saved.get("seed", seed), seed),
         "train.global_batch_size": (
@@ -249,7 +255,12 @@ def prepare_job(
     else:
         meta = read_meta(resume_path)
         check_resume(out_dir, resume_path, meta.get("step", -1), launch.strategy)
-        check_resume_state(resume_path, meta, next(iter(method)), model, train, seed)
+        check_resume_state(resume_path, meta, next(iter(method)), model, train)
+        # A method whose data plan restarts at the checkpoint's step (a SPIN iteration's start) reads no order half-way.
+        restarts = [group for group in method.values() if hasattr(group, "restarts_data_at")]
+        saved_train = meta.get("config", {}).get("train", {})
+        if not any(group.restarts_data_at(meta.get("step", -1), train, saved_train) for group in restarts):
+            check_resume_order(resume_path, meta, train, seed)
     tokenizer = load_hub_object(model, load_tokenizer, "its tokenizer")
     model_config = load_hub_object(model, load_config, "its config")
     check_model_config(model, model_config)
@@ -316,9 +327,9 @@ def check_resume_architecture(
 
 
 def require_resumed_data(job: Job, data_id: str) -> None:
-    """Record ``data_id`` (a fingerprint of the training examples as tokenized) for the run's checkpoints, and refuse
-    to resume a checkpoint that trained on other examples, before any model loads: its step counts global batches of
-    its examples' shuffle, so on other data (another file, an edited one, another ``data.max_length``) the remaining
+    """Record ``data_id`` (a fingerprint of the training rows kept) for the run's checkpoints, and refuse to resume a
+    checkpoint that trained on other rows, before any model loads: its step counts global batches of its examples'
+    shuffle, so on other rows (another file, an edited one, a ``data.max_length`` that drops other rows) the remaining
     steps would read a different, arbitrary part of the new set."""
     job.train_data_id = data_id
     if job.resume_path is None:
@@ -326,7 +337,7 @@ def require_resumed_data(job: Job, data_id: str) -> None:
     saved = read_meta(job.resume_path).get("train_data", data_id)  # checkpoints that did not record it: unchecked
     if saved != data_id:
         raise ConfigError(
-            f"resume={job.resume_path}: data.train_path={job.data.train_path} (as read with data.max_length="
+            f"resume={job.resume_path}: data.train_path={job.data.train_path} (the rows kept under data.max_length="
             f"{job.data.max_length}) is not the training data the checkpoint's run was on; resume with that data, "
             "or start a new run"
         )

@@ -252,6 +252,15 @@ def test_a_folders_files_that_no_split_reads_are_named_and_mixed_kinds_refused(
         DataError, match=r"mixed: split 'train' mixes kinds of data files \(2 csv, 1 json\); keep one kind"
     ):
         read_rows(str(mixed), "train")
+    # Text files beside the data (a licence, notes) are no kind of rows: neither mixed in nor named as unread.
+    caplog.clear()
+    licensed = tmp_path / "licensed"
+    licensed.mkdir()
+    write_jsonl(licensed / "data.jsonl", rows)
+    (licensed / "LICENSE.txt").write_text("CC-BY-4.0\n")
+    with caplog.at_level(logging.WARNING, logger="fabric_align"):
+        assert len(read_rows(str(licensed), "train")) == 3
+    assert "no split reads" not in caplog.text
 
 
 def test_eos_written_inside_the_text_and_multi_message_completions_are_kept_whole(

@@ -421,6 +421,22 @@ def test_max_steps_sets_each_iterations_steps(tmp_path: Path) -> None:
     assert column(rows, "train/epoch") == [1, 1, 1, 1, 2] * 2
 
 
+def test_the_data_order_may_change_only_where_an_iteration_starts(tmp_path: Path) -> None:
+    """With train.max_steps each iteration is that many steps whatever the batch: at an iteration's start the next
+    one reads a new plan from its start, so the seed and global batch may change there, and not inside one."""
+    out = tmp_path / "out"
+    args = [*SHORT, "--train.max_steps=2", "--train.save_interval=1", f"--out_dir={out}"]
+    run_cli(spin.setup, [*args, "--spin.iterations=1"])
+    shutil.rmtree(out / "step-000002")  # as if stopped inside the iteration
+    with pytest.raises(ConfigError, match="used train.global_batch_size=16, which decides the examples"):
+        run_cli(spin.setup, [*args, "--spin.iterations=1", "--train.global_batch_size=8", "--resume=auto"])
+    run_cli(spin.setup, [*args, "--spin.iterations=1", "--resume=auto"])  # back at step 2, the iteration's end
+    shutil.rmtree(out / "final")
+    run_cli(spin.setup, [*args, "--spin.iterations=2", "--train.global_batch_size=8", "--seed=3", "--resume=auto"])
+    rows = [row for row in read_metrics(out) if row.get("train/iteration") not in (None, "")]
+    assert column(rows, "train/iteration") == [0, 0, 1, 1]
+
+
 def test_resume_is_bit_identical_with_rmsprop_and_a_linear_schedule(tmp_path: Path) -> None:
     args = [
         *SHORT,
