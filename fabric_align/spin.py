@@ -312,14 +312,9 @@ class IterationStore:
             log.warning("iteration %d: not reusing %s: %s; generating again", t, directory, why_not)
         return None
 
-    def required(self, t: int, data_id: str, start: int, data: list[str]) -> IterationData:
-        """The data a checkpoint inside iteration t trained on, which cannot be made again (its opponent is gone).
-        ``data``: the fingerprints of this run's SFT splits, which must be those its answers belong to."""
-        self.check_required(t, data_id, start, data)
-        return self.load(t)
-
     def check_required(self, t: int, data_id: str, start: int, data: list[str]) -> None:
-        """``required``'s checks without loading: intact, the data the checkpoint trained on, of this run's SFT data."""
+        """Iteration t's stored data is what a checkpoint inside it trained on, and cannot be made again (its opponent
+        is gone): intact, of id ``data_id``, and of this run's SFT splits (``data``: their fingerprints)."""
         directory = self.directory(t)
         problem = verify_directory(directory)
         meta = read_meta(directory) if problem is None else {}
@@ -717,26 +712,20 @@ def setup(
     main(job.launch.make_fabric(), job, spin, train_data, val_data)
 
 
-def require_recorded_iteration(resume_path: Path | None, trained_on: list[str], t: int) -> None:
-    if len(trained_on) <= t:
-        raise TrainingError(
-            f"{resume_path}: its meta.json does not record the iteration data it trained on (an older version's "
-            "checkpoint); resume from a checkpoint at an iteration's start"
-        )
-
-
 def check_resumed_iteration(job: Job, spin: SPINArgs, train_data: SFTData, val_data: SFTData | None) -> None:
     """Before any model loads: a checkpoint inside an iteration trained on that iteration's stored data, which cannot
-    be made again (its opponent is gone), so it must be intact, the same, and of this run's SFT data. ``main``
-    checks again as it loads it."""
-    assert job.resume_path is not None
-    meta = read_meta(job.resume_path)
+    be made again (its opponent is gone), so it must be intact, the same, and of this run's SFT data. ``main`` then
+    loads it as checked here."""
+    meta = job.resume_meta
     step, trained_on = meta.get("step", 0), list(meta.get("iterations", []))
     data = [split.fingerprint() for split in (train_data, val_data) if split is not None]
     store = IterationStore(job.out_dir, job.tokenizer, {})
     for t, phase in enumerate(iteration_phases(spin, len(train_data), job.train)):
-        if step > phase.start:
-            require_recorded_iteration(job.resume_path, trained_on, t)
+        if step > phase.start and len(trained_on) <= t:
+            raise TrainingError(
+                f"{job.resume_path}: its meta.json does not record the iteration data it trained on (an older "
+                "version's checkpoint); resume from a checkpoint at an iteration's start"
+            )
         if phase.start < step <= phase.end:
             store.check_required(t, trained_on[t], phase.start, data)
 
@@ -759,9 +748,7 @@ def main(fabric: Any, job: Job, spin: SPINArgs, train_data: SFTData, val_data: S
     history: list[str] = []  # ids of the iteration data this run's policy has trained on, in order
     for t, phase in enumerate(phases):
         start, end = phase.start, phase.end
-        inside = run.state["step"] > start  # resumed from a checkpoint after this iteration's start
-        if inside:
-            require_recorded_iteration(job.resume_path, trained_on, t)
+        inside = run.state["step"] > start  # resumed from a checkpoint after this iteration's start (checked in setup)
         if run.state["step"] > end:
             history.append(trained_on[t])
             continue  # finished before the checkpoint we resumed from
@@ -770,7 +757,7 @@ def main(fabric: Any, job: Job, spin: SPINArgs, train_data: SFTData, val_data: S
             # Each iteration is a fresh fine-tuning run from the new opponent (as in the SPIN authors' recipe).
             optimizer.state.clear()
         if inside:
-            data_t = store.required(t, trained_on[t], start, shaping["data"])
+            data_t = store.load(t)  # as check_resumed_iteration verified it before launch
             fabric.print(f"iteration {t}: reusing {store.directory(t)}")
         else:
             provenance = iteration_provenance(spin, shaping, t, start, history)

@@ -201,6 +201,8 @@ class Job:
     config: dict[str, Any]
     architecture: dict[str, Any]
     """The model config's shape-deciding fields (``model_architecture``), in checkpoints."""
+    resume_meta: dict[str, Any]
+    """The ``meta.json`` of the checkpoint to resume, as read once before launch ({} when none)."""
     train_data_id: str | None = None
     """A fingerprint of the training examples, in checkpoints; set by ``require_resumed_data``."""
 
@@ -248,12 +250,12 @@ def prepare_job(
         )
     check_writable(out_dir)
     resume_path = find_resume_path(out_dir, resume)
+    meta = read_meta(resume_path) if resume_path is not None else {}
     if resume_path is None:
         check_out_dir(out_dir, resume)
         if resume is not None:
             log.info("resume=auto: no checkpoint in %s; starting from the beginning", out_dir)
     else:
-        meta = read_meta(resume_path)
         check_resume(out_dir, resume_path, meta.get("step", -1), launch.strategy)
         check_resume_state(resume_path, meta, next(iter(method)), model, train)
         # A method whose data plan restarts at the checkpoint's step (a SPIN iteration's start) reads no order half-way.
@@ -267,7 +269,7 @@ def prepare_job(
     check_model_structure(model, model_config)
     architecture = model_architecture(model_config)
     if resume_path is not None:
-        check_resume_architecture(resume_path, read_meta(resume_path).get("architecture", {}), architecture, model)
+        check_resume_architecture(resume_path, meta.get("architecture", {}), architecture, model)
     check_max_length(data, model, model_config)
     config = hparams(
         model=model,
@@ -283,7 +285,7 @@ def prepare_job(
         precision=launch.precision,
         strategy=launch.strategy,
     )
-    return Job(model, data, train, logger, out_dir, seed, launch, resume_path, tokenizer, config, architecture)
+    return Job(model, data, train, logger, out_dir, seed, launch, resume_path, tokenizer, config, architecture, meta)
 
 
 # The config fields that decide the parameters' shapes, under the names of the common architectures (Llama, Qwen,
@@ -334,7 +336,7 @@ def require_resumed_data(job: Job, data_id: str) -> None:
     job.train_data_id = data_id
     if job.resume_path is None:
         return
-    saved = read_meta(job.resume_path).get("train_data", data_id)  # checkpoints that did not record it: unchecked
+    saved = job.resume_meta.get("train_data", data_id)  # checkpoints that did not record it: unchecked
     if saved != data_id:
         raise ConfigError(
             f"resume={job.resume_path}: data.train_path={job.data.train_path} (the rows kept under data.max_length="
