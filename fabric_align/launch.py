@@ -14,6 +14,7 @@ from lightning.fabric import Fabric
 
 from fabric_align.errors import ConfigError
 from fabric_align.modeling import fsdp2_parallelize
+from fabric_align.rendezvous import free_port
 
 log = logging.getLogger("fabric_align")
 
@@ -102,6 +103,10 @@ class Launch:
         if effective != self.precision:
             raise ConfigError(f"precision={self.precision}, but Fabric was set up with {effective}")
         if not self.under_cli:
+            if self.world_size > 1 and self.num_nodes == 1 and not os.environ.get("MASTER_PORT"):
+                # Fabric's own pick is an ephemeral port, which an outgoing connection can take before its rank 0
+                # listens there (EADDRINUSE); the processes it starts inherit this one.
+                os.environ["MASTER_PORT"] = str(free_port())
             fabric.launch()
         return fabric
 

@@ -26,7 +26,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from fabric_align.rendezvous import free_port
 
 DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]
 SERVER_ONLY_KEYS = ("run_cap",)  # W&B's server reads these; the sweeps package's schema (0.2) does not know them
@@ -113,10 +114,7 @@ def with_free_port(item: str) -> str:
     program or another sweep on the machine, and torchrun binds it even for one process."""
     if "fabric run" not in item or re.search(r"--main[-_]port", item):
         return item
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return item.replace("fabric run", f"fabric run --main-port={port}", 1)
+    return item.replace("fabric run", f"fabric run --main-port={free_port()}", 1)
 
 
 def read_metric(path: Path, name: str) -> float | None:

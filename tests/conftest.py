@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -76,15 +75,10 @@ def assert_no_unactionable_warnings(output: str) -> None:
         assert text not in output, f"the run printed a warning a user cannot act on ({text!r})"
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on now (the OS picks it), for one launch's rendezvous."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def fabric_cli() -> list[str]:
     """``fabric run`` on a free port: its default (29400) may be taken, by another program or a parallel test."""
+    from fabric_align.rendezvous import free_port
+
     return [str(Path(sys.executable).parent / "fabric"), "run", f"--main-port={free_port()}"]
 
 

@@ -175,6 +175,27 @@ def test_each_sweep_run_gets_a_free_rendezvous_port() -> None:
     assert with_free_port("python x.py") == "python x.py"
 
 
+def test_rendezvous_ports_lie_outside_the_ephemeral_range_and_skip_taken_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A port from bind(0) can go to another process's outgoing connection before rank 0 listens on it (a CI run
+    failed with EADDRINUSE that way); ports below the kernel's ephemeral range are never handed out."""
+    import socket
+
+    from fabric_align import rendezvous
+
+    low, high = rendezvous.ephemeral_range()
+    ports = {rendezvous.free_port() for _ in range(20)}
+    assert all(not low <= port <= high and rendezvous.is_free(port) for port in ports) and len(ports) > 1
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        assert not rendezvous.is_free(busy)
+        monkeypatch.setattr(rendezvous, "LOW", busy)
+        monkeypatch.setattr(rendezvous, "HIGH", busy)
+        monkeypatch.setattr(rendezvous, "ephemeral_range", lambda: (1, 2))
+        assert rendezvous.free_port() != busy  # the only candidate is taken: the OS picks one
+
+
 def test_lora_target_modules_as_names_or_a_pattern() -> None:
     """A string of plain names means those names (peft would full-match "q_proj" against whole module paths and find
     nothing); "all-linear" and regular expressions keep peft's meaning, checked against the model's modules."""
