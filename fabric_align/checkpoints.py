@@ -213,6 +213,20 @@ def claim_out_dir(out_dir: Path) -> str | None:
     return None
 
 
+def remove_unfinished_writes(out_dir: Path) -> None:
+    """Remove the temporary directories of writes that a dead run left unfinished (a checkpoint, the export, a SPIN
+    iteration, the reference cache): never published, so nothing reads them, and each may hold a model's size.
+    Only by a run that holds the lock (before, a live run's writes in progress look the same) and has loaded what it
+    resumes (a run refused before that touches nothing). Directories set aside by ``publish`` (``.old-*``,
+    ``.replaced-*``, ``.incomplete-*``) are left alone: they may be all that remains of a complete one."""
+    leftovers = sorted(p for p in [*out_dir.glob(".tmp-*"), *out_dir.glob("cache/.tmp-*")] if p.is_dir())
+    for leftover in leftovers:
+        shutil.rmtree(leftover, ignore_errors=True)
+    if leftovers:
+        names = ", ".join(str(p.relative_to(out_dir)) for p in leftovers)
+        log.info("out_dir=%s: removed what an interrupted run left half-written (%s)", out_dir, names)
+
+
 def release_out_dirs() -> None:
     """Release this process's out_dir locks: its run has ended (a test or a sweep may start the next in-process)."""
     while _claimed:

@@ -28,6 +28,7 @@ from fabric_align.checkpoints import (
     find_resume_path,
     load_checkpoint,
     read_meta,
+    remove_unfinished_writes,
     require_finite_parameters,
 )
 from fabric_align.data import content_hash, resolve_path
@@ -503,6 +504,8 @@ def open_run(
         if fabric.is_global_zero:
             warn_changed_settings(saved.get("config", {}), job.config)
             warn_changed_inputs(saved.get("inputs"), inputs)
+    if fabric.is_global_zero:
+        remove_unfinished_writes(job.out_dir)
     logger = MetricLogger(
         job.logger,
         job.out_dir,

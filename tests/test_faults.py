@@ -392,7 +392,9 @@ def test_a_second_run_into_a_busy_out_dir_is_refused(tmp_path: Path, capsys: pyt
     """Another process's run holds out_dir (say, a relaunch while the old run's workers live on): refused in one
     line before any model loads, nothing of it touched; its end, even a kill, frees out_dir."""
     out = tmp_path / "out"
-    out.mkdir()
+    for unfinished in (".tmp-step-000006", "cache/.tmp-kto-reference-0a1b", ".old-step-000003"):  # a dead run's
+        (out / unfinished).mkdir(parents=True)
+        (out / unfinished / "meta.json").write_text("{}")
     hold = "import sys, time; from pathlib import Path; from fabric_align.checkpoints import claim_out_dir as c\n"
     hold += "assert c(Path(sys.argv[1])) is None; print('held', flush=True); time.sleep(120)"
     holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], cwd=tmp_path, stdout=subprocess.PIPE, text=True)
@@ -401,7 +403,9 @@ def test_a_second_run_into_a_busy_out_dir_is_refused(tmp_path: Path, capsys: pyt
         result = program(kto.setup, [*FAST, f"--out_dir={out}"], capsys)
         assert_one_line_error(result, f"out_dir={out} is in use by another run (process {holder.pid} on ")
         assert "model:" not in result.out  # stopped before loading it
-        assert [p.name for p in out.iterdir()] == [".lock"]
+        # Not even the holder's writes in progress (which look like a dead run's leftovers).
+        assert sorted(p.name for p in out.iterdir()) == [".lock", ".old-step-000003", ".tmp-step-000006", "cache"]
+        assert (out / "cache" / ".tmp-kto-reference-0a1b" / "meta.json").is_file()
     finally:
         holder.kill()
         holder.wait()

@@ -42,6 +42,10 @@ def test_stop_and_resume_is_bit_identical(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.undo()
     assert (resumed / ".tmp-step-000009" / "state").exists()
     (resumed / "step-000008").mkdir()  # a stray, incomplete directory with a checkpoint's name
+    # What other interrupted writes leave (the export, the reference cache), and a step that a publish set aside.
+    for leftover in (".tmp-final", "cache/.tmp-kto-reference-0a1b", ".old-step-000006"):
+        (resumed / leftover).mkdir()
+        (resumed / leftover / "meta.json").write_text("{}")
     assert [s for s, _ in checkpoint_dirs(resumed)] == [3, 6]
     assert find_resume_path(resumed, "auto") == resumed / "step-000006"
 
@@ -56,6 +60,9 @@ def test_stop_and_resume_is_bit_identical(tmp_path: Path, monkeypatch: pytest.Mo
     assert column(rows_b, "train/step") == list(range(1, 11))
     assert column(rows_a, "train/loss") == column(rows_b, "train/loss")
     assert [s for s, _ in checkpoint_dirs(resumed)] == [3, 6, 9, 10]
+    # The resumed run removed the unfinished writes (before its own), and kept what may be a complete checkpoint.
+    assert not [*resumed.glob(".tmp-*"), *resumed.glob("cache/.tmp-*")]
+    assert (resumed / ".old-step-000006" / "meta.json").is_file()
 
 
 def test_resume_from_an_explicit_path_and_the_final_step(
