@@ -76,7 +76,10 @@ def read_rows(path: str, split: str = "train") -> list[Row]:
         stripped = text.lstrip()
         if suffix == ".json" and stripped.startswith("["):
             try:
-                records = json.loads(text)
+                records = json.loads(text, object_pairs_hook=unique_keys)
+            except KeyTwice as err:
+                where = f"row {row_of_key_twice(text)}"
+                raise DataError(f"{path}, {where}, field {err.field!r}: given twice in one object") from None
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}, line {err.lineno}, field '<json>': malformed JSON ({err.msg})") from err
             except RecursionError:
@@ -224,7 +227,9 @@ def _read_json_lines(path: str, text: str) -> list[Row]:
         if not line.strip():
             continue
         try:
-            rows.append(Row(path, f"line {lineno}", json.loads(line)))
+            rows.append(Row(path, f"line {lineno}", json.loads(line, object_pairs_hook=unique_keys)))
+        except KeyTwice as err:
+            raise DataError(f"{path}, line {lineno}, field {err.field!r}: given twice in one object") from None
         except json.JSONDecodeError as err:
             raise DataError(f"{path}, line {lineno}, field '<json>': malformed JSON ({err.msg})") from err
         except RecursionError:
@@ -232,6 +237,37 @@ def _read_json_lines(path: str, text: str) -> list[Row]:
         except ValueError as err:  # an integer of more digits than Python converts
             raise DataError(f"{path}, line {lineno}, field '<json>': unreadable JSON ({err})") from None
     return rows
+
+
+class KeyTwice(Exception):
+    """A JSON object names one key twice: Python's json keeps the last value in silence, so a row edited by hand
+    (``"label": true, ..., "label": false``) would train on whichever came last."""
+
+    def __init__(self, field: str) -> None:
+        super().__init__(field)
+        self.field = field
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    record = dict(pairs)
+    if len(record) != len(pairs):
+        seen: set[str] = set()
+        raise KeyTwice(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return record
+
+
+def row_of_key_twice(text: str) -> int:
+    """The index of the first row of a JSON array that names a key twice (the array is valid JSON)."""
+    decoder = json.JSONDecoder(object_pairs_hook=unique_keys)
+    space = re.compile(r"[ \t\n\r]*")
+    pos, row = space.match(text, text.index("[") + 1).end(), 0
+    while True:
+        try:
+            _, pos = decoder.raw_decode(text, pos)
+        except KeyTwice:
+            return row
+        pos = space.match(text, pos).end() + 1  # past the comma
+        pos, row = space.match(text, pos).end(), row + 1
 
 
 # --------------------------------------------------------------------------------------------------- validation

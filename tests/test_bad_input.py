@@ -110,6 +110,12 @@ CASES = {
         "mixes NeMo-Aligner's form",
     ),
     "row not an object": (rows_with(10, "[1, 2]"), 10, "<row>", "JSON object"),
+    "label given twice": (
+        rows_with(8, '{"prompt": "x", "label": true, "completion": "y", "label": false}'),
+        8,
+        "label",
+        "given twice in one object",
+    ),
     "empty conversational prompt": (
         rows_with(7, {"prompt": [], "completion": [{"role": "assistant", "content": "y"}], "label": True}),
         7,
@@ -164,6 +170,12 @@ def test_json_array_and_parquet_rows_are_named(tmp_path: Path, guarded_out_dir: 
     path.write_text(json.dumps(GOOD[:5] + [{"prompt": "x", "completion": "y", "label": "yes"}]))
     with pytest.raises(DataError, match=re.escape(f"{path}, row 5, field 'label'")):
         train_on(path, guarded_out_dir)
+    # A key given twice, which Python's json would resolve in silence, is found in its row, nested too.
+    chat = '{"prompt": [{"role": "user", "role": "assistant", "content": "x"}], "completion": "y", "label": true}'
+    path.write_text("[\n" + ",\n".join([*(json.dumps(r) for r in GOOD[:3]), chat, json.dumps(GOOD[4])]) + "]")
+    with pytest.raises(DataError, match=re.escape(f"{path}, row 3, field 'role': given twice in one object")):
+        train_on(path, guarded_out_dir)
+    assert_untouched(guarded_out_dir)
 
 
 def test_missing_file(tmp_path: Path, guarded_out_dir: Path) -> None:
