@@ -48,6 +48,7 @@ from fabric_align.modeling import PolicyLogprobs, model_fingerprint
 from fabric_align.trainer import (
     Job,
     build_policy,
+    check_resume_within,
     finish,
     open_run,
     prepare_job,
@@ -398,6 +399,7 @@ def setup(
         val_data = load_split(val_path, data.val_split, renderer, data.max_length, seed + 1, train=False, **options)
     require_batches(len(train_data), train_data.source, train)
     require_resumed_data(job, train_data.rows_id)
+    check_resume_within(job, train.steps_over(len(train_data)), "train.max_steps or train.epochs")
     kto = resolve_weights(train_data, kto)
     job.config["kto"]["desirable_weight"] = kto.desirable_weight  # the value used, also under auto
     warn_weight_ratio(train_data, kto)
@@ -412,7 +414,7 @@ def main(fabric: Any, job: Job, kto: KTOArgs, train_data: KTOData, val_data: KTO
     plan = StepPlan(len(train_data), job.train.global_batch_size, job.seed, train_data.lengths)
     run = open_run(fabric, job, policy, optimizer, method="kto")
     recipe = KTO(fabric, policy, kto, train_data, val_data, job.tokenizer.pad_token_id)
-    fit(run, recipe, plan, Phase(0, job.train.max_steps or job.train.epochs * plan.steps_per_epoch))
+    fit(run, recipe, plan, Phase(0, job.train.steps_over(len(train_data))))
     finish(run, recipe)
 
 

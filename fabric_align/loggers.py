@@ -55,6 +55,15 @@ class CSVMetrics:
         at_step = [r for r in kept if int(float(r.get("step") or 0)) == step]
         return {k for r in at_step for k, v in r.items() if k != "step" and v not in (None, "")}
 
+    def replace(self, metrics: dict[str, Any], step: int) -> None:
+        """Log ``metrics`` at ``step`` in place of the values the rows at ``step`` hold for them."""
+        for row in self.rows:
+            if int(float(row.get("step") or 0)) == step:
+                row.update(dict.fromkeys(metrics.keys() & row.keys(), ""))
+        self.rows = [r for r in self.rows if any(v not in (None, "") for k, v in r.items() if k != "step")]
+        self._write_all()
+        self.log(metrics, step)
+
     def _write_all(self) -> None:
         tmp = self.path.with_suffix(".tmp")
         with tmp.open("w", newline="") as f:
@@ -148,6 +157,12 @@ class MetricLogger:
             self.csv.log(metrics, step)
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
+
+    def replace(self, metrics: dict[str, Any], step: int) -> None:
+        """Values the resumed run logged at its checkpoint's step after saving it, logged again: in the CSV they
+        replace the old ones. W&B keeps what it has at a step it has passed, so it is not sent again."""
+        if self.active and self.csv is not None:
+            self.csv.replace(metrics, step)
 
     def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
         if self.active and self.wandb_run is not None:

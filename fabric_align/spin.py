@@ -15,6 +15,7 @@ import json
 import logging
 import zlib
 from array import array
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -49,6 +50,7 @@ from fabric_align.modeling import PolicyLogprobs, end_token_ids
 from fabric_align.trainer import (
     Job,
     build_policy,
+    check_resume_within,
     finish,
     open_run,
     prepare_job,
@@ -289,8 +291,11 @@ class IterationStore:
     ``meta.json`` (its provenance and a manifest) last. A run reuses an iteration only when its provenance is what the
     run would make; a replaced directory is set aside, never deleted."""
 
-    def __init__(self, out_dir: Path, tokenizer: Any, splits: dict[str, SFTData]) -> None:
+    def __init__(
+        self, out_dir: Path, tokenizer: Any, splits: dict[str, SFTData], end_ids: Collection[int] = ()
+    ) -> None:
         self.out_dir, self.tokenizer, self.splits = out_dir, tokenizer, splits
+        self.end_ids = set(end_ids) | {tokenizer.eos_token_id}  # what closes an answer (shown without it)
 
     def directory(self, t: int) -> Path:
         return self.out_dir / f"iter-{t}"
@@ -312,9 +317,9 @@ class IterationStore:
             log.warning("iteration %d: not reusing %s: %s; generating again", t, directory, why_not)
         return None
 
-    def check_required(self, t: int, data_id: str, start: int, data: list[str]) -> None:
-        """Iteration t's stored data is what a checkpoint inside it trained on, and cannot be made again (its opponent
-        is gone): intact, of id ``data_id``, and of this run's SFT splits (``data``: their fingerprints)."""
+    def problem_with(self, t: int, data_id: str, data: list[str]) -> str | None:
+        """What keeps iteration t's stored data from being what a checkpoint trained on: it must be intact, of id
+        ``data_id``, and of this run's SFT splits (``data``: their fingerprints). None when it is."""
         directory = self.directory(t)
         problem = verify_directory(directory)
         meta = read_meta(directory) if problem is None else {}
@@ -322,9 +327,15 @@ class IterationStore:
             problem = f"it holds other iteration data than the checkpoint trained on (id {data_id})"
         if problem is None and meta.get("data", data) != data:
             problem = "its answers belong to other SFT data than this run's (data.train_path or val_path changed)"
+        return problem
+
+    def check_required(self, t: int, data_id: str, start: int, data: list[str]) -> None:
+        """Iteration t's stored data is what a checkpoint inside it trained on, and cannot be made again (its opponent
+        is gone)."""
+        problem = self.problem_with(t, data_id, data)
         if problem is not None:
             raise TrainingError(
-                f"{directory}: {problem}; the checkpoint being resumed is inside iteration {t}, whose opponent "
+                f"{self.directory(t)}: {problem}; the checkpoint being resumed is inside iteration {t}, whose opponent "
                 f"is gone, so it cannot be made again: resume from a checkpoint at or before step {start} (the "
                 "iteration's start)"
             )
@@ -337,12 +348,11 @@ class IterationStore:
         return self.load(t - 1).generated["train"]
 
     def save(self, t: int, data: IterationData, provenance: dict[str, Any], args: SPINArgs) -> None:
-        special = set(self.tokenizer.all_special_ids)
-
         def decode(ids: list[int]) -> str:
             # Without the closing end token, but with any other special token the answer holds: a role marker the
-            # opponent generated mid-answer is trained on, so the readable file shows it.
-            return self.tokenizer.decode(ids[:-1] if ids and ids[-1] in special else ids, skip_special_tokens=False)
+            # opponent generated (mid-answer, or last where max_new_tokens cut it) is trained on, so the file shows it.
+            shown = ids[:-1] if ids and ids[-1] in self.end_ids else ids
+            return self.tokenizer.decode(shown, skip_special_tokens=False)
 
         def write(tmp: Path) -> dict[str, Any]:
             with (tmp / "generations.jsonl").open("w", encoding="utf-8") as f:
@@ -712,22 +722,49 @@ def setup(
     main(job.launch.make_fabric(), job, spin, train_data, val_data)
 
 
+SCHEDULE_SETTINGS = "spin.iterations, spin.epochs_per_iteration, spin.mix_previous, train.max_steps"
+
+
 def check_resumed_iteration(job: Job, spin: SPINArgs, train_data: SFTData, val_data: SFTData | None) -> None:
-    """Before any model loads: a checkpoint inside an iteration trained on that iteration's stored data, which cannot
-    be made again (its opponent is gone), so it must be intact, the same, and of this run's SFT data. ``main`` then
-    loads it as checked here."""
+    """Before any model loads, what a checkpoint needs of this run's iterations:
+
+    - the iterations it went through end where this run's do, and it is not past their end: a change of schedule
+      or data that moves them would continue another plan, or export a model this configuration never trained;
+    - inside an iteration, that iteration's stored data, which cannot be made again (its opponent is gone): intact,
+      the same, and of this run's SFT data (``main`` then loads it as checked here);
+    - at an iteration's end, that iteration's answers only when the next iteration rescores them (mix_previous):
+      the checkpoint is the next opponent, so it also resumes into an out_dir without them."""
     meta = job.resume_meta
     step, trained_on = meta.get("step", 0), list(meta.get("iterations", []))
+    phases = iteration_phases(spin, len(train_data), job.train)
+    ends = [phase.end for phase in phases]
+    check_resume_within(job, ends[-1], SCHEDULE_SETTINGS)
+    saved_ends = meta.get("iteration_ends")  # checkpoints of older versions did not record them
+    # (An iteration that ends at the checkpoint's step may be made longer, as inside one: train.max_steps.)
+    if saved_ends is not None and [e for e in saved_ends if e < step] != [e for e in ends if e < step]:
+        raise ConfigError(
+            f"resume={job.resume_path}: before its step {step} the checkpoint's run ended iterations at steps "
+            f"{[e for e in saved_ends if e < step]}, this run would at {[e for e in ends if e < step]} (changed: "
+            f"{SCHEDULE_SETTINGS}, train.global_batch_size or the training data); resume with the settings it was "
+            "saved with, or start a new run"
+        )
     data = [split.fingerprint() for split in (train_data, val_data) if split is not None]
     store = IterationStore(job.out_dir, job.tokenizer, {})
-    for t, phase in enumerate(iteration_phases(spin, len(train_data), job.train)):
+    for t, phase in enumerate(phases):
         if step > phase.start and len(trained_on) <= t:
             raise TrainingError(
                 f"{job.resume_path}: its meta.json does not record the iteration data it trained on (an older "
                 "version's checkpoint); resume from a checkpoint at an iteration's start"
             )
-        if phase.start < step <= phase.end:
+        if phase.start < step < phase.end:
             store.check_required(t, trained_on[t], phase.start, data)
+        elif step == phase.end and spin.mix_previous and t + 1 < len(phases):
+            problem = store.problem_with(t, trained_on[t], data)
+            if problem is not None:
+                raise TrainingError(
+                    f"{store.directory(t)}: {problem}; with spin.mix_previous iteration {t + 1} rescores iteration "
+                    f"{t}'s answers, which cannot be made again: resume in the checkpoint's own out_dir"
+                )
 
 
 def main(fabric: Any, job: Job, spin: SPINArgs, train_data: SFTData, val_data: SFTData | None) -> None:
@@ -739,20 +776,29 @@ def main(fabric: Any, job: Job, spin: SPINArgs, train_data: SFTData, val_data: S
         "data": [split.fingerprint() for split in (train_data, val_data) if split is not None],
     }
     splits = {"train": train_data} | ({"val": val_data} if val_data is not None else {})
-    store = IterationStore(job.out_dir, job.tokenizer, splits)
+    store = IterationStore(job.out_dir, job.tokenizer, splits, end_token_ids(policy.model, job.tokenizer))
     batch_size = job.train.eval_micro_batch_size
     self_play = SelfPlay(fabric, policy, job.tokenizer, spin, splits, job.data.max_length, batch_size, job.seed)
     recipe = SPIN(fabric, policy, job.tokenizer.pad_token_id)
     # The iteration data the resumed checkpoint trained on, by id: its own iterations are reused only as they were.
     trained_on: list[str] = list(run.resumed_meta.get("iterations", []))
     history: list[str] = []  # ids of the iteration data this run's policy has trained on, in order
+    run.meta["iteration_ends"] = [phase.end for phase in phases]
     for t, phase in enumerate(phases):
         start, end = phase.start, phase.end
         inside = run.state["step"] > start  # resumed from a checkpoint after this iteration's start (checked in setup)
+        if run.state["step"] == end and inside:
+            # Resumed exactly at its end: only its end-of-iteration validation is left (skipped below when logged),
+            # on the iteration's stored data, which a checkpoint resumed into another out_dir does not have there.
+            problem = store.problem_with(t, trained_on[t], shaping["data"]) if fabric.is_global_zero else None
+            problem = fabric.broadcast(problem, src=0)
+            if problem is not None:
+                fabric.print(f"iteration {t}: not validated again at its end ({store.directory(t)}: {problem})")
+                history.append(trained_on[t])
+                continue
         if run.state["step"] > end:
             history.append(trained_on[t])
             continue  # finished before the checkpoint we resumed from
-        # (Resumed exactly at its end: only its end-of-iteration validation below, unless that was logged.)
         if run.state["step"] == start and t > 0:
             # Each iteration is a fresh fine-tuning run from the new opponent (as in the SPIN authors' recipe).
             optimizer.state.clear()
@@ -780,9 +826,14 @@ def main(fabric: Any, job: Job, spin: SPINArgs, train_data: SFTData, val_data: S
         run.state["iteration"] = t
         lengths = [len(g) for g in data_t.generated["train"]]
         mean_length = sum(lengths) / len(lengths)
-        if run.state["step"] == start and not run.logged_before_resume("generation/mean_length", start):
-            run.logger.log({"generation/mean_length": mean_length, "iteration": t, "beta": beta}, step=start)
-            log_samples(run, job.tokenizer, train_data, data_t, t, spin.num_logged_samples, start)
+        if run.state["step"] == start:
+            metrics = {"generation/mean_length": mean_length, "iteration": t, "beta": beta}
+            if run.logged_before_resume("generation/mean_length", start):
+                # Logged by the run this one resumes, after its checkpoint: this run's data or beta may differ.
+                run.logger.replace(metrics, step=start)
+            else:
+                run.logger.log(metrics, step=start)
+                log_samples(run, job.tokenizer, train_data, data_t, t, spin.num_logged_samples, start)
         plan = StepPlan(len(pairs), job.train.global_batch_size, job.seed + 1000 * t, pairs.lengths)
         per_step = {"train/iteration": t, "train/beta": beta, "train/generation/mean_length": mean_length}
         fit(run, recipe, plan, phase, extra_metrics=lambda m=per_step: m)

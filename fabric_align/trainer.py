@@ -346,6 +346,17 @@ def require_resumed_data(job: Job, data_id: str) -> None:
         )
 
 
+def check_resume_within(job: Job, last_step: int, settings: str) -> None:
+    """A checkpoint past this run's last step (fewer steps, epochs, iterations or examples than its run had) leaves
+    nothing to train, and exporting its weights as ``final/`` would present them as what this configuration trains."""
+    step = job.resume_meta.get("step", 0)
+    if job.resume_path is not None and step > last_step:
+        raise ConfigError(
+            f"resume={job.resume_path}: the checkpoint is at step {step}, past this run's last step ({last_step}, "
+            f"from {settings} and the training data); resume with the settings it was saved with, or start a new run"
+        )
+
+
 def check_max_length(data: DataArgs, model: ModelArgs, model_config: Any) -> None:
     """Sequences must fit the model's positions: learned position embeddings (GPT-2's) fail past them with an index
     error deep in the forward, rotary ones extrapolate to positions they never trained on. SPIN's opponent stops each

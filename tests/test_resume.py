@@ -104,6 +104,8 @@ def test_resume_from_an_explicit_path_and_the_final_step(
         ("--seed=7", "the checkpoint's run used seed=42, which decides the examples"),
         ("--train.global_batch_size=4", "used train.global_batch_size=8, which decides"),
         ("--data.max_length=48", "is not the training data the checkpoint's run was on"),
+        # nor stop before the checkpoint: its weights would be exported as what 2 steps trained
+        ("--train.max_steps=2", r"the checkpoint is at step 4, past this run's last step \(2, from train.max_steps"),
     ]:
         with pytest.raises(ConfigError, match=expected):
             run_cli(kto.setup, [*short, f"--out_dir={out}", "--resume=auto", flag])

@@ -50,15 +50,19 @@ def test_default_run_completes_two_iterations(default_run: Path) -> None:
         assert json.loads((directory / "meta.json").read_text())["iteration"] == t
     data = torch.load(default_run / "iter-1" / "pairs.pt", weights_only=True)
     assert data["ref"]["train"]["real"].shape == (64,)
-    # The readable file shows each answer as trained on, special tokens included, but for its closing end token.
+    # The readable file shows each answer as trained on, special tokens included, but for its closing end token
+    # (an answer cut by max_new_tokens right after a role marker shows the marker).
     from fabric_align.args import ModelArgs
-    from fabric_align.modeling import load_tokenizer
+    from fabric_align.modeling import end_token_ids, load_model, load_tokenizer
 
     tokenizer = load_tokenizer(ModelArgs())
+    ends = end_token_ids(load_model(ModelArgs(), dtype=torch.float32, seed=0), tokenizer)
     rows = [json.loads(line) for line in (default_run / "iter-1" / "generations.jsonl").read_text().splitlines()]
     for row, ids in zip(rows, data["generated"]["train"], strict=False):
-        shown = ids[:-1] if ids[-1] in tokenizer.all_special_ids else ids
+        shown = ids[:-1] if ids[-1] in ends else ids
         assert row["generated"] == tokenizer.decode(shown) and row["generated_tokens"] == len(ids)
+    special_not_end = set(tokenizer.all_special_ids) - set(ends)
+    assert any(ids[-1] in special_not_end for ids in data["generated"]["train"])  # the case is there
     assert (default_run / "final" / "model.safetensors").is_file()
 
     rows = read_metrics(default_run)
@@ -380,6 +384,58 @@ def test_resume_at_an_iteration_end_logs_like_an_unbroken_run(tmp_path: Path) ->
     assert column(rows_b, "generation/mean_length") == column(rows_a, "generation/mean_length")
     assert len(column(rows_b, "generation/mean_length")) == 2
     assert column(rows_b, "train/step") == column(rows_a, "train/step") == list(range(1, 9))
+
+
+def test_a_checkpoint_at_an_iteration_end_resumes_into_an_empty_out_dir(default_run: Path, tmp_path: Path) -> None:
+    """The checkpoint at iteration 0's end is iteration 1's opponent: resumed into an out_dir without iter-0/ (whose
+    end-of-iteration validation is then not repeated), it trains iteration 1 to the same weights."""
+    out = tmp_path / "out"
+    run_cli(
+        spin.setup,
+        ["--logger.backend=csv", "--spin.beta=[0.1,0.3]", f"--out_dir={out}", f"--resume={default_run}/step-000008"],
+    )
+    assert not (out / "iter-0").exists() and (out / "iter-1" / "meta.json").is_file()
+    a = load_safetensors(default_run / "final" / "model.safetensors")
+    b = load_safetensors(out / "final" / "model.safetensors")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert column(read_metrics(out), "train/step") == list(range(9, 17))
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        # iteration 1 of 2 (steps 9-16): with one iteration the run ends at step 8
+        (["--spin.iterations=1"], "the checkpoint is at step 12, past this run's last step (8, from spin.iterations"),
+        # one epoch, then two: iterations of 4 and 8 steps, where the checkpoint's run had 8 and 8
+        (
+            ["--spin.epochs_per_iteration=[1,2]"],
+            "before its step 12 the checkpoint's run ended iterations at steps [8], this run would at [4]",
+        ),
+    ],
+)
+def test_a_schedule_that_moves_the_checkpoints_iterations_is_refused(
+    flags: list[str], message: str, default_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fewer iterations, epochs or examples than the checkpoint's run had: continuing would train on another plan, or
+    export a model this configuration never trained as its final one. Refused before any model loads."""
+    monkeypatch.setattr(spin, "build_policy", lambda *a: pytest.fail("loaded the model first"))
+    args = ["--logger.backend=csv", f"--out_dir={tmp_path / 'out'}", f"--resume={default_run}/step-000012"]
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        run_cli(spin.setup, [*args, *flags])
+
+
+def test_iteration_metrics_logged_again_at_a_resumed_start_replace_the_old(default_run: Path, tmp_path: Path) -> None:
+    """Resumed at iteration 1's start with another beta, the log holds the beta iteration 1 trained with, once."""
+    out = tmp_path / "out"
+    shutil.copytree(default_run, out)
+    for name in ("step-000012", "step-000016", "final"):
+        shutil.rmtree(out / name)
+    run_cli(spin.setup, ["--logger.backend=csv", "--spin.beta=[0.1,0.5]", f"--out_dir={out}", "--resume=auto"])
+    rows = read_metrics(out)
+    assert column(rows, "beta") == [0.1, 0.5] and column(rows, "iteration") == [0, 1]
+    assert len(column(rows, "generation/mean_length")) == 2
+    assert column(rows, "train/beta") == [0.1] * 8 + [0.5] * 8
 
 
 # ------------------------------------------------------------------------------------------- as the authors ran it
