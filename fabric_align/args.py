@@ -271,6 +271,9 @@ class TrainArgs:
         return self.eval_batch_size or self.micro_batch_size
 
 
+WANDB_PROJECT_FORBIDDEN = "/\\#?%:"
+
+
 @dataclass
 class LoggerArgs:
     backend: Literal["wandb", "csv", "both"] = "both"
@@ -285,7 +288,19 @@ class LoggerArgs:
     """W&B tags."""
 
     def check(self) -> None:
-        return None
+        """What W&B itself refuses, found before any model loads (``wandb.init`` runs after the reference pass)."""
+        if self.backend == "csv":
+            return
+        if not self.project.strip() or len(self.project) > 128:
+            raise ConfigError(f"logger.project={self.project!r}: W&B takes 1 to 128 characters")
+        if found := sorted(set(self.project) & set(WANDB_PROJECT_FORBIDDEN)):
+            raise ConfigError(
+                f"logger.project={self.project!r}: W&B project names cannot contain {' '.join(found)} (nor any of "
+                f"{' '.join(WANDB_PROJECT_FORBIDDEN)})"
+            )
+        for i, tag in enumerate(self.tags):
+            if not 1 <= len(tag) <= 64:
+                raise ConfigError(f"logger.tags[{i}]={tag!r}: W&B tags are 1 to 64 characters")
 
 
 @dataclass

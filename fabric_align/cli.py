@@ -55,15 +55,15 @@ def run_cli(setup: Callable[..., Any], args: list[str] | None = None) -> None:
     import jsonargparse
 
     jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)  # attribute docstrings -> --help
-    warn_flags_before_config(args if args is not None else sys.argv[1:])
+    # A W&B sweep agent writes a null value as Python prints it (`--train.max_steps=None`); YAML reads null.
+    args = [re.sub(r"^(--[\w.]+)=None$", r"\1=null", a) for a in (args if args is not None else sys.argv[1:])]
+    warn_flags_before_config(args)
     try:
         jsonargparse.auto_cli(setup, args=args, as_positional=False, exit_on_error=False)
     except jsonargparse.ArgumentError as err:
         message = parser_message(str(err))
-        configs = [a.split("=", 1)[1] for a in (args or sys.argv[1:]) if a.startswith("--config=")]
-        configs += [
-            b for a, b in zip(args or sys.argv[1:], (args or sys.argv[1:])[1:], strict=False) if a == "--config"
-        ]
+        configs = [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+        configs += [b for a, b in zip(args, args[1:], strict=False) if a == "--config"]
         # name the file jsonargparse read: not YAML, or YAML that is not a mapping of flags
         if message.startswith(("Problems parsing config", "Unexpected config")) and configs:
             message = f"--config {', '.join(configs)}: {message}"

@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from fabric_align.args import LoggerArgs
+from fabric_align.errors import ConfigError
 
 log = logging.getLogger("fabric_align")
 
@@ -136,17 +137,24 @@ class MetricLogger:
             id_file.parent.mkdir(parents=True, exist_ok=True)
             run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
             id_file.write_text(run_id)
-            self.wandb_run = wandb.init(
-                project=args.project,
-                entity=args.entity,
-                name=args.run_name or out_dir.name,
-                tags=args.tags,
-                config=config,
-                dir=str(out_dir / "logs"),
-                id=run_id,
-                resume="allow",
-                mode=wandb_mode(),
-            )
+            try:
+                self.wandb_run = wandb.init(
+                    project=args.project,
+                    entity=args.entity,
+                    name=args.run_name or out_dir.name,
+                    tags=args.tags,
+                    config=config,
+                    dir=str(out_dir / "logs"),
+                    id=run_id,
+                    resume="allow",
+                    mode=wandb_mode(),
+                )
+            except Exception as err:  # wandb's own kinds (a refused key or entity, an unreachable server): one line
+                why = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                raise ConfigError(
+                    f"logger.backend={args.backend}: W&B could not start the run ({why}); WANDB_MODE=offline or "
+                    "logger.backend=csv run without the server"
+                ) from None
             # Under a sweep agent W&B picks the run id itself: remember the real one for resuming.
             id_file.write_text(self.wandb_run.id)
 

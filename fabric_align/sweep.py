@@ -151,6 +151,14 @@ def load_sweep(path: Path) -> dict[str, Any]:
         raise SystemExit(f"{path}: not a W&B sweep file (needs 'method' and 'parameters')")
     if "metric" not in config or "name" not in config["metric"]:
         raise SystemExit(f"{path}: needs 'metric: {{name: ..., goal: ...}}' to compare runs offline")
+    sweeps = _import_sweeps()
+    try:  # W&B's own schema, checked before any run starts
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sweeps.SweepConfig({k: v for k, v in config.items() if k not in SERVER_ONLY_KEYS})
+    except Exception as err:  # jsonschema's ValidationError, with the sweep engine's explanation on its lines
+        reason = "; ".join(line.strip() for line in str(getattr(err, "message", err)).splitlines() if line.strip())
+        raise SystemExit(f"{path}: not a valid W&B sweep: {reason}") from None
     return config
 
 
@@ -240,8 +248,14 @@ def run_sweep(
             why = "timed out" if returncode is None else f"exit code {returncode}"
             if returncode == 0:
                 why = f"no {metric} in {out_dir / 'logs' / 'metrics.csv'}"
-            tail = log_file.read_text().splitlines()[-15:]
-            log(f"[{name}] failed ({why}); end of {log_file}:\n" + "\n".join(f"    {line}" for line in tail))
+            lines = log_file.read_text(errors="replace").splitlines()
+            # The trainer's own one-line error, not the launcher's report that follows it (fabric run's banner).
+            errors = [line for line in lines if re.match(r"(\[rank \d+\] )?error: ", line)]
+            if errors:
+                log(f"[{name}] failed ({why}): {errors[0]} (all of its output: {log_file})")
+            else:
+                tail = "\n".join(f"    {line}" for line in lines[-15:])
+                log(f"[{name}] failed ({why}); end of {log_file}:\n{tail}")
         suggestion.name = name
         runs.append(suggestion)
         index += 1
@@ -321,13 +335,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("sweep_file", type=Path, help="a W&B sweep YAML, e.g. recipes/sweeps/kto-beta-tiny.yaml")
     parser.add_argument("--count", type=int, default=None, help="runs to make (default: a grid's size, or run_cap)")
-    parser.add_argument("--out-dir", type=Path, default=None, help="default: out/sweeps/<file name>-<time>")
+    parser.add_argument(
+        "--out-dir", type=Path, default=None, help="default: out/sweeps/<file name>-<time>, in the current directory"
+    )
     parser.add_argument("--cwd", type=Path, default=Path.cwd(), help="directory to run the commands in")
     parser.add_argument("--wandb", action="store_true", help="also log each run to W&B, offline (default: CSV only)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds a run may take before it is stopped")
     args = parser.parse_args(argv)
     config = load_sweep(args.sweep_file)
+    # Relative to this directory, once: the runs execute in --cwd, the metric and logs are read here.
     sweep_dir = args.out_dir or Path("out") / "sweeps" / f"{args.sweep_file.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    sweep_dir = sweep_dir.absolute()
     metric, goal = config["metric"]["name"], config["metric"].get("goal", "minimize")
     print(f"sweep {args.sweep_file} ({config['method']}, {goal} {metric}) -> {sweep_dir}", flush=True)
     trials = run_sweep(

@@ -81,6 +81,9 @@ def test_nested_flags_as_a_sweep_agent_passes_them(capsys: pytest.CaptureFixture
     assert config["kto"]["beta"] == 0.3 and config["kto"]["desirable_weight"] == 1.2
     assert config["train"]["lr"] == 1e-4 and config["model"]["lora"]["r"] == 8
     assert config["strategy"] == "fsdp" and config["resume"] == "auto"
+    # The agent writes a sweep's null as Python prints it.
+    config = parse(["--train.max_steps=4", "--train.max_steps=None", "--train.warmup_ratio=None"], capsys)
+    assert config["train"]["max_steps"] is None and config["train"]["warmup_ratio"] is None
 
 
 def test_print_config_round_trips_through_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

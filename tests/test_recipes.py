@@ -290,6 +290,9 @@ params = json.load(open(sys.argv[1]))
 assert float(args["x"]) == params["x"] and os.environ["WANDB_RUN_ID"] == os.path.basename(out)
 assert args["logger.backend"] == "csv" and os.environ["WANDB_MODE"] == "offline" and args["tag"] == "extra"
 if params["x"] > 0.95:
+    print("error: x=0.99 is too large")  # the trainer's one line, then a launcher's report of the failed process
+    print("torch.distributed.elastic.multiprocessing.errors.ChildFailedError:")
+    print("stub.py FAILED")
     sys.exit(3)
 with open(os.path.join(out, "logs", "metrics.csv"), "w", newline="") as f:
     w = csv.writer(f)
@@ -310,10 +313,14 @@ def test_runner_feeds_each_runs_last_metric_back(method: str, tmp_path: Path) ->
         "parameters": {"x": x},
         "command": ["${env}", "${interpreter}", "${program}", "${args_json_file}", "${args}"],
     }
+    said: list[str] = []
     trials = sweep.run_sweep(
-        config, count=3, sweep_dir=tmp_path / "sweep", cwd=tmp_path, extra_args=["--tag=extra"], log=lambda _: None
+        config, count=3, sweep_dir=tmp_path / "sweep", cwd=tmp_path, extra_args=["--tag=extra"], log=said.append
     )
     assert [t.name for t in trials] == ["run-000", "run-001", "run-002"]
+    if method == "grid":  # a failed run's own error line is shown, not the launcher's banner after it
+        log_file = tmp_path / "sweep" / "run-002.log"
+        assert f"[run-002] failed (exit code 3): error: x=0.99 is too large (all of its output: {log_file})" in said
     for t in trials:
         assert t.command[0] == "/usr/bin/env" and t.command[1] == sys.executable
         if t.params["x"] > 0.95:
@@ -324,6 +331,36 @@ def test_runner_feeds_each_runs_last_metric_back(method: str, tmp_path: Path) ->
         assert [t.params["x"] for t in trials] == [0.1, 0.3, 0.99]
     best = sweep.best_trial(trials, "maximize")
     assert best.metric == max(t.metric for t in trials if t.ok)
+
+
+def test_sweep_paths_are_the_callers_and_bad_parameters_are_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A relative --out-dir is the caller's directory, wherever --cwd runs the commands; a parameter spec W&B's
+    schema refuses stops the sweep in one line before any run."""
+    work, caller = tmp_path / "work", tmp_path / "caller"
+    work.mkdir()
+    caller.mkdir()
+    (work / "stub.py").write_text(STUB)
+    config = {
+        "method": "grid",
+        "program": "stub.py",
+        "metric": {"name": "score", "goal": "maximize"},
+        "parameters": {"x": {"values": [0.1, 0.3]}},
+        "command": ["${env}", "${interpreter}", "${program}", "${args_json_file}", "${args}"],
+    }
+    (caller / "s.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(caller)
+    assert sweep.main(["s.yaml", "--out-dir=rel", f"--cwd={work}", "--", "--tag=extra"]) == 0
+    summary = json.loads((caller / "rel" / "sweep.json").read_text())
+    assert [r["ok"] for r in summary["runs"]] == [True, True] and not (work / "rel").exists()
+    config["parameters"] = {"x": {"valuez": [0.1]}}
+    (caller / "bad.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(
+        SystemExit, match=r"^bad.yaml: not a valid W&B sweep: .* invalid hyperparameter configuration: x$"
+    ):
+        sweep.main(["bad.yaml", "--out-dir=bad"])
+    assert not (caller / "bad").exists()
 
 
 @pytest.mark.slow

@@ -3,11 +3,13 @@ the same W&B run."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
 from fabric_align import kto
+from fabric_align.errors import ConfigError
 from fabric_align.loggers import wandb_mode
 
 from conftest import FAST, column, read_metrics, run_cli
@@ -65,3 +67,32 @@ def test_wandb_mode_follows_credentials(tmp_path: Path, monkeypatch: pytest.Monk
     (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "y" * 40 + "\n")
     (tmp_path / ".netrc").chmod(0o600)
     assert wandb_mode() == "online"
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("--logger.project=team/run", "logger.project='team/run': W&B project names cannot contain /"),
+        (f"--logger.project={'p' * 129}", "W&B takes 1 to 128 characters"),
+        (f"--logger.tags=[ok,{'t' * 65}]", "logger.tags[1]="),
+    ],
+)
+def test_what_wandb_refuses_is_refused_before_anything_loads(flag: str, message: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        run_cli(kto.setup, [*FAST, flag, "--logger.backend=both", f"--out_dir={tmp_path / 'out'}"])
+    assert not (tmp_path / "out").exists()
+    run_cli(kto.setup, [*FAST, flag, "--train.max_steps=1", f"--out_dir={tmp_path / 'csv'}"])  # W&B's rules only
+
+
+def test_a_wandb_run_that_cannot_start_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What W&B refuses only when it starts (a key or entity the server rejects) is named in one line."""
+    import wandb
+
+    def refuse(**kwargs: object) -> None:
+        raise wandb.errors.UsageError("entity nobody not found during upsertBucket\n(more detail)")
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    with pytest.raises(
+        ConfigError, match=r"W&B could not start the run \(entity nobody not found during upsertBucket\);"
+    ):
+        run_cli(kto.setup, [*FAST, "--logger.backend=wandb", "--train.max_steps=1", f"--out_dir={tmp_path / 'out'}"])
