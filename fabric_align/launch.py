@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from lightning.fabric import Fabric
+from lightning.fabric.plugins.environments import LightningEnvironment
 
 from fabric_align.errors import ConfigError
 from fabric_align.modeling import fsdp2_parallelize
@@ -103,9 +104,16 @@ class Launch:
         if effective != self.precision:
             raise ConfigError(f"precision={self.precision}, but Fabric was set up with {effective}")
         if not self.under_cli:
-            if self.world_size > 1 and self.num_nodes == 1 and not os.environ.get("MASTER_PORT"):
+            environment = getattr(fabric.strategy, "cluster_environment", None)
+            if (
+                type(environment) is LightningEnvironment  # Fabric starts the processes (not SLURM, torchrun...)
+                and not environment.creates_processes_externally
+                and self.world_size > 1
+                and not os.environ.get("MASTER_PORT")
+            ):
                 # Fabric's own pick is an ephemeral port, which an outgoing connection can take before its rank 0
-                # listens there (EADDRINUSE); the processes it starts inherit this one.
+                # listens there (EADDRINUSE); the processes it starts inherit this one. (Processes that a cluster
+                # starts each pick alone, so they keep the cluster's port.)
                 os.environ["MASTER_PORT"] = str(free_port())
             fabric.launch()
         return fabric

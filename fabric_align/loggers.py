@@ -58,10 +58,16 @@ class CSVMetrics:
 
     def replace(self, metrics: dict[str, Any], step: int) -> None:
         """Log ``metrics`` at ``step`` in place of the values the rows at ``step`` hold for them."""
-        for row in self.rows:
-            if int(float(row.get("step") or 0)) == step:
-                row.update(dict.fromkeys(metrics.keys() & row.keys(), ""))
-        self.rows = [r for r in self.rows if any(v not in (None, "") for k, v in r.items() if k != "step")]
+
+        def at_step(row: dict[str, Any]) -> bool:
+            return int(float(row.get("step") or 0)) == step
+
+        for row in filter(at_step, self.rows):
+            row.update(dict.fromkeys(metrics.keys() & row.keys(), ""))
+        # A row at that step left with no value goes.
+        self.rows = [
+            r for r in self.rows if not at_step(r) or any(v not in (None, "") for k, v in r.items() if k != "step")
+        ]
         self._write_all()
         self.log(metrics, step)
 

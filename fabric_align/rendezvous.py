@@ -36,7 +36,9 @@ def free_port() -> int:
     """
     low, high = ephemeral_range()
     candidates = [port for port in range(LOW, HIGH + 1) if not low <= port <= high]
-    for port in random.sample(candidates, min(64, len(candidates))):
+    # Drawn from the OS, not from `random`: a seeded run (seed_everything) would otherwise draw the same ports as
+    # every other process seeded alike, and two launches at once would pick the same one.
+    for port in random.SystemRandom().sample(candidates, min(64, len(candidates))):
         if is_free(port):
             return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:  # a kernel with no ports outside its range

@@ -740,7 +740,8 @@ def check_resumed_iteration(job: Job, spin: SPINArgs, train_data: SFTData, val_d
     ends = [phase.end for phase in phases]
     check_resume_within(job, ends[-1], SCHEDULE_SETTINGS)
     saved_ends = meta.get("iteration_ends")  # checkpoints of older versions did not record them
-    # (An iteration that ends at the checkpoint's step may be made longer, as inside one: train.max_steps.)
+    # The iteration the checkpoint is in may end elsewhere: later, or at the checkpoint's step (which ends it there),
+    # as KTO's train.max_steps may change mid-run. The changed flag is said in a warning.
     if saved_ends is not None and [e for e in saved_ends if e < step] != [e for e in ends if e < step]:
         raise ConfigError(
             f"resume={job.resume_path}: before its step {step} the checkpoint's run ended iterations at steps "
@@ -795,9 +796,11 @@ def main(fabric: Any, job: Job, spin: SPINArgs, train_data: SFTData, val_data: S
             if problem is not None:
                 fabric.print(f"iteration {t}: not validated again at its end ({store.directory(t)}: {problem})")
                 history.append(trained_on[t])
+                run.meta["iterations"] = list(history)  # for the last checkpoint, when no iteration is left
                 continue
         if run.state["step"] > end:
             history.append(trained_on[t])
+            run.meta["iterations"] = list(history)
             continue  # finished before the checkpoint we resumed from
         if run.state["step"] == start and t > 0:
             # Each iteration is a fresh fine-tuning run from the new opponent (as in the SPIN authors' recipe).

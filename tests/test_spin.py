@@ -400,6 +400,15 @@ def test_a_checkpoint_at_an_iteration_end_resumes_into_an_empty_out_dir(default_
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert column(read_metrics(out), "train/step") == list(range(9, 17))
+    # The last checkpoint resumed elsewhere: nothing is left to train, and the checkpoint the run writes records the
+    # iterations as the one it came from does, so that a run with more iterations can resume from it.
+    again = tmp_path / "again"
+    run_cli(
+        spin.setup,
+        ["--logger.backend=csv", "--spin.beta=[0.1,0.3]", f"--out_dir={again}", f"--resume={out}/step-000016"],
+    )
+    for key in ("iterations", "iteration_ends"):
+        assert checkpoints.read_meta(again / "step-000016")[key] == checkpoints.read_meta(out / "step-000016")[key]
 
 
 @pytest.mark.parametrize(

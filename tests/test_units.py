@@ -178,6 +178,7 @@ def test_each_sweep_run_gets_a_free_rendezvous_port() -> None:
 def test_rendezvous_ports_lie_outside_the_ephemeral_range_and_skip_taken_ones(monkeypatch: pytest.MonkeyPatch) -> None:
     """A port from bind(0) can go to another process's outgoing connection before rank 0 listens on it (a CI run
     failed with EADDRINUSE that way); ports below the kernel's ephemeral range are never handed out."""
+    import random
     import socket
 
     from fabric_align import rendezvous
@@ -185,6 +186,12 @@ def test_rendezvous_ports_lie_outside_the_ephemeral_range_and_skip_taken_ones(mo
     low, high = rendezvous.ephemeral_range()
     ports = {rendezvous.free_port() for _ in range(20)}
     assert all(not low <= port <= high and rendezvous.is_free(port) for port in ports) and len(ports) > 1
+    # Two processes seeded alike (each run seeds Python's random) still draw different ports.
+    drawn = []
+    for _ in range(2):
+        random.seed(42)
+        drawn.append([rendezvous.free_port() for _ in range(3)])
+    assert drawn[0] != drawn[1]
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -194,6 +201,33 @@ def test_rendezvous_ports_lie_outside_the_ephemeral_range_and_skip_taken_ones(mo
         monkeypatch.setattr(rendezvous, "HIGH", busy)
         monkeypatch.setattr(rendezvous, "ephemeral_range", lambda: (1, 2))
         assert rendezvous.free_port() != busy  # the only candidate is taken: the OS picks one
+
+
+@pytest.mark.parametrize("cluster", [False, True])
+def test_the_rendezvous_port_is_set_only_where_fabric_starts_the_processes(
+    cluster: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`python kto.py --devices 2`: Fabric starts the ranks, which inherit the port picked here. Under `srun` each
+    rank is its own process and must keep SLURM's port, the same for all (a port each picked alone would differ)."""
+    from lightning.fabric import Fabric
+
+    from fabric_align.launch import resolve_launch
+
+    for name in ("MASTER_PORT", "MASTER_ADDR", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"):
+        monkeypatch.setenv(name, "")  # recorded, so that what make_fabric sets is undone afterwards
+        monkeypatch.delenv(name)
+    if cluster:
+        slurm = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_JOB_ID": "1234"}
+        slurm |= {"SLURM_JOB_NAME": "train", "SLURM_PROCID": "1", "SLURM_LOCALID": "1", "SLURM_NODEID": "0"}
+        for name, value in slurm.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setenv("SLURM_NODELIST", "node1")
+    monkeypatch.setattr(Fabric, "launch", lambda self, *a, **k: None)
+    fabric = resolve_launch(2, 1, "32-true", "ddp").make_fabric()
+    if cluster:
+        assert "MASTER_PORT" not in os.environ and fabric.strategy.cluster_environment.main_port == 15000 + 1234
+    else:
+        assert int(os.environ["MASTER_PORT"]) == fabric.strategy.cluster_environment.main_port < 32768
 
 
 def test_lora_target_modules_as_names_or_a_pattern() -> None:
