@@ -266,6 +266,9 @@ class KTO:
     ) -> None:
         self.fabric, self.policy, self.args = fabric, policy, args
         self.train, self.val, self.pad_id = train, val, pad_id
+        if not args.uses_kl_term:  # no z0 is measured: no kl metric, rather than a 0 that reads as one
+            means = {k: v for k, v in KTO.metric_spec.means.items() if k != "kl"}
+            self.metric_spec = MetricSpec(means, KTO.metric_spec.sums, KTO.metric_spec.weights)
 
     def _logps(self, sequences: list[Sequence], indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         batch = self.fabric.to_device(pad_sequences([sequences[i] for i in indices], self.pad_id))
@@ -315,6 +318,8 @@ class KTO:
         )
         metrics = dict(metrics)
         del metrics["rewards/margins"]  # derived from the reduced means in finalize(), not summed over batches
+        if not self.args.uses_kl_term:
+            del metrics["kl"]
         metrics["loss"] = loss.detach() * normalizer / len(indices)  # per-example mean, weighted by _examples
         metrics["_examples"] = torch.tensor(float(len(indices)))
         metrics["tokens"] = tokens.float()
@@ -428,7 +433,8 @@ def reference_logps(
     sequences = [s for d in splits for s in d.sequences + (d.kl_sequences if with_kl else [])]
     # The precision and strategy decide how the reference forward computes (FSDP2 gathers layers in bf16 under
     # bf16-mixed), so a cache made under other settings is not reused.
-    key = content_hash(model_fingerprint(job.model, job.seed), job.launch.precision, job.launch.strategy, sequences)
+    weights = model_fingerprint(job.model, job.seed, exact=True)
+    key = content_hash(weights, job.launch.precision, job.launch.strategy, sequences)
     cache = job.out_dir / "cache" / f"kto-reference-{key}"
     logps = read_reference_cache(cache, key, len(sequences))
     if logps is not None:

@@ -123,9 +123,13 @@ def check_model_structure(args: ModelArgs, config: Any) -> None:
         )
 
 
-def model_fingerprint(args: ModelArgs, seed: int) -> dict[str, Any]:
-    """What identifies the reference weights, for cache keys: the path and its weight files' sizes and times,
-    the revision, the quantization, and the seed when the weights are a random init."""
+def model_fingerprint(args: ModelArgs, seed: int, *, exact: bool = False) -> dict[str, Any]:
+    """What identifies the reference weights: the path and its weight files' sizes and modification times, the
+    revision, the quantization, and the seed when the weights are a random init (no file is read: models are large).
+
+    ``exact`` (cache keys): also each file's inode and status-change time, which no copy tool sets back. Weights
+    replaced by others of the same size and with the old modification time (``cp -p``, ``touch -r``, a tar
+    extraction) then get a new key; a copied or re-permissioned model only costs a recomputation."""
     path = Path(resolve_model_path(args.name_or_path))
     files = {}
     if path.is_dir():
@@ -133,6 +137,8 @@ def model_fingerprint(args: ModelArgs, seed: int) -> dict[str, Any]:
             if file.suffix in (".safetensors", ".bin", ".json") and file.is_file():
                 stat = file.stat()
                 files[file.name] = [stat.st_size, int(stat.st_mtime)]
+                if exact:
+                    files[file.name] += [stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
     return {
         "model": str(path),
         "revision": args.revision,

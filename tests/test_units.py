@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -288,3 +290,24 @@ def test_kto_kl_pass_groups_pairs_by_length_and_keeps_padding_apart() -> None:
         if any(-1 in share for share in shares):
             assert sorted(width for _, width in forwards) == [10, 90]  # short pairs together, padding apart
     assert total.tolist() == [6.0, 6.0]  # every pair once (r = 1 each), padding counts for nothing
+
+
+def test_the_reference_cache_key_sees_weights_replaced_under_the_old_time(tmp_path: Path) -> None:
+    """Weights swapped for others of the same size, the modification time set back (`cp -p`, `touch -r`, tar): the
+    resume warning's fingerprint (sizes, times) cannot tell, the reference cache's key must."""
+    from fabric_align.args import ModelArgs
+    from fabric_align.modeling import model_fingerprint
+
+    model = tmp_path / "model"
+    model.mkdir()
+    weights = model / "model.safetensors"
+    weights.write_bytes(b"a" * 64)
+    (model / "config.json").write_text("{}")
+    args = ModelArgs(name_or_path=str(model))
+    before = (model_fingerprint(args, 0), model_fingerprint(args, 0, exact=True))
+    times = weights.stat()
+    time.sleep(0.01)
+    weights.write_bytes(b"b" * 64)
+    os.utime(weights, ns=(times.st_atime_ns, times.st_mtime_ns))
+    assert model_fingerprint(args, 0) == before[0]
+    assert model_fingerprint(args, 0, exact=True) != before[1]
