@@ -433,11 +433,17 @@ def reference_logps(
     sequences = [s for d in splits for s in d.sequences + (d.kl_sequences if with_kl else [])]
     # The precision and strategy decide how the reference forward computes (FSDP2 gathers layers in bf16 under
     # bf16-mixed), so a cache made under other settings is not reused.
-    weights = model_fingerprint(job.model, job.seed, exact=True)
-    key = content_hash(weights, job.launch.precision, job.launch.strategy, sequences)
+    # Rank 0 decides and reads for all: another node's copy of the model has its own inodes and times (so its own
+    # key), and out_dir need not be shared; ranks that disagreed would not join the same reference pass.
+    key, logps = None, None
+    if fabric.is_global_zero:
+        weights = model_fingerprint(job.model, job.seed, exact=True)
+        key = content_hash(weights, job.launch.precision, job.launch.strategy, sequences)
+        logps = read_reference_cache(job.out_dir / "cache" / f"kto-reference-{key}", key, len(sequences))
+    key, found = fabric.broadcast((key, logps is not None), src=0)
     cache = job.out_dir / "cache" / f"kto-reference-{key}"
-    logps = read_reference_cache(cache, key, len(sequences))
-    if logps is not None:
+    if found:
+        logps = fabric.broadcast(logps, src=0)
         fabric.print(f"reference log-probs from {cache}")
     else:
         logps = score_sequences(
