@@ -103,6 +103,9 @@ def parse_row(row: Row) -> tuple[str | list, str | list, bool]:
         return prompt, completion, label
     if label in ("chosen", "rejected"):
         return prompt, completion, label == "chosen"
+    if isinstance(label, str) and label.strip().lower() in ("true", "false"):
+        # CSV has no booleans: a column that also holds other text (or "True" written by pandas) reads as strings.
+        return prompt, completion, label.strip().lower() == "true"
     raise row.error("label", f'expected true/false (or "chosen"/"rejected"), got {shown(label)}')
 
 

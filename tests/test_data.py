@@ -222,6 +222,10 @@ def test_a_folder_of_data_files_reads_the_rows_datasets_would_and_names_a_bad_ro
     other.mkdir()
     (other / "train.csv").write_text("prompt,completion,label\np,c,true\n")
     assert [row.value for row in read_rows(str(other), "train")] == [{"prompt": "p", "completion": "c", "label": True}]
+    # A label column that mixes forms reads as text: "true" and "False" are still booleans.
+    (other / "train.csv").write_text("prompt,completion,label\np,c,chosen\nq,d,False\nr,e,true\n")
+    labels = load_split(str(other), "train", renderer, 64, seed=0, train=True).labels
+    assert labels.tolist() == [True, False, True]
 
 
 def test_a_folders_files_that_no_split_reads_are_named_and_mixed_kinds_refused(
