@@ -244,10 +244,10 @@ class TrainArgs:
         for i, beta in enumerate(self.betas):
             check_number(f"train.betas[{i}]", beta, low=0, high=1, high_open=True)
 
-    def steps_over(self, num_examples: int) -> int:
-        """A run's optimizer steps over ``num_examples`` (KTO): ``max_steps``, else ``epochs`` of whole global
-        batches."""
-        return self.max_steps or self.epochs * (num_examples // self.global_batch_size)
+    def steps_over(self, num_examples: int, epochs: int | None = None) -> int:
+        """The optimizer steps of a run (KTO) or of a SPIN iteration (its own ``epochs``) over ``num_examples``:
+        ``max_steps``, else the epochs of whole global batches."""
+        return self.max_steps or (epochs or self.epochs) * (num_examples // self.global_batch_size)
 
     def warmup_for(self, total_steps: int) -> int:
         """Warmup steps of a run (or SPIN iteration) of ``total_steps`` optimizer steps."""

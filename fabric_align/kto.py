@@ -442,9 +442,9 @@ def reference_logps(
     if fabric.is_global_zero:
         weights = model_fingerprint(job.model, job.seed, exact=True)
         key = content_hash(weights, job.launch.precision, job.launch.strategy, sequences)
-        logps = read_reference_cache(job.out_dir / "cache" / f"kto-reference-{key}", key, len(sequences))
+        logps = read_reference_cache(reference_cache(job.out_dir, key), key, len(sequences))
     key, found = fabric.broadcast((key, logps is not None), src=0)
-    cache = job.out_dir / "cache" / f"kto-reference-{key}"
+    cache = reference_cache(job.out_dir, key)
     if found:
         logps = fabric.broadcast(logps, src=0)
         fabric.print(f"reference log-probs from {cache}")
@@ -475,6 +475,10 @@ def reference_logps(
 
 
 REFERENCE_FILE = "logps.pt"
+
+
+def reference_cache(out_dir: Path, key: str) -> Path:
+    return out_dir / "cache" / f"kto-reference-{key}"
 
 
 def read_reference_cache(path: Path, key: str, expected: int) -> torch.Tensor | None:

@@ -21,6 +21,15 @@ from fabric_align.errors import ConfigError
 log = logging.getLogger("fabric_align")
 
 
+def row_step(row: dict[str, Any]) -> int:
+    return int(float(row.get("step") or 0))
+
+
+def logged_keys(row: dict[str, Any]) -> list[str]:
+    """The metrics a CSV row holds a value of (its other columns are empty)."""
+    return [k for k, v in row.items() if k != "step" and v not in (None, "")]
+
+
 class CSVMetrics:
     """``out_dir/logs/metrics.csv``: one row per logging call; new columns rewrite the header."""
 
@@ -49,25 +58,18 @@ class CSVMetrics:
     def drop_after(self, step: int) -> set[str]:
         """On resume from the checkpoint at ``step``: forget the rows after it, which the resumed run logs again.
         Returns the metric names already logged at ``step``, which the resumed run must not log a second time."""
-        kept = [r for r in self.rows if int(float(r.get("step") or 0)) <= step]
+        kept = [r for r in self.rows if row_step(r) <= step]
         if len(kept) != len(self.rows):
             self.rows = kept
             self._write_all()
-        at_step = [r for r in kept if int(float(r.get("step") or 0)) == step]
-        return {k for r in at_step for k, v in r.items() if k != "step" and v not in (None, "")}
+        return {k for r in kept if row_step(r) == step for k in logged_keys(r)}
 
     def replace(self, metrics: dict[str, Any], step: int) -> None:
         """Log ``metrics`` at ``step`` in place of the values the rows at ``step`` hold for them."""
-
-        def at_step(row: dict[str, Any]) -> bool:
-            return int(float(row.get("step") or 0)) == step
-
-        for row in filter(at_step, self.rows):
-            row.update(dict.fromkeys(metrics.keys() & row.keys(), ""))
-        # A row at that step left with no value goes.
-        self.rows = [
-            r for r in self.rows if not at_step(r) or any(v not in (None, "") for k, v in r.items() if k != "step")
-        ]
+        for row in self.rows:
+            if row_step(row) == step:
+                row.update(dict.fromkeys(metrics.keys() & row.keys(), ""))
+        self.rows = [r for r in self.rows if row_step(r) != step or logged_keys(r)]  # a row left with no value goes
         self._write_all()
         self.log(metrics, step)
 

@@ -644,7 +644,7 @@ def iteration_phases(args: SPINArgs, num_examples: int, train: TrainArgs) -> lis
     phases, start = [], 0
     for t in range(args.iterations):
         pairs = num_examples * (2 if args.mix_previous and t > 0 else 1)
-        steps = train.max_steps or args.epochs_at(t) * (pairs // train.global_batch_size)
+        steps = train.steps_over(pairs, epochs=args.epochs_at(t))
         phases.append(Phase(start, start + steps, args.lr_at(t, train.lr)))
         start += steps
     return phases

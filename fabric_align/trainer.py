@@ -115,11 +115,17 @@ def check_resume_state(
             )
 
 
-def check_resume_order(resume_path: Path, meta: dict[str, Any], train: TrainArgs, seed: int) -> None:
+def check_resume_order(
+    resume_path: Path, meta: dict[str, Any], train: TrainArgs, seed: int, method: dict[str, Any]
+) -> None:
     """The checkpoint's step counts global batches of one data order, which the seed and the global batch size decide
     (step s reads examples ``s * global_batch_size`` onwards of the seed's shuffle): resumed mid-order, they must be
-    the checkpoint's."""
+    the checkpoint's. Not where the method's data plan restarts at the checkpoint's step (a SPIN iteration's start:
+    ``restarts_data_at``), which reads no order half-way."""
     saved, saved_train = meta.get("config", {}), meta.get("config", {}).get("train", {})
+    step = meta.get("step", -1)
+    if any(g.restarts_data_at(step, train, saved_train) for g in method.values() if hasattr(g, "restarts_data_at")):
+        return
     order = {
         "seed": (saved.get("seed", seed), seed),
         "train.global_batch_size": (
@@ -259,11 +265,7 @@ def prepare_job(
     else:
         check_resume(out_dir, resume_path, meta.get("step", -1), launch.strategy)
         check_resume_state(resume_path, meta, next(iter(method)), model, train)
-        # A method whose data plan restarts at the checkpoint's step (a SPIN iteration's start) reads no order half-way.
-        restarts = [group for group in method.values() if hasattr(group, "restarts_data_at")]
-        saved_train = meta.get("config", {}).get("train", {})
-        if not any(group.restarts_data_at(meta.get("step", -1), train, saved_train) for group in restarts):
-            check_resume_order(resume_path, meta, train, seed)
+        check_resume_order(resume_path, meta, train, seed, method)
     tokenizer = load_hub_object(model, load_tokenizer, "its tokenizer")
     model_config = load_hub_object(model, load_config, "its config")
     check_model_config(model, model_config)

@@ -577,25 +577,21 @@ def reseal(directory: Path) -> None:
     seal(directory, meta)
 
 
-def test_a_crafted_rng_file_is_never_unpickled(
-    tmp_path: Path, kto_straight: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("planted", "expected"),
+    [
+        ("rng-rank0.pt", ["rng-rank0.pt: refused to load"]),  # an RNG file
+        ("state", ["step-000010/state: refused to load", "Unsupported global"]),  # the training state
+    ],
+)
+def test_a_crafted_checkpoint_file_is_never_unpickled(
+    planted: str, expected: list[str], tmp_path: Path, kto_straight: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out, marker = tmp_path / "out", tmp_path / "pwned"
     shutil.copytree(kto_straight, out)
-    plant(out / "step-000010" / "rng-rank0.pt", marker)
+    plant(out / "step-000010" / planted, marker)
     result = program(kto.setup, [*KTO_ARGS, f"--out_dir={out}", "--resume=auto"], capsys)
-    assert_one_line_error(result, "rng-rank0.pt: refused to load")
-    assert not marker.exists()
-
-
-def test_a_crafted_training_state_is_refused_in_one_line(
-    tmp_path: Path, kto_straight: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    out, marker = tmp_path / "out", tmp_path / "pwned"
-    shutil.copytree(kto_straight, out)
-    plant(out / "step-000010" / "state", marker)
-    result = program(kto.setup, [*KTO_ARGS, f"--out_dir={out}", "--resume=auto"], capsys)
-    assert_one_line_error(result, "step-000010/state: refused to load", "Unsupported global")
+    assert_one_line_error(result, *expected)
     assert not marker.exists()
 
 
