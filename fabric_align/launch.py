@@ -108,12 +108,12 @@ class Launch:
             if (
                 type(environment) is LightningEnvironment  # Fabric starts the processes (not SLURM, torchrun...)
                 and not environment.creates_processes_externally
-                and self.world_size > 1
                 and not os.environ.get("MASTER_PORT")
             ):
                 # Fabric's own pick is an ephemeral port, which an outgoing connection can take before its rank 0
-                # listens there (EADDRINUSE); the processes it starts inherit this one. (Processes that a cluster
-                # starts each pick alone, so they keep the cluster's port.)
+                # listens there (EADDRINUSE); the processes it starts inherit this one. One rank sets up a process
+                # group too (FSDP2 on one device), so it gets one as well. (Processes that a cluster starts each
+                # pick alone, so they keep the cluster's port.)
                 os.environ["MASTER_PORT"] = str(free_port())
             fabric.launch()
         return fabric

@@ -51,7 +51,8 @@ def run_script(
 ) -> subprocess.CompletedProcess:
     """Run an entry script in a fresh process (``python fabric_align/kto.py`` or ``fabric run ...``)."""
     command = [*(launcher or [sys.executable]), str(REPO / "fabric_align" / script), *args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARIABLES}
+    env |= {"PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
         raise AssertionError(
@@ -102,12 +103,21 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+# What Fabric writes into this process's environment when a test trains in-process: its rendezvous address and
+# port (`_init_dist_connection` sets them, also for one rank). Left there, a later test's subprocess would inherit a
+# port picked minutes ago, which an outgoing connection may hold by then (EADDRINUSE).
+RENDEZVOUS_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
+
+
 @pytest.fixture(autouse=True)
 def _quiet_and_deterministic(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     monkeypatch.delenv("FABRIC_ALIGN_KERNELS", raising=False)
+    for name in RENDEZVOUS_VARIABLES:
+        monkeypatch.setenv(name, "")  # recorded first, so that whatever the test leaves is removed after it
+        monkeypatch.delenv(name)
 
 
 # ------------------------------------------------------------------------------------------------- a real model

@@ -205,12 +205,13 @@ def test_rendezvous_ports_lie_outside_the_ephemeral_range_and_skip_taken_ones(mo
         assert rendezvous.free_port() != busy  # the only candidate is taken: the OS picks one
 
 
-@pytest.mark.parametrize("cluster", [False, True])
+@pytest.mark.parametrize(("cluster", "devices", "strategy"), [(False, 2, "ddp"), (False, 1, "fsdp"), (True, 2, "ddp")])
 def test_the_rendezvous_port_is_set_only_where_fabric_starts_the_processes(
-    cluster: bool, monkeypatch: pytest.MonkeyPatch
+    cluster: bool, devices: int, strategy: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`python kto.py --devices 2`: Fabric starts the ranks, which inherit the port picked here. Under `srun` each
-    rank is its own process and must keep SLURM's port, the same for all (a port each picked alone would differ)."""
+    """`python kto.py --devices 2`: Fabric starts the ranks, which inherit the port picked here; one FSDP rank sets up
+    a process group as well. Under `srun` each rank is its own process and must keep SLURM's port, the same for all
+    (a port each picked alone would differ)."""
     from lightning.fabric import Fabric
 
     from fabric_align.launch import resolve_launch
@@ -225,7 +226,7 @@ def test_the_rendezvous_port_is_set_only_where_fabric_starts_the_processes(
             monkeypatch.setenv(name, value)
         monkeypatch.setenv("SLURM_NODELIST", "node1")
     monkeypatch.setattr(Fabric, "launch", lambda self, *a, **k: None)
-    fabric = resolve_launch(2, 1, "32-true", "ddp").make_fabric()
+    fabric = resolve_launch(devices, 1, "32-true", strategy).make_fabric()
     if cluster:
         assert "MASTER_PORT" not in os.environ and fabric.strategy.cluster_environment.main_port == 15000 + 1234
     else:
