@@ -157,11 +157,9 @@ def test_fsdp2_rank0_reads_the_weights_of_a_tied_pretrained_model(tmp_path: Path
 
 def run_in_one_rank_group(body: str, tmp_path: Path) -> str:
     """Run ``body`` in a fresh process inside a one-process gloo group (on a free port); returns its stdout."""
-    import socket
+    from fabric_align.rendezvous import free_port
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     script = tmp_path / "check.py"
     script.write_text(
         "import torch, torch.distributed as dist\n"
