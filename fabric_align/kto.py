@@ -50,6 +50,7 @@ from fabric_align.trainer import (
     build_policy,
     check_resume_within,
     finish,
+    open_out_dir,
     open_run,
     prepare_job,
     require_batches,
@@ -415,12 +416,13 @@ def setup(
 
 
 def main(fabric: Any, job: Job, kto: KTOArgs, train_data: KTOData, val_data: KTOData | None) -> None:
+    logger = open_out_dir(fabric, job)
     policy, optimizer = build_policy(fabric, job)
     fabric.print(f"{len(train_data)} training examples, {len(val_data) if val_data else 0} validation examples")
     # Reference log-probs before any update (and before loading a checkpoint): no reference model is kept.
     reference_logps(fabric, policy, job, kto, train_data, val_data)
     plan = StepPlan(len(train_data), job.train.global_batch_size, job.seed, train_data.lengths)
-    run = open_run(fabric, job, policy, optimizer, method="kto")
+    run = open_run(fabric, job, logger, policy, optimizer, method="kto")
     recipe = KTO(fabric, policy, kto, train_data, val_data, job.tokenizer.pad_token_id)
     fit(run, recipe, plan, Phase(0, job.train.steps_over(len(train_data))))
     finish(run, recipe)

@@ -52,6 +52,7 @@ from fabric_align.trainer import (
     build_policy,
     check_resume_within,
     finish,
+    open_out_dir,
     open_run,
     prepare_job,
     require_batches,
@@ -769,9 +770,10 @@ def check_resumed_iteration(job: Job, spin: SPINArgs, train_data: SFTData, val_d
 
 
 def main(fabric: Any, job: Job, spin: SPINArgs, train_data: SFTData, val_data: SFTData | None) -> None:
+    logger = open_out_dir(fabric, job)
     policy, optimizer = build_policy(fabric, job)
     phases = iteration_phases(spin, len(train_data), job.train)
-    run = open_run(fabric, job, policy, optimizer, method="spin", state={"iteration": 0})
+    run = open_run(fabric, job, logger, policy, optimizer, method="spin", state={"iteration": 0})
     shaping = {
         "settings": shaping_settings(job.config, exclude=("spin",)),
         "data": [split.fingerprint() for split in (train_data, val_data) if split is not None],

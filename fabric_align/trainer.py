@@ -1,7 +1,7 @@
 """A run's life around the shared loop: the checks and preparation before anything loads (``prepare_job``), the
-policy and optimizer (``build_policy``), the run state restored from a checkpoint (``open_run``), and the export at the
-end (``finish``). The loop itself is in ``loop.py``; launch settings, optimizer, metrics and the program entry have
-their own modules."""
+out_dir's claim and the metric logger (``open_out_dir``), the policy and optimizer (``build_policy``), the run state
+restored from a checkpoint (``open_run``), and the export at the end (``finish``). The loop itself is in ``loop.py``;
+launch settings, optimizer, metrics and the program entry have their own modules."""
 
 from __future__ import annotations
 
@@ -439,16 +439,6 @@ def build_policy(fabric: Fabric, job: Job) -> tuple[PolicyLogprobs, torch.optim.
     """Load the model, wrap it for log-probs, shard it (per the strategy), and build the optimizer on the sharded
     trainable parameters."""
     fabric.seed_everything(job.seed)
-    holder = None
-    if fabric.is_global_zero:
-        job.out_dir.mkdir(parents=True, exist_ok=True)
-        holder = claim_out_dir(job.out_dir)
-    holder = fabric.broadcast(holder, src=0)  # every rank stops, not only rank 0
-    if holder is not None:
-        raise ConfigError(
-            f"out_dir={job.out_dir} is in use by another run ({holder}), still writing there: wait for it to end or "
-            "stop it (all of its processes), or choose another out_dir"
-        )
     # Under FSDP2 with several processes only rank 0 reads the weights: the others build the model on the meta
     # device and take their shards from rank 0 once it is sharded, so a node holds one full copy in CPU memory, not
     # one per GPU. (A 4-bit model is quantized as it loads, so every rank loads that one.)
@@ -488,16 +478,48 @@ def build_policy(fabric: Fabric, job: Job) -> tuple[PolicyLogprobs, torch.optim.
     return policy, optimizer
 
 
+def open_out_dir(fabric: Fabric, job: Job) -> MetricLogger:
+    """Claim out_dir for this run (one run writes there at a time) and start the run's metric logger in it. Both come
+    before the model loads: what W&B refuses only when a run starts (a key, an entity, the network) then costs no
+    model load or reference pass. Rank 0 does both; every rank raises what it refused, so none waits in a collective."""
+    holder = None
+    if fabric.is_global_zero:
+        job.out_dir.mkdir(parents=True, exist_ok=True)
+        holder = claim_out_dir(job.out_dir)
+    holder = fabric.broadcast(holder, src=0)
+    if holder is not None:
+        raise ConfigError(
+            f"out_dir={job.out_dir} is in use by another run ({holder}), still writing there: wait for it to end or "
+            "stop it (all of its processes), or choose another out_dir"
+        )
+    logger, problem = None, None
+    try:
+        logger = MetricLogger(
+            job.logger,
+            job.out_dir,
+            is_global_zero=fabric.is_global_zero,
+            config=job.config,
+            fresh=job.resume_path is None,
+        )
+    except ConfigError as err:
+        problem = str(err)
+    problem = fabric.broadcast(problem, src=0)
+    if problem is not None or logger is None:
+        raise ConfigError(problem or "the metric logger did not start")
+    return logger
+
+
 def open_run(
     fabric: Fabric,
     job: Job,
+    logger: MetricLogger,
     policy: nn.Module,
     optimizer: torch.optim.Optimizer,
     *,
     method: str,
     state: dict[str, Any] | None = None,
 ) -> Run:
-    """The run's state (restored from the checkpoint to resume, if any) and its logger."""
+    """The run's state, restored from the checkpoint to resume, if any."""
     full_state = {
         "model": policy,
         "optimizer": optimizer,
@@ -519,13 +541,6 @@ def open_run(
             warn_changed_inputs(saved.get("inputs"), inputs)
     if fabric.is_global_zero:
         remove_unfinished_writes(job.out_dir)
-    logger = MetricLogger(
-        job.logger,
-        job.out_dir,
-        is_global_zero=fabric.is_global_zero,
-        config=job.config,
-        fresh=job.resume_path is None,
-    )
     meta = {"method": method, "config": job.config, "inputs": inputs, "architecture": job.architecture}
     if job.train_data_id is not None:
         meta["train_data"] = job.train_data_id

@@ -47,14 +47,22 @@ def run_cli(setup: Any, args: list[str]) -> None:
 
 
 def run_script(
-    script: str, args: list[str], *, launcher: list[str] | None = None, timeout: int = 300, cwd: Path = REPO
+    script: str,
+    args: list[str],
+    *,
+    launcher: list[str] | None = None,
+    timeout: int = 300,
+    cwd: Path = REPO,
+    env: dict[str, str] | None = None,
+    check: bool = True,
 ) -> subprocess.CompletedProcess:
-    """Run an entry script in a fresh process (``python fabric_align/kto.py`` or ``fabric run ...``)."""
+    """Run an entry script in a fresh process (``python fabric_align/kto.py`` or ``fabric run ...``); ``env`` adds to
+    the environment, and ``check`` raises on a non-zero exit."""
     command = [*(launcher or [sys.executable]), str(REPO / "fabric_align" / script), *args]
-    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARIABLES}
-    env |= {"PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if result.returncode != 0:
+    environment = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARIABLES}
+    environment |= {"PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", **(env or {})}
+    result = subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
         raise AssertionError(
             f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
         )

@@ -12,7 +12,7 @@ from fabric_align import kto
 from fabric_align.errors import ConfigError
 from fabric_align.loggers import wandb_mode
 
-from conftest import FAST, column, read_metrics, run_cli
+from conftest import FAST, column, read_metrics, run_cli, run_script
 
 
 def test_wandb_offline_run_records_config_and_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -91,8 +91,27 @@ def test_a_wandb_run_that_cannot_start_is_one_line(tmp_path: Path, monkeypatch: 
     def refuse(**kwargs: object) -> None:
         raise wandb.errors.UsageError("entity nobody not found during upsertBucket\n(more detail)")
 
+    def load(*args: object) -> None:
+        raise AssertionError("the model loaded before W&B started the run")
+
     monkeypatch.setattr(wandb, "init", refuse)
+    monkeypatch.setattr(kto, "build_policy", load)
     with pytest.raises(
         ConfigError, match=r"W&B could not start the run \(entity nobody not found during upsertBucket\);"
     ):
         run_cli(kto.setup, [*FAST, "--logger.backend=wandb", "--train.max_steps=1", f"--out_dir={tmp_path / 'out'}"])
+
+
+@pytest.mark.slow
+def test_every_rank_stops_on_one_line_when_wandb_refuses_the_run(tmp_path: Path) -> None:
+    """Rank 0 starts W&B; the other ranks learn of its refusal and stop with it, before the model loads, instead of
+    waiting for rank 0 in a collective (under NCCL, until the timeout)."""
+    home = tmp_path / "home"  # no netrc: W&B online with no key refuses at once, without the network
+    home.mkdir()
+    env = {"WANDB_MODE": "online", "WANDB_API_KEY": "", "HOME": str(home), "WANDB_CONFIG_DIR": str(home)}
+    args = [*FAST, "--logger.backend=wandb", "--devices=2", "--strategy=ddp", f"--out_dir={tmp_path / 'out'}"]
+    result = run_script("kto.py", args, env=env, check=False, timeout=120)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert len(errors) == 2 and all("W&B could not start the run (No API key" in line for line in errors), errors
+    assert "Traceback" not in result.stderr and "model:" not in result.stdout + result.stderr
