@@ -481,19 +481,17 @@ def build_policy(fabric: Fabric, job: Job) -> tuple[PolicyLogprobs, torch.optim.
 def open_out_dir(fabric: Fabric, job: Job) -> MetricLogger:
     """Claim out_dir for this run (one run writes there at a time) and start the run's metric logger in it. Both come
     before the model loads: what W&B refuses only when a run starts (a key, an entity, the network) then costs no
-    model load or reference pass. Rank 0 does both; every rank raises what it refused, so none waits in a collective."""
-    holder = None
-    if fabric.is_global_zero:
-        job.out_dir.mkdir(parents=True, exist_ok=True)
-        holder = claim_out_dir(job.out_dir)
-    holder = fabric.broadcast(holder, src=0)
-    if holder is not None:
-        raise ConfigError(
-            f"out_dir={job.out_dir} is in use by another run ({holder}), still writing there: wait for it to end or "
-            "stop it (all of its processes), or choose another out_dir"
-        )
-    logger, problem = None, None
+    model load or reference pass. Rank 0 does both, and every rank stops on what it refused: the others would
+    otherwise wait for rank 0 in their next collective (under NCCL, until the timeout)."""
+    logger, refusal = None, None
     try:
+        if fabric.is_global_zero:
+            job.out_dir.mkdir(parents=True, exist_ok=True)
+            if (holder := claim_out_dir(job.out_dir)) is not None:
+                raise ConfigError(
+                    f"out_dir={job.out_dir} is in use by another run ({holder}), still writing there: wait for it to "
+                    "end or stop it (all of its processes), or choose another out_dir"
+                )
         logger = MetricLogger(
             job.logger,
             job.out_dir,
@@ -501,11 +499,13 @@ def open_out_dir(fabric: Fabric, job: Job) -> MetricLogger:
             config=job.config,
             fresh=job.resume_path is None,
         )
-    except ConfigError as err:
-        problem = str(err)
-    problem = fabric.broadcast(problem, src=0)
-    if problem is not None or logger is None:
-        raise ConfigError(problem or "the metric logger did not start")
+    except (ConfigError, OSError) as err:
+        refusal = err
+    message = fabric.broadcast(None if refusal is None else str(refusal), src=0)
+    if refusal is not None:
+        raise refusal
+    if message is not None or logger is None:
+        raise ConfigError(message or "the metric logger did not start")
     return logger
 
 
