@@ -227,6 +227,29 @@ def remove_unfinished_writes(out_dir: Path) -> None:
         log.info("out_dir=%s: removed what an interrupted run left half-written (%s)", out_dir, names)
 
 
+ROLLED_BACK = ".rolled-back-"
+
+
+def set_aside_later_checkpoints(out_dir: Path, step: int) -> list[str]:
+    """A run resumed from its own checkpoint at ``step`` leaves the branch that went on from there: the checkpoints
+    after it (damaged ones too) and the export they led to become ``.rolled-back-NAME``. So ``resume=auto`` after
+    this run stops continues this run, never the branch it left (whose log it has dropped); each is removed as this
+    run publishes NAME again (``publish``), and until then stays, for whoever wants it back."""
+    later = sorted(
+        path
+        for path in out_dir.glob("step-*")
+        if (match := STEP_DIR.match(path.name)) and int(match.group(1)) > step and path.is_dir()
+    )
+    if later and (out_dir / "final").is_dir():
+        later.append(out_dir / "final")
+    for path in later:
+        aside = path.with_name(ROLLED_BACK + path.name)
+        if aside.exists():
+            shutil.rmtree(aside)  # what an earlier roll-back set aside there: left twice over
+        path.rename(aside)
+    return [path.name for path in later]
+
+
 def release_out_dirs() -> None:
     """Release this process's out_dir locks: its run has ended (a test or a sweep may start the next in-process)."""
     while _claimed:
@@ -317,24 +340,25 @@ def publish(tmp: Path, final: Path, *, keep_replaced: bool = False) -> None:
     published (checkpoints, the export, SPIN iterations, the reference cache). An existing ``final`` is swapped out
     first and removed once the new one is in place (the same step saved again by a resumed run, a re-export); with
     ``keep_replaced`` it is set aside as ``.replaced-NAME-N`` (``.incomplete-NAME-N`` without a completion marker)
-    instead, never deleted."""
+    instead, never deleted. What a roll-back set aside as ``final`` (``set_aside_later_checkpoints``) is replaced
+    too, once the new one is in place."""
     if not final.exists():
         tmp.rename(final)
-        return
-    if keep_replaced:
+    elif keep_replaced:
         kind = "replaced" if (final / META).is_file() else "incomplete"
         n = 1
         while (aside := final.with_name(f".{kind}-{final.name}-{n}")).exists():
             n += 1
         final.rename(aside)
         tmp.rename(final)
-        return
-    old = final.with_name(f".old-{final.name}")
-    if old.exists():
+    else:
+        old = final.with_name(f".old-{final.name}")
+        if old.exists():
+            shutil.rmtree(old)
+        final.rename(old)
+        tmp.rename(final)
         shutil.rmtree(old)
-    final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old)
+    shutil.rmtree(final.with_name(ROLLED_BACK + final.name), ignore_errors=True)
 
 
 def write_sealed(final: Path, write: Callable[[Path], dict[str, Any]], *, keep_replaced: bool = False) -> None:

@@ -55,14 +55,15 @@ class CSVMetrics:
             with self.path.open("a", newline="") as f:
                 csv.DictWriter(f, self.columns).writerow(row)
 
-    def drop_after(self, step: int) -> set[str]:
+    def drop_after(self, step: int) -> dict[str, str]:
         """On resume from the checkpoint at ``step``: forget the rows after it, which the resumed run logs again.
-        Returns the metric names already logged at ``step``, which the resumed run must not log a second time."""
+        Returns the metrics already logged at ``step`` (name: value as written), which the resumed run must not log
+        a second time."""
         kept = [r for r in self.rows if row_step(r) <= step]
         if len(kept) != len(self.rows):
             self.rows = kept
             self._write_all()
-        return {k for r in kept if row_step(r) == step for k in logged_keys(r)}
+        return {k: r[k] for r in kept if row_step(r) == step for k in logged_keys(r)}
 
     def replace(self, metrics: dict[str, Any], step: int) -> None:
         """Log ``metrics`` at ``step`` in place of the values the rows at ``step`` hold for them."""
@@ -186,11 +187,11 @@ class MetricLogger:
 
             self.wandb_run.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
 
-    def resumed_at(self, step: int) -> set[str]:
-        """Metric names logged at ``step`` by the run being resumed (known from the CSV log on rank 0)."""
+    def resumed_at(self, step: int) -> dict[str, str]:
+        """The metrics logged at ``step`` by the run being resumed (known from the CSV log on rank 0)."""
         if self.active and self.csv is not None:
             return self.csv.drop_after(step)
-        return set()
+        return {}
 
     def finish(self) -> None:
         if self.active and self.wandb_run is not None:

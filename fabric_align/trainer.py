@@ -30,6 +30,7 @@ from fabric_align.checkpoints import (
     read_meta,
     remove_unfinished_writes,
     require_finite_parameters,
+    set_aside_later_checkpoints,
 )
 from fabric_align.data import content_hash, resolve_path
 from fabric_align.errors import ConfigError, TrainingError
@@ -155,8 +156,8 @@ def check_resume(out_dir: Path, resume_path: Path, step: int, strategy: str) -> 
     newer = [path.name for n, path in checkpoint_dirs(out_dir) if n > step] if own else []
     if newer:
         log.warning(
-            "resume=%s rolls the run back: %s (and final/, the log after step %s) will be replaced as the run gets "
-            "there again",
+            "resume=%s rolls the run back: %s (and final/, the log after step %s) are set aside as .rolled-back-* "
+            "(resume=auto then continues this run) and removed as the run gets there again",
             resume_path,
             ", ".join(newer),
             step,
@@ -541,6 +542,9 @@ def open_run(
             warn_changed_inputs(saved.get("inputs"), inputs)
     if fabric.is_global_zero:
         remove_unfinished_writes(job.out_dir)
+        if job.resume_path is not None and job.resume_path.resolve().parent == job.out_dir.resolve():
+            if rolled_back := set_aside_later_checkpoints(job.out_dir, full_state["step"]):
+                log.info("set aside what this run rolls back, as .rolled-back-*: %s", ", ".join(rolled_back))
     meta = {"method": method, "config": job.config, "inputs": inputs, "architecture": job.architecture}
     if job.train_data_id is not None:
         meta["train_data"] = job.train_data_id
@@ -549,11 +553,22 @@ def open_run(
         # What the resumed run logged at the checkpoint's step is kept, not logged twice; every rank must agree,
         # since validation is collective.
         step = full_state["step"]
-        logged = fabric.broadcast(sorted(logger.resumed_at(step)), src=0)
+        logged = fabric.broadcast(logger.resumed_at(step), src=0)
         run.resumed_step, run.resumed_keys = step, set(logged)
         if any(k.startswith("val/") for k in logged):
             run.last_validated = step
+            # Its validation stands for this run's at that step: finish() refuses to export after a non-finite one.
+            run.last_validation = {
+                k.removeprefix("val/"): as_float(v) for k, v in logged.items() if k.startswith("val/")
+            }
     return run
+
+
+def as_float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan  # not a number a run logs: not a validation to export after
 
 
 # Settings that change what a resumed run computes (data, objective, batch, model), unlike e.g. intervals or steps.

@@ -491,8 +491,15 @@ def test_diverged_weights_are_not_exported_though_finite(tmp_path: Path, capsys:
     final/ is refused rather than exported from garbage."""
     args = [a for a in KTO_ARGS if not a.startswith(("--train.max_steps", "--train.lr", "--train.warmup"))]
     args += ["--train.max_steps=2", "--train.lr=1e20", "--train.warmup_steps=0", "--train.max_norm=null"]
-    result = program(kto.setup, [*args, "--train.save_interval=null", f"--out_dir={tmp_path / 'a'}"], capsys)
-    assert_one_line_error(result, "the validation loss at step 2 is nan (the weights diverged): not exporting final/")
+    result = program(kto.setup, [*args, "--train.save_interval=2", f"--out_dir={tmp_path / 'a'}"], capsys)
+    refusal = "the validation loss at step 2 is nan (the weights diverged): not exporting final/"
+    assert_one_line_error(result, refusal)
+    assert not (tmp_path / "a" / "final").exists() and (tmp_path / "a" / "step-000002" / "meta.json").is_file()
+    # Resumed at that last step, the run has nothing left to train: the validation logged there still decides.
+    result = program(
+        kto.setup, [*args, "--train.save_interval=2", f"--out_dir={tmp_path / 'a'}", "--resume=auto"], capsys
+    )
+    assert_one_line_error(result, refusal)
     assert not (tmp_path / "a" / "final").exists()
 
 
@@ -751,6 +758,44 @@ def test_a_damaged_newest_checkpoint_falls_back(
     assert "step-000009 is damaged" in caplog.text and str(out / "step-000009" / "state") in caplog.text
     assert_same_weights(weights(kto_straight), weights(out))
     assert column(read_metrics(out), "train/loss") == column(read_metrics(kto_straight), "train/loss")
+
+
+def test_a_rolled_back_run_that_stops_resumes_itself_not_the_branch_it_left(
+    tmp_path: Path, kto_straight: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Resumed from step 3 of a finished run, the run leaves the branch that went on (steps 6, 9, 10, final/, the log
+    after step 3). Stopped at step 7, `resume=auto` must continue it from its own step 6, not the old step 9: the
+    weights and the log then equal an uninterrupted run's, with no step missing."""
+    out = tmp_path / "out"
+    shutil.copytree(kto_straight, out)
+    flip(out / "step-000010" / "state")  # damaged too: set aside like the rest, so the run's end writes it anew
+    real_save = loop.save_checkpoint
+
+    def stop_after_step_6(fabric: object, out_dir: Path, state: dict, meta: dict) -> Path:
+        path = real_save(fabric, out_dir, state, meta)
+        if state["step"] == 6:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(loop, "save_checkpoint", stop_after_step_6)
+    result = program(kto.setup, [*KTO_ARGS, f"--out_dir={out}", f"--resume={out / 'step-000003'}"], capsys)
+    assert_one_line_error(result, "interrupted")
+    names = sorted(p.name for p in out.iterdir() if "step-" in p.name or "final" in p.name)
+    assert names == [
+        ".rolled-back-final",
+        ".rolled-back-step-000009",
+        ".rolled-back-step-000010",
+        "step-000003",
+        "step-000006",
+    ]
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    assert_ok(program(kto.setup, [*KTO_ARGS, f"--out_dir={out}", "--resume=auto"], capsys))
+    assert_same_weights(weights(kto_straight), weights(out))
+    straight, resumed = read_metrics(kto_straight), read_metrics(out)
+    assert [r["step"] for r in resumed] == [r["step"] for r in straight]
+    assert column(resumed, "train/loss") == column(straight, "train/loss")
+    assert not list(out.glob(".rolled-back-*"))  # each replaced as the run got there again
+    assert verify_directory(out / "step-000010") is None
 
 
 def test_a_damaged_completion_marker_falls_back_and_nothing_intact_is_an_error(
