@@ -17,12 +17,14 @@ from tqdm import tqdm
 
 from fabric_align.errors import ConfigError, DataError, TrainingError
 from fabric_align.kernels.selfcheck import KernelCheckError
+from fabric_align.startup import hand_back_ctrl_c
 
 
 def run_program(setup: Callable[..., Any], args: list[str] | None = None) -> None:
     """The program entry: ``run_cli``, with everything a user can act on (bad input: ``DataError`` and ``ConfigError``,
     which name the file, line and field or the flag; a run that stopped: ``TrainingError``; the system: a full disk,
     a permission) reported as one ``error:`` line on stderr and exit status 1 instead of a traceback."""
+    hand_back_ctrl_c()
     try:
         run_cli(setup, args)
     except (DataError, ConfigError, TrainingError, KernelCheckError) as err:

@@ -10,6 +10,9 @@ r = log pi(y|x) - log pi_ref(y|x) summed over completion tokens. Reference log-p
 
 from __future__ import annotations
 
+import fabric_align.startup  # noqa: F401  (first: Ctrl-C while the imports below load is one line too)
+
+# isort: split
 import dataclasses
 import functools
 import logging

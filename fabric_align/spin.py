@@ -10,6 +10,9 @@ trains on loss = -log sigmoid(beta_t ((log pi(y_real) - ref(y_real)) - (log pi(y
 
 from __future__ import annotations
 
+import fabric_align.startup  # noqa: F401  (first: Ctrl-C while the imports below load is one line too)
+
+# isort: split
 import hashlib
 import json
 import logging

@@ -11,6 +11,7 @@ import errno
 import json
 import logging
 import math
+import os
 import pickle
 import shutil
 import subprocess
@@ -538,6 +539,33 @@ def test_ctrl_c_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
         raise KeyboardInterrupt
 
     assert_one_line_error(program(interrupted, [], capsys), "interrupted; --resume auto continues")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["kto.py", "spin.py"])
+def test_ctrl_c_while_the_program_starts_is_one_line(script: str, tmp_path: Path) -> None:
+    """Interrupted during its imports (seconds of torch, transformers and lightning), where Python would print the
+    interrupted import's traceback, or abort inside an extension; and interrupted once it runs."""
+    import signal
+    import time
+
+    from conftest import REPO
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for when, expected in (("importing", "interrupted before the run started"), ("running", "interrupted; --resume")):
+        command = [sys.executable, str(REPO / "fabric_align" / script), "--logger.backend=csv", f"--out_dir={when}"]
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env
+        )
+        if when == "importing":
+            time.sleep(1.0)
+        else:  # its first line of output comes once the model is loaded
+            assert process.stdout is not None and process.stdout.readline()
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+        assert process.returncode == 1 and "Traceback" not in err, err[-3000:]
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and expected in errors[0], err[-3000:]
 
 
 def test_generation_refuses_non_finite_logits(tmp_path: Path) -> None:
