@@ -27,6 +27,7 @@ SEED_RANGE = 2**32  # numpy's seed range, which Fabric's seed_everything also en
 
 
 FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_TINY = 1.1754943508222875e-38  # the smallest normal float32: below it, values lose precision or become 0
 
 
 def check_number(
@@ -48,6 +49,9 @@ def check_number(
         raise ConfigError(f"{name}={value}: must be a finite number")
     if isinstance(value, float) and abs(value) > FLOAT32_MAX:  # finite in Python, inf in the tensors it scales
         raise ConfigError(f"{name}={value}: must be a finite number in float32 (at most {FLOAT32_MAX:.7g} in size)")
+    if isinstance(value, float) and value != 0 and abs(value) < FLOAT32_TINY and low == 0 and low_open:
+        # positive in Python, 0 in the float32 tensors it scales (a beta of 1e-46 trains nothing)
+        raise ConfigError(f"{name}={value}: must be positive in float32 too (at least {FLOAT32_TINY:.7g})")
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:
@@ -236,7 +240,7 @@ class TrainArgs:
         check_number("train.warmup_ratio", self.warmup_ratio, low=0, high=1, high_open=True, optional=True)
         check_count("train.max_consecutive_skips", self.max_consecutive_skips, minimum=0)
         check_positive("train.lr", self.lr)
-        check_number("train.min_lr", self.min_lr, low=0, high=self.lr)
+        check_number("train.min_lr", self.min_lr, low=0)  # at most the peak: the method's check_with (SPIN has its own)
         check_number("train.weight_decay", self.weight_decay, low=0)
         check_positive("train.max_norm", self.max_norm, optional=True)
         if len(self.betas) != 2:
@@ -320,6 +324,10 @@ class KTOArgs:
         if self.desirable_weight != "auto":
             check_positive("kto.desirable_weight", self.desirable_weight)
         check_positive("kto.undesirable_weight", self.undesirable_weight)
+
+    def check_with(self, train: TrainArgs) -> None:
+        """Rules that involve the training group too: the decay ends at or below the peak."""
+        check_number("train.min_lr", train.min_lr, low=0, high=train.lr)
 
     @property
     def uses_kl_term(self) -> bool:

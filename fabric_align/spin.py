@@ -79,6 +79,13 @@ class SFTRow:
     generated: str | None = None
 
 
+def marks_undesirable(value: Any) -> bool:
+    """A KTO label or NeMo preference that says "undesirable", in any form KTO reads (CSV and pandas write text)."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("false", "rejected", "0")
+    return value is False or (type(value) is int and value == 0)
+
+
 def parse_row(row: Row, answer_turn: str = "last", *, with_generated: bool = False) -> SFTRow:
     """The prompt and ground-truth answer of a row: ``messages`` (the ``answer_turn`` assistant turn is the answer,
     what precedes it the prompt), plain ``prompt``/``completion``, NeMo-Aligner's ``system`` + ``conversations``, or
@@ -114,8 +121,8 @@ def parse_row(row: Row, answer_turn: str = "last", *, with_generated: bool = Fal
             "missing (expected 'messages', 'prompt'/'completion', 'conversations' or 'real'; the row has "
             f"{sorted(obj)})",
         )
-    for field, undesirable in (("label", False), ("preference", "rejected")):
-        if field in obj and obj[field] == undesirable and type(obj[field]) is type(undesirable):
+    for field in ("label", "preference"):
+        if field in obj and marks_undesirable(obj[field]):
             # KTO data: its undesirable completions are no ground truth to play against.
             raise row.error(field, "marks the completion undesirable; SPIN trains toward it as the ground truth")
     prompt_value = require_field(row, obj, "prompt")

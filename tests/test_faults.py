@@ -111,6 +111,7 @@ def kto_straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
 KTO_FLAGS = {
     "kto.beta nan": (["--kto.beta=.nan"], "kto.beta=nan: must be a finite number"),
     "kto.beta inf": (["--kto.beta=.inf"], "kto.beta=inf: must be a finite number"),
+    "kto.beta 0 in float32": (["--kto.beta=1e-46"], "kto.beta=1e-46: must be positive in float32 too"),
     "desirable weight nan": (["--kto.desirable_weight=.nan"], "kto.desirable_weight=nan"),
     "undesirable weight negative": (["--kto.undesirable_weight=-1"], "kto.undesirable_weight=-1.0: must be positive"),
     "max_norm nan": (["--train.max_norm=.nan"], "train.max_norm=nan"),

@@ -272,6 +272,18 @@ BAD = {
         "label",
         "marks the completion undesirable",
     ),
+    "an undesirable KTO row, labelled in text": (
+        with_row(11, {"prompt": "q", "completion": "a", "label": "rejected"}),
+        11,
+        "label",
+        "marks the completion undesirable",
+    ),
+    "an undesirable KTO row from a CSV": (
+        with_row(11, {"prompt": "q", "completion": "a", "label": "False"}),
+        11,
+        "label",
+        "marks the completion undesirable",
+    ),
     "a conversational completion that is not the answer": (
         with_row(12, {"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "user", "content": "a"}]}),
         12,
@@ -351,6 +363,19 @@ def test_sft_forms_agree(tmp_path: Path) -> None:
 def test_bad_spin_flags(flags: list[str], message: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         run_cli(spin.setup, [*SHORT, *flags, f"--out_dir={tmp_path / 'out'}"])
+
+
+def test_min_lr_is_held_against_the_peaks_spin_lr_sets_not_train_lr() -> None:
+    """spin.lr replaces train.lr as every iteration's peak: a floor above train.lr but below each peak is fine."""
+    from fabric_align.args import KTOArgs, SPINArgs, TrainArgs
+
+    train = TrainArgs(lr=2e-3, min_lr=0.01)
+    train.check()
+    SPINArgs(iterations=2, lr=[0.1, 0.05]).check_with(train)
+    with pytest.raises(ConfigError, match=re.escape("train.min_lr=0.01: must be at most iteration 0's peak lr 0.002")):
+        SPINArgs(iterations=2).check_with(train)
+    with pytest.raises(ConfigError, match=re.escape("train.min_lr=0.01: must be in [0, 0.002]")):
+        KTOArgs().check_with(train)
 
 
 def test_incomplete_iteration_directory_is_not_reused(tmp_path: Path) -> None:
