@@ -6,11 +6,15 @@ any model is loaded.
 
 from __future__ import annotations
 
+import csv
+import gzip
 import hashlib
+import io
 import json
 import logging
 import math
 import re
+import zlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,7 +34,6 @@ EMBEDDED_DATA = {
     "fabric-align/sft-demo": ASSETS / "sft_demo_train.jsonl",
     "fabric-align/sft-demo-val": ASSETS / "sft_demo_val.jsonl",
 }
-LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100
 
@@ -56,15 +59,15 @@ def resolve_path(path: str) -> str:
 
 
 def read_rows(path: str, split: str = "train") -> list[Row]:
-    """Rows of a local .jsonl/.json/.parquet file, a folder of such files, a ``save_to_disk`` directory, or a Hugging
-    Face dataset id."""
+    """Rows of a local .jsonl/.json/.parquet/.csv/.tsv file (the text kinds also gzipped), a folder of such files, a
+    ``save_to_disk`` directory, or a Hugging Face dataset id."""
     path = resolve_path(path)
     local = Path(path).expanduser()
-    suffix = local.suffix.lower()
-    if suffix in LOCAL_SUFFIXES:
+    kind, gzipped = file_kind(local)
+    if kind in FILE_SUFFIXES:
         if not local.is_file():
             raise DataError(f"{path}: file not found")
-        if suffix == ".parquet":
+        if kind == ".parquet":
             import pyarrow.parquet as pq
 
             try:
@@ -72,9 +75,17 @@ def read_rows(path: str, split: str = "train") -> list[Row]:
             except Exception as err:  # pyarrow raises several types for corrupt files
                 raise DataError(f"{path}: not a readable parquet file ({err})") from err
             return [Row(path, f"row {i}", without_nulls(r)) for i, r in enumerate(records)]
-        text = decode_utf8(path, local.read_bytes())
+        raw = local.read_bytes()
+        if gzipped:
+            try:
+                raw = gzip.decompress(raw)
+            except (OSError, EOFError, zlib.error) as err:
+                raise DataError(f"{path}: not a readable gzip file ({err})") from None
+        text = decode_utf8(path, raw)
+        if kind in (".csv", ".tsv"):
+            return _read_csv(path, text, "\t" if kind == ".tsv" else ",")
         stripped = text.lstrip()
-        if suffix == ".json" and stripped.startswith("["):
+        if kind == ".json" and stripped.startswith("["):
             try:
                 records = json.loads(text, object_pairs_hook=unique_keys)
             except KeyTwice as err:
@@ -87,7 +98,7 @@ def read_rows(path: str, split: str = "train") -> list[Row]:
             except ValueError as err:  # an integer of more digits than Python converts
                 raise DataError(f"{path}, line 1, field '<json>': unreadable JSON ({err})") from None
             return [Row(path, f"row {i}", r) for i, r in enumerate(records)]
-        if suffix == ".json" and stripped.startswith("{") and "\n" in stripped.rstrip():
+        if kind == ".json" and stripped.startswith("{") and "\n" in stripped.rstrip():
             # JSON lines, or one pretty-printed object: only the first value is decoded to tell them apart.
             try:
                 first, end = json.JSONDecoder().raw_decode(stripped)
@@ -115,7 +126,7 @@ def read_rows(path: str, split: str = "train") -> list[Row]:
             loaded = loaded[split]
         return [Row(f"{path}[{split}]", f"row {i}", without_nulls(r)) for i, r in enumerate(loaded)]
     if local.is_file():
-        raise DataError(f"{path}: unsupported file type (expected {', '.join(LOCAL_SUFFIXES)})")
+        raise DataError(f"{path}: unsupported file type (expected {KINDS_SAID})")
     files = split_files(local, path, split) if local.is_dir() else None
     if files is not None:  # read here, so that a bad row is named by its file and line
         return [row for file in files for row in read_rows(str(file))]
@@ -123,21 +134,82 @@ def read_rows(path: str, split: str = "train") -> list[Row]:
 
     from fabric_align.hub import offline_unless_reachable
 
-    offline_unless_reachable()
+    if not local.is_dir():
+        offline_unless_reachable()
     try:
         loaded = datasets.load_dataset(path, split=split)
     except Exception as err:  # hub errors come in many types; the message says what went wrong
-        raise DataError(f"{path}: not a local file and could not be loaded as a dataset ({err})") from err
+        what = "could not be read as a dataset folder" if local.is_dir() else "not a local file and could not be loaded"
+        raise DataError(f"{path}: {what} ({innermost_message(err)})") from None
     return [Row(f"{path}[{split}]", f"row {i}", without_nulls(r)) for i, r in enumerate(loaded)]
+
+
+def source_of(rows: Sequence[Row], path: str, split: str) -> str:
+    """What a split's own problems (too few rows, one label only) name: its file, or the folder and split when its
+    rows come from several files."""
+    sources = {row.source for row in rows}
+    return sources.pop() if len(sources) == 1 else f"{path}[{split}]"
+
+
+def innermost_message(err: BaseException) -> str:
+    """The first line of the innermost cause: ``datasets`` wraps a file's own error in a general one ("An error
+    occurred while generating the dataset")."""
+    while err.__cause__ is not None or (err.__context__ is not None and not err.__suppress_context__):
+        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+    return " ".join((str(err).strip().splitlines() or [type(err).__name__])[0].split())[:300]
+
+
+# What a row can come from: the text kinds may be gzipped (train.jsonl.gz). Not .txt: a folder's notes.txt or
+# LICENSE.txt is no data set of rows.
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
+KINDS_SAID = ".jsonl, .json, .parquet, .csv or .tsv (the text kinds also as .gz)"
+
+
+def file_kind(path: Path) -> tuple[str, bool]:
+    """A data file's kind (its suffix, lower-case) and whether it is gzipped: ``train.jsonl.gz`` is (".jsonl", True)."""
+    suffixes = [suffix.lower() for suffix in path.suffixes]
+    if len(suffixes) >= 2 and suffixes[-1] == ".gz" and suffixes[-2] in FILE_SUFFIXES and suffixes[-2] != ".parquet":
+        return suffixes[-2], True
+    return (suffixes[-1] if suffixes else ""), False
+
+
+def _read_csv(path: str, text: str, delimiter: str) -> list[Row]:
+    """Rows of a CSV (or TSV) file with a header, every value as written (text: "4" stays the answer "4", an empty
+    cell is an empty string), each named by the line it starts on."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    rows: list[Row] = []
+    header: list[str] | None = None
+    while True:
+        start = reader.line_num + 1
+        try:
+            record = next(reader)
+        except StopIteration:
+            return rows
+        except csv.Error as err:
+            raise DataError(f"{path}, line {start}, field '<csv>': malformed CSV ({err})") from None
+        if not any(value.strip() for value in record):
+            continue  # a blank line
+        if header is None:
+            header = [name.strip() for name in record]
+            seen = Counter(header)
+            if twice := [name for name, n in seen.items() if n > 1 or not name]:
+                problem = "a column with no name" if not twice[0] else "given twice in the header"
+                raise DataError(f"{path}, line {start}, field {twice[0]!r}: {problem}")
+            continue
+        if len(record) > len(header):
+            raise DataError(
+                f"{path}, line {start}, field '<csv>': {len(record)} values for the header's {len(header)} columns "
+                f"({', '.join(header)}); quote a value that holds the delimiter"
+            )
+        rows.append(Row(path, f"line {start}", dict(zip(header, record, strict=False))))
 
 
 def split_files(directory: Path, path: str, split: str) -> list[Path] | None:
     """The files of ``split`` in a folder of data files, as ``datasets.load_dataset`` picks them (by its own file
     naming rules: ``train.jsonl``, ``data/test-00000-of-00001.parquet``, all files for ``train`` when no name says),
-    when every one is of a kind read here; None to leave the folder to ``datasets`` (other formats, or a dataset card
-    that may configure its own files)."""
-    card = directory / "README.md"
-    if card.is_file() and card.read_bytes().startswith(b"---"):
+    less those of no data kind (``train.jsonl.bak``); None to leave the folder to ``datasets`` (a dataset card that
+    configures its own files, a split expression)."""
+    if configures_files(directory / "README.md"):
         return None
     if not re.fullmatch(r"\w+(\.\w+)*", split):  # a slice or sum of splits ("train[:10%]"): datasets reads it
         return None
@@ -145,43 +217,64 @@ def split_files(directory: Path, path: str, split: str) -> list[Path] | None:
 
     try:
         splits = DataFilesDict.from_patterns(get_data_patterns(str(directory)), base_path=str(directory))
-    except Exception:  # no data files, unreadable: datasets says what is wrong
-        return None
+    except Exception:  # datasets found no file it could read at all
+        splits = DataFilesDict()
+    splits = DataFilesDict(
+        {name: [f for f in files if file_kind(Path(f))[0] in FILE_SUFFIXES] for name, files in splits.items()}
+    )
+    splits = DataFilesDict({name: files for name, files in splits.items() if files})
+    if not splits:
+        found = sorted(str(f.relative_to(directory)) for f in directory.rglob("*") if f.is_file())
+        raise DataError(f"{path}: no data files ({KINDS_SAID}) in the folder (it holds {found[:5] or 'nothing'})")
     if split not in splits:
         raise DataError(f"{path}: no split '{split}' (its files make {sorted(str(name) for name in splits)})")
     warn_unread_files(directory, path, splits)
     files = [Path(file) for file in splits[split]]
-    kinds = Counter(
-        FILE_KINDS.get(f.suffix.lower(), f.suffix.lower()) for f in files if f.suffix.lower() in DATA_SUFFIXES
-    )
-    if len(kinds) > 1:  # datasets would read the most common kind only, and drop the other files' rows silently
+    kinds = Counter(FILE_KINDS[file_kind(f)[0]] for f in files)
+    if len(kinds) > 1:  # rows of one split in two forms: as datasets would, keeping one kind drops the other's rows
         found = ", ".join(f"{n} {kind}" for kind, n in kinds.most_common())
         raise DataError(f"{path}: split '{split}' mixes kinds of data files ({found}); keep one kind per split")
-    return files if files and all(file.suffix.lower() in LOCAL_SUFFIXES for file in files) else None
+    return files
 
 
-# The data files a row can come from (not .txt: a folder's LICENSE.txt or notes.txt is no data set of rows).
-DATA_SUFFIXES = (*LOCAL_SUFFIXES, ".csv", ".tsv")
+def configures_files(card: Path) -> bool:
+    """Whether a dataset card (``README.md`` with YAML front matter) says which files make which split (``configs``):
+    then ``datasets`` reads the folder. A card with only a license, tags or a description changes nothing."""
+    if not card.is_file():
+        return False
+    text = card.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---"):
+        return False
+    import yaml
+
+    front = text[3:].split("\n---", 1)[0]
+    try:
+        meta = yaml.safe_load(front)
+    except yaml.YAMLError:
+        return True  # unreadable here: datasets says what is wrong with it
+    return not isinstance(meta, dict) or "configs" in meta
+
+
 FILE_KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".tsv": "csv"}
 
 
 def warn_unread_files(directory: Path, path: str, splits: Any) -> None:
-    """``datasets``' naming rules read a folder's files by split name (``train.jsonl``; ``data/train-*``) and, where
-    several file kinds are present, only the most common one: other data files are left out without a word, rows a
-    user meant to train on. Named here."""
+    """``datasets``' naming rules read a folder's files by split name (``train.jsonl``; ``data/train-*``): other
+    data files are left out without a word, rows a user meant to train on, and so are files of no data kind that a
+    split's name pattern takes in (``train.jsonl.bak``). Named here."""
     read = {Path(file).resolve() for files in splits.values() for file in files}
     unread = sorted(
         str(file.relative_to(directory))
         for file in directory.rglob("*")
-        if file.suffix.lower() in DATA_SUFFIXES
-        and file.is_file()
+        if file.is_file()
         and not any(part.startswith((".", "__")) for part in file.relative_to(directory).parts)
         and file.resolve() not in read
+        and (file_kind(file)[0] in FILE_SUFFIXES or any(file.name.startswith(str(name)) for name in splits))
     )
     if unread:
         log.warning(
-            "%s: %d data file(s) no split reads under datasets' naming rules (the splits: %s): %s%s; name each file "
-            "after its split (train.jsonl, train-2.jsonl, data/train-00001-of-00002.jsonl) or point at a file",
+            "%s: %d file(s) no split reads under datasets' naming rules (the splits: %s): %s%s; name each data file "
+            "(%s) after its split (train.jsonl, train-2.jsonl, data/train-00001-of-00002.jsonl) or point at a file",
             path,
             len(unread),
             ", ".join(
@@ -189,6 +282,7 @@ def warn_unread_files(directory: Path, path: str, splits: Any) -> None:
             ),
             ", ".join(unread[:5]),
             f" and {len(unread) - 5} more" if len(unread) > 5 else "",
+            KINDS_SAID,
         )
 
 
@@ -363,10 +457,18 @@ class ChatRenderer:
             )
 
     def encode(
-        self, prompt: str | Messages, completion: str | Messages, row: Row | None = None, field: str = "prompt"
+        self,
+        prompt: str | Messages,
+        completion: str | Messages,
+        row: Row | None = None,
+        field: str = "prompt",
+        *,
+        answer_field: str | None = "completion",
     ) -> Encoded:
         """Prompt and completion token ids (the completion ends in exactly one EOS). ``row`` and ``field`` name what
-        a chat template that refuses the conversation (``raise_exception`` in Gemma's, Mistral's) was given."""
+        a chat template that refuses the conversation (``raise_exception`` in Gemma's, Mistral's) was given;
+        ``answer_field`` names a completion that holds nothing but its end (``"</s>"``), which is refused (None: an
+        empty one is allowed, as a generated answer may be)."""
         tok = self.tokenizer
         if isinstance(prompt, str):
             # Plain text: the tokenizer adds its own specials (BOS) to the prompt, none to the completion.
@@ -393,8 +495,11 @@ class ChatRenderer:
             # An empty prompt and no BOS (SmolLM2, Qwen): the first completion token needs something to be predicted
             # from. The model reads it after BOS, or after the end-of-text token that separates documents.
             prompt_ids = [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]
-        completion_ids = tok(completion_text, add_special_tokens=False)["input_ids"]
-        return Encoded(list(prompt_ids), [*strip_final_eos(tok, completion_ids), tok.eos_token_id])
+        completion_ids = strip_final_eos(tok, tok(completion_text, add_special_tokens=False)["input_ids"])
+        if answer_field is not None and not tok.decode(completion_ids, skip_special_tokens=True).strip():
+            problem = "is empty once its end token is dropped (the answer holds no text)"
+            raise row.error(answer_field, problem) if row is not None else DataError(f"{answer_field} {problem}")
+        return Encoded(list(prompt_ids), [*completion_ids, tok.eos_token_id])
 
 
 def strip_final_eos(tokenizer: Any, ids: list[int]) -> list[int]:

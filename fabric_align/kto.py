@@ -42,6 +42,7 @@ from fabric_align.data import (
     require_messages,
     require_text,
     shown,
+    source_of,
 )
 from fabric_align.errors import TrainingError
 from fabric_align.kernels import kto_loss
@@ -148,15 +149,18 @@ def load_split(
     rows = read_rows(path, split)
     if not rows:
         raise DataError(f"{path}: no rows")
+    source = source_of(rows, path, split)
     parsed = [parse_row(row) for row in rows]
     if train:
-        require_both_labels(rows[0].source, [label for _, _, label in parsed], "rows")
+        require_both_labels(source, [label for _, _, label in parsed], "rows")
     encoded, kept, kept_rows = [], [], []
     cut = 0
     for row, (prompt, completion, label) in zip(rows, parsed, strict=True):
         if not isinstance(prompt, str):
             renderer.check_chat(row, "prompt")
-        enc = renderer.encode(prompt, completion, row)
+        enc = renderer.encode(
+            prompt, completion, row, answer_field="response" if "response" in row.value else "completion"
+        )
         completion_ids = fit_length(enc.prompt_ids, enc.completion_ids, max_length)
         if completion_ids is not None:
             encoded.append((enc.prompt_ids, enc.completion_ids))
@@ -164,15 +168,15 @@ def load_split(
             kept_rows.append((prompt, completion, label))
             cut += len(completion_ids) < len(enc.completion_ids)
     dropped = len(rows) - len(encoded)
-    report_fit(rows[0].source, len(rows), dropped, cut, max_length)
+    report_fit(source, len(rows), dropped, cut, max_length)
     if not encoded or (kl_pairs and len(encoded) < 2):
         why = f" (after dropping {dropped} whose prompt does not fit)" if dropped else ""
         raise DataError(
-            f"{rows[0].source}: {len(encoded)} usable row{'s' * (len(encoded) != 1)}{why}; "
+            f"{source}: {len(encoded)} usable row{'s' * (len(encoded) != 1)}{why}; "
             + ("the KL pairs need at least 2" if kl_pairs else "nothing to use")
         )
     if train and dropped:
-        require_both_labels(rows[0].source, kept, f"rows left after dropping {dropped} whose prompt does not fit")
+        require_both_labels(source, kept, f"rows left after dropping {dropped} whose prompt does not fit")
     pairing = derangement(len(encoded), seed) if kl_pairs else []
     sequences, kl_sequences = [], []
     for i, (prompt_ids, completion_ids) in enumerate(encoded):
@@ -181,7 +185,7 @@ def load_split(
             other = fit_length(prompt_ids, encoded[pairing[i]][1], max_length)
             kl_sequences.append((prompt_ids + other, len(prompt_ids)))
     labels = torch.tensor(kept, dtype=torch.bool)
-    return KTOData(rows[0].source, sequences, kl_sequences, labels, content_hash(kept_rows))
+    return KTOData(source, sequences, kl_sequences, labels, content_hash(kept_rows))
 
 
 def require_both_labels(source: str, labels: list[bool], what: str) -> None:

@@ -43,6 +43,7 @@ from fabric_align.data import (
     require_field,
     require_messages,
     require_text,
+    source_of,
 )
 from fabric_align.errors import ConfigError, TrainingError
 from fabric_align.generation import opponent_model, rollout
@@ -224,7 +225,7 @@ def load_split(
     for row, item in zip(rows, parsed, strict=True):
         if not isinstance(item.prompt, str):
             renderer.check_chat(row, "messages")
-        enc = renderer.encode(item.prompt, item.answer, row, "messages")
+        enc = renderer.encode(item.prompt, item.answer, row, "messages", answer_field="messages")
         answer = fit_length(enc.prompt_ids, enc.completion_ids, max_length)
         if answer is None:
             continue
@@ -232,9 +233,9 @@ def load_split(
         prompts.append(enc.prompt_ids)
         answers.append(answer)
         if with_generated:
-            ids = renderer.encode(item.prompt, item.generated or "", row, "generated").completion_ids
+            ids = renderer.encode(item.prompt, item.generated or "", row, "generated", answer_field=None).completion_ids
             generated.append(fit_length(enc.prompt_ids, ids, max_length) or [])
-    source = rows[0].source
+    source = source_of(rows, path, split)
     report_fit(source, len(rows), len(rows) - len(prompts), cut, max_length, f"answer_turn={answer_turn}")
     if not prompts:
         raise DataError(f"{source}: no usable rows after dropping over-long prompts")

@@ -217,11 +217,13 @@ def test_a_folder_of_data_files_reads_the_rows_datasets_would_and_names_a_bad_ro
     bad.write_text(bad.read_text() + '{"prompt": "p", "completion": \n')
     with pytest.raises(DataError, match=r"train-00001-of-00002.jsonl, line 4, field '<json>': malformed JSON"):
         read_rows(str(folder), "train")
-    # Files of other kinds are left to datasets.
+    # A CSV's values are the text written: the label "true" is read as the boolean when the row is parsed.
     other = tmp_path / "csv-dataset"
     other.mkdir()
     (other / "train.csv").write_text("prompt,completion,label\np,c,true\n")
-    assert [row.value for row in read_rows(str(other), "train")] == [{"prompt": "p", "completion": "c", "label": True}]
+    assert [row.value for row in read_rows(str(other), "train")] == [
+        {"prompt": "p", "completion": "c", "label": "true"}
+    ]
     # A label column that mixes forms reads as text: "true" and "False" are still booleans.
     (other / "train.csv").write_text("prompt,completion,label\np,c,chosen\nq,d,False\nr,e,true\n")
     labels = load_split(str(other), "train", renderer, 64, seed=0, train=True).labels
@@ -244,7 +246,7 @@ def test_a_folders_files_that_no_split_reads_are_named_and_mixed_kinds_refused(
     with caplog.at_level(logging.WARNING, logger="fabric_align"):
         assert len(read_rows(str(folder), "train")) == 3
     assert (
-        "named: 1 data file(s) no split reads under datasets' naming rules (the splits: train 1 file(s)): more.jsonl;"
+        "named: 1 file(s) no split reads under datasets' naming rules (the splits: train 1 file(s)): more.jsonl;"
         in caplog.text
     )
     mixed = tmp_path / "mixed"
@@ -265,6 +267,85 @@ def test_a_folders_files_that_no_split_reads_are_named_and_mixed_kinds_refused(
     with caplog.at_level(logging.WARNING, logger="fabric_align"):
         assert len(read_rows(str(licensed), "train")) == 3
     assert "no split reads" not in caplog.text
+
+
+def test_csv_tsv_and_gzipped_files_are_read_here_and_name_the_file_and_line(
+    tmp_path: Path, renderer: ChatRenderer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Read through datasets, a CSV turned the answer "4" into an int (refused as not text) and an empty prompt into
+    a missing one, and a bad row was named by a row number counted over all of a split's files, or not at all."""
+    import gzip
+
+    from fabric_align.data import read_rows
+
+    folder = tmp_path / "csv"
+    folder.mkdir()
+    (folder / "train-00000-of-00002.csv").write_text('prompt,completion,label\n"What is 2+2?",4,True\n,5,False\n')
+    (folder / "train-00001-of-00002.csv").write_text('prompt,completion,label\n"a, b",c,true\n"multi\nline",d,false\n')
+    data = load_split(str(folder), "train", renderer, 64, seed=0, train=True)
+    assert data.labels.tolist() == [True, False, True, False]
+    rows = read_rows(str(folder), "train")
+    assert [(r.value["prompt"], r.value["completion"], r.where) for r in rows] == [
+        ("What is 2+2?", "4", "line 2"),
+        ("", "5", "line 3"),
+        ("a, b", "c", "line 2"),
+        ("multi\nline", "d", "line 3"),
+    ]
+    second = folder / "train-00001-of-00002.csv"
+    second.write_text("prompt,completion,label\na,b,true\nc,,false\n")
+    with pytest.raises(DataError, match=r"train-00001-of-00002.csv, line 3, field 'completion': is empty"):
+        load_split(str(folder), "train", renderer, 64, seed=0, train=True)
+    second.write_text("prompt,completion,label\na,b,true\nc,d,false,extra\n")
+    with pytest.raises(
+        DataError, match=r"train-00001-of-00002.csv, line 3, field '<csv>': 4 values for the header's 3"
+    ):
+        read_rows(str(folder), "train")
+    second.write_text("prompt,completion,prompt\na,b,c\n")
+    with pytest.raises(DataError, match=r"train-00001-of-00002.csv, line 1, field 'prompt': given twice in the header"):
+        read_rows(str(folder), "train")
+    # A split's own problem names the folder and split when its rows come from several files.
+    second.write_text("prompt,completion,label\na,b,true\n")
+    (folder / "train-00000-of-00002.csv").write_text("prompt,completion,label\nc,d,true\n")
+    with pytest.raises(DataError, match=r"csv\[train\], all 2 rows, field 'label': every example is desirable"):
+        load_split(str(folder), "train", renderer, 64, seed=0, train=True)
+    # TSV and gzipped JSON lines; a backup file the split's name takes in is left out, and named.
+    tsv = tmp_path / "tsv"
+    tsv.mkdir()
+    (tsv / "train.tsv").write_text("prompt\tcompletion\tlabel\np\tc, d\ttrue\n")
+    assert [r.value for r in read_rows(str(tsv), "train")] == [{"prompt": "p", "completion": "c, d", "label": "true"}]
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    lines = ['{"prompt": "p", "completion": "c", "label": true}', '{"prompt": "p", "completion": 3, "label": true}']
+    (packed / "train.jsonl.gz").write_bytes(gzip.compress("\n".join(lines).encode()))
+    write_jsonl(packed / "train.jsonl.bak", [{"prompt": "old", "completion": "old", "label": False}])
+    with pytest.raises(DataError, match=r"train.jsonl.gz, line 2, field 'completion': expected a string"):
+        load_split(str(packed), "train", renderer, 64, seed=0, train=True)
+    (packed / "train.jsonl.gz").write_bytes(gzip.compress(lines[0].encode()))
+    with caplog.at_level(logging.WARNING, logger="fabric_align"):
+        assert [r.value["prompt"] for r in read_rows(str(packed), "train")] == ["p"]
+    assert "no split reads under datasets' naming rules (the splits: train 1 file(s)): train.jsonl.bak;" in caplog.text
+    # No data files at all: said so, not read as a text data set.
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("hello\n")
+    with pytest.raises(DataError, match=r"notes: no data files \(.jsonl, .json, .parquet, .csv or .tsv"):
+        read_rows(str(notes), "train")
+    # A dataset card that sets no files (a cloned hub dataset's licence and tags) leaves the folder read here.
+    (packed / "README.md").write_text("---\nlicense: mit\n---\n# my data\n")
+    (packed / "train.jsonl.gz").write_bytes(gzip.compress("\n".join(lines).encode()))
+    with pytest.raises(DataError, match=r"train.jsonl.gz, line 2, field 'completion'"):
+        load_split(str(packed), "train", renderer, 64, seed=0, train=True)
+
+
+def test_a_completion_of_nothing_but_its_end_token_is_empty(tmp_path: Path, renderer: ChatRenderer) -> None:
+    eos = renderer.tokenizer.eos_token
+    rows = [
+        {"prompt": "a", "completion": "b", "label": True},
+        {"prompt": "c", "completion": f"{eos}  ", "label": False},
+    ]
+    path = write_jsonl(tmp_path / "eos.jsonl", rows)
+    with pytest.raises(DataError, match=r"eos.jsonl, line 2, field 'completion': is empty once its end token"):
+        load_split(str(path), "train", renderer, 64, seed=0, train=True)
 
 
 def test_eos_written_inside_the_text_and_multi_message_completions_are_kept_whole(

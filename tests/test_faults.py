@@ -271,7 +271,7 @@ def test_an_unreachable_hub_is_offline_at_once(
         )
     finally:
         hub.hub_reachable.cache_clear()
-    assert_one_line_error(result, "no-such-org/no-such-data: not a local file and could not be loaded as a dataset")
+    assert_one_line_error(result, "no-such-org/no-such-data: not a local file and could not be loaded")
     assert huggingface_hub.constants.HF_HUB_OFFLINE and datasets.config.HF_HUB_OFFLINE
     assert "OfflineModeIsEnabled" in result.err  # no request made, so no retries
 
