@@ -233,8 +233,9 @@ ROLLED_BACK = ".rolled-back-"
 def set_aside_later_checkpoints(out_dir: Path, step: int) -> list[str]:
     """A run resumed from its own checkpoint at ``step`` leaves the branch that went on from there: the checkpoints
     after it (damaged ones too) and the export they led to become ``.rolled-back-NAME``. So ``resume=auto`` after
-    this run stops continues this run, never the branch it left (whose log it has dropped); each is removed as this
-    run publishes NAME again (``publish``), and until then stays, for whoever wants it back."""
+    this run stops continues this run, never the branch it left (whose log it has dropped). They stay until the run
+    ends, whoever wants them back (a roll-back that fails loses nothing), and then those it wrote again go
+    (``remove_rolled_back``)."""
     later = sorted(
         path
         for path in out_dir.glob("step-*")
@@ -248,6 +249,13 @@ def set_aside_later_checkpoints(out_dir: Path, step: int) -> list[str]:
             shutil.rmtree(aside)  # what an earlier roll-back set aside there: left twice over
         path.rename(aside)
     return [path.name for path in later]
+
+
+def remove_rolled_back(out_dir: Path) -> None:
+    """At a run's successful end: what a roll-back set aside and the run has since written again."""
+    for aside in out_dir.glob(ROLLED_BACK + "*"):
+        if (out_dir / aside.name.removeprefix(ROLLED_BACK)).exists():
+            shutil.rmtree(aside, ignore_errors=True)
 
 
 def release_out_dirs() -> None:
@@ -340,8 +348,7 @@ def publish(tmp: Path, final: Path, *, keep_replaced: bool = False) -> None:
     published (checkpoints, the export, SPIN iterations, the reference cache). An existing ``final`` is swapped out
     first and removed once the new one is in place (the same step saved again by a resumed run, a re-export); with
     ``keep_replaced`` it is set aside as ``.replaced-NAME-N`` (``.incomplete-NAME-N`` without a completion marker)
-    instead, never deleted. What a roll-back set aside as ``final`` (``set_aside_later_checkpoints``) is replaced
-    too, once the new one is in place."""
+    instead, never deleted."""
     if not final.exists():
         tmp.rename(final)
     elif keep_replaced:
@@ -358,7 +365,6 @@ def publish(tmp: Path, final: Path, *, keep_replaced: bool = False) -> None:
         final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old)
-    shutil.rmtree(final.with_name(ROLLED_BACK + final.name), ignore_errors=True)
 
 
 def write_sealed(final: Path, write: Callable[[Path], dict[str, Any]], *, keep_replaced: bool = False) -> None:

@@ -28,6 +28,7 @@ from fabric_align.checkpoints import (
     find_resume_path,
     load_checkpoint,
     read_meta,
+    remove_rolled_back,
     remove_unfinished_writes,
     require_finite_parameters,
     set_aside_later_checkpoints,
@@ -157,7 +158,7 @@ def check_resume(out_dir: Path, resume_path: Path, step: int, strategy: str) -> 
     if newer:
         log.warning(
             "resume=%s rolls the run back: %s (and final/, the log after step %s) are set aside as .rolled-back-* "
-            "(resume=auto then continues this run) and removed as the run gets there again",
+            "(resume=auto then continues this run) until the run ends, which removes those it wrote again",
             resume_path,
             ", ".join(newer),
             step,
@@ -681,6 +682,8 @@ def finish(run: Run, recipe: Recipe) -> Path:
         with_base=bool(lora) and is_random_init(run.job.model),  # a seeded init is on no disk: export it too
     )
     run.fabric.print(f"exported {final}")
+    if run.fabric.is_global_zero:
+        remove_rolled_back(run.out_dir)
     run.logger.finish()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Leave together: a rank exiting with its process group alive can abort the others' teardown.
