@@ -92,6 +92,13 @@ def parse_row(row: Row, answer_turn: str = "last", *, with_generated: bool = Fal
     what precedes it the prompt), plain ``prompt``/``completion``, NeMo-Aligner's ``system`` + ``conversations``, or
     the SPIN authors' ``real`` (messages) with an optional ``generated`` answer (messages or text)."""
     obj = require_dict(row)
+    # The SPIN authors' `real` form is read whatever else the row holds (their derived data sets keep a `prompt`
+    # column beside it); of the others, which one holds the ground truth would be a guess.
+    forms = [name for name in ("messages", "conversations", "prompt") if name in obj and "real" not in obj]
+    if len(forms) > 1:
+        raise row.error(
+            forms[1], f"the row gives both {forms[0]!r} and {forms[1]!r}: keep one form of the conversation"
+        )
     if "real" in obj:
         prompt, answer = split_turn(row, require_messages(row, obj["real"], "real"), "real", answer_turn)
         value = obj.get("generated") if with_generated else None  # read (and checked) only when it is used

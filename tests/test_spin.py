@@ -284,6 +284,12 @@ BAD = {
         "label",
         "marks the completion undesirable",
     ),
+    "two forms of the conversation in one row": (
+        with_row(11, {"messages": [{"role": "user", "content": "q"}], "prompt": "q", "completion": "a"}),
+        11,
+        "prompt",
+        "the row gives both 'messages' and 'prompt': keep one form",
+    ),
     "a conversational completion that is not the answer": (
         with_row(12, {"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "user", "content": "a"}]}),
         12,
