@@ -248,14 +248,23 @@ def set_aside_later_checkpoints(out_dir: Path, step: int) -> list[str]:
         if aside.exists():
             shutil.rmtree(aside)  # what an earlier roll-back set aside there: left twice over
         path.rename(aside)
+    if later and (out_dir / "logs").is_dir():  # the branch's log too, of which the resumed run keeps the start only
+        aside = out_dir / f"{ROLLED_BACK}logs"
+        shutil.rmtree(aside, ignore_errors=True)
+        shutil.copytree(out_dir / "logs", aside, ignore=shutil.ignore_patterns("wandb"))
     return [path.name for path in later]
 
 
-def remove_rolled_back(out_dir: Path) -> None:
-    """At a run's successful end: what a roll-back set aside and the run has since written again."""
-    for aside in out_dir.glob(ROLLED_BACK + "*"):
+def remove_rolled_back(out_dir: Path) -> list[str]:
+    """At a run's successful end: remove what a roll-back set aside and the run has since written again; returns the
+    names of the others, kept."""
+    kept = []
+    for aside in sorted(out_dir.glob(ROLLED_BACK + "*")):
         if (out_dir / aside.name.removeprefix(ROLLED_BACK)).exists():
             shutil.rmtree(aside, ignore_errors=True)
+        else:
+            kept.append(aside.name)
+    return kept
 
 
 def release_out_dirs() -> None:

@@ -140,7 +140,7 @@ def read_rows(path: str, split: str = "train") -> list[Row]:
         loaded = datasets.load_dataset(path, split=split)
     except Exception as err:  # hub errors come in many types; the message says what went wrong
         what = "could not be read as a dataset folder" if local.is_dir() else "not a local file and could not be loaded"
-        raise DataError(f"{path}: {what} ({innermost_message(err)})") from None
+        raise DataError(f"{path}: {what} ({dataset_error(err)})") from None
     return [Row(f"{path}[{split}]", f"row {i}", without_nulls(r)) for i, r in enumerate(loaded)]
 
 
@@ -151,11 +151,13 @@ def source_of(rows: Sequence[Row], path: str, split: str) -> str:
     return sources.pop() if len(sources) == 1 else f"{path}[{split}]"
 
 
-def innermost_message(err: BaseException) -> str:
-    """The first line of the innermost cause: ``datasets`` wraps a file's own error in a general one ("An error
-    occurred while generating the dataset")."""
-    while err.__cause__ is not None or (err.__context__ is not None and not err.__suppress_context__):
-        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+def dataset_error(err: BaseException) -> str:
+    """The first line of what ``datasets`` raised, or of its cause where it wraps a file's own error in a general one
+    ("An error occurred while generating the dataset"); its own messages (gated, not found) say more than the HTTP
+    errors under them."""
+    cause = err.__cause__ or err.__context__
+    while "error occurred while generating the dataset" in str(err) and cause is not None:
+        err, cause = cause, cause.__cause__ or cause.__context__
     return " ".join((str(err).strip().splitlines() or [type(err).__name__])[0].split())[:300]
 
 
@@ -176,6 +178,7 @@ def file_kind(path: Path) -> tuple[str, bool]:
 def _read_csv(path: str, text: str, delimiter: str) -> list[Row]:
     """Rows of a CSV (or TSV) file with a header, every value as written (text: "4" stays the answer "4", an empty
     cell is an empty string), each named by the line it starts on."""
+    csv.field_size_limit(2**31 - 1)  # not the module's default of 128 KiB: a long-context answer is one value
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     rows: list[Row] = []
     header: list[str] | None = None
@@ -219,6 +222,8 @@ def split_files(directory: Path, path: str, split: str) -> list[Path] | None:
         splits = DataFilesDict.from_patterns(get_data_patterns(str(directory)), base_path=str(directory))
     except Exception:  # datasets found no file it could read at all
         splits = DataFilesDict()
+    if any(read_by_datasets_only(Path(f)) for f in splits.get(split, [])):
+        return None  # .arrow, .jsonl.bz2...: datasets reads them, and names no line of theirs anyway
     splits = DataFilesDict(
         {name: [f for f in files if file_kind(Path(f))[0] in FILE_SUFFIXES] for name, files in splits.items()}
     )
@@ -235,6 +240,20 @@ def split_files(directory: Path, path: str, split: str) -> list[Path] | None:
         found = ", ".join(f"{n} {kind}" for kind, n in kinds.most_common())
         raise DataError(f"{path}: split '{split}' mixes kinds of data files ({found}); keep one kind per split")
     return files
+
+
+COMPRESSIONS = (".bz2", ".xz", ".zst", ".lz4", ".zip", ".tar")
+
+
+def read_by_datasets_only(file: Path) -> bool:
+    """A data file of a kind ``datasets`` reads and this module does not (not one that merely matches a split's name,
+    like ``train.jsonl.bak``, or a ``.txt`` beside the data)."""
+    from datasets.packaged_modules import _EXTENSION_TO_MODULE
+
+    suffix = file.suffix.lower()
+    if file_kind(file)[0] in FILE_SUFFIXES or suffix == ".txt":
+        return False
+    return suffix in COMPRESSIONS or suffix in _EXTENSION_TO_MODULE
 
 
 def configures_files(card: Path) -> bool:

@@ -80,11 +80,17 @@ class SFTRow:
     generated: str | None = None
 
 
+def answer_field_of(row: Row) -> str:
+    """The field that holds a row's ground-truth answer, for errors about it."""
+    keys = row.value.keys() if isinstance(row.value, dict) else ()
+    return next((name for name in ("real", "messages", "conversations", "completion") if name in keys), "messages")
+
+
 def marks_undesirable(value: Any) -> bool:
-    """A KTO label or NeMo preference that says "undesirable", in any form KTO reads (CSV and pandas write text)."""
+    """A KTO label or NeMo preference that says "undesirable", in any form KTO reads (a CSV holds text)."""
     if isinstance(value, str):
-        return value.strip().lower() in ("false", "rejected", "0")
-    return value is False or (type(value) is int and value == 0)
+        return value.strip().lower() in ("false", "rejected")
+    return value is False
 
 
 def parse_row(row: Row, answer_turn: str = "last", *, with_generated: bool = False) -> SFTRow:
@@ -92,9 +98,10 @@ def parse_row(row: Row, answer_turn: str = "last", *, with_generated: bool = Fal
     what precedes it the prompt), plain ``prompt``/``completion``, NeMo-Aligner's ``system`` + ``conversations``, or
     the SPIN authors' ``real`` (messages) with an optional ``generated`` answer (messages or text)."""
     obj = require_dict(row)
-    # The SPIN authors' `real` form is read whatever else the row holds (their derived data sets keep a `prompt`
-    # column beside it); of the others, which one holds the ground truth would be a guess.
-    forms = [name for name in ("messages", "conversations", "prompt") if name in obj and "real" not in obj]
+    # Rows often carry a `prompt` column beside their conversation (ultrachat_200k, no_robots: prompt, prompt_id,
+    # messages), and the SPIN authors' `real` form is read whatever else the row holds; but a `completion` beside a
+    # conversation is a second ground truth, and which one to train toward would be a guess.
+    forms = [name for name in ("messages", "conversations", "completion") if name in obj and "real" not in obj]
     if len(forms) > 1:
         raise row.error(
             forms[1], f"the row gives both {forms[0]!r} and {forms[1]!r}: keep one form of the conversation"
@@ -232,7 +239,7 @@ def load_split(
     for row, item in zip(rows, parsed, strict=True):
         if not isinstance(item.prompt, str):
             renderer.check_chat(row, "messages")
-        enc = renderer.encode(item.prompt, item.answer, row, "messages", answer_field="messages")
+        enc = renderer.encode(item.prompt, item.answer, row, "messages", answer_field=answer_field_of(row))
         answer = fit_length(enc.prompt_ids, enc.completion_ids, max_length)
         if answer is None:
             continue

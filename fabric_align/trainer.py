@@ -499,9 +499,9 @@ def open_out_dir(fabric: Fabric, job: Job) -> MetricLogger:
             job.out_dir,
             is_global_zero=fabric.is_global_zero,
             config=job.config,
-            fresh=job.resume_path is None,
+            fresh=not resumes_own_run(job),  # resumed into another out_dir: a new log, whatever that one holds
         )
-    except (ConfigError, OSError) as err:
+    except Exception as err:  # reported as raised, on rank 0; the other ranks must not wait for it
         refusal = err
     message = fabric.broadcast(None if refusal is None else str(refusal), src=0)
     if refusal is not None:
@@ -509,6 +509,11 @@ def open_out_dir(fabric: Fabric, job: Job) -> MetricLogger:
     if message is not None or logger is None:
         raise ConfigError(message or "the metric logger did not start")
     return logger
+
+
+def resumes_own_run(job: Job) -> bool:
+    """Whether the run continues the one in its out_dir (its log, its W&B run, its later checkpoints)."""
+    return job.resume_path is not None and job.resume_path.resolve().parent == job.out_dir.resolve()
 
 
 def open_run(
@@ -541,11 +546,16 @@ def open_run(
         if fabric.is_global_zero:
             warn_changed_settings(saved.get("config", {}), job.config)
             warn_changed_inputs(saved.get("inputs"), inputs)
+    problem = None
     if fabric.is_global_zero:
-        remove_unfinished_writes(job.out_dir)
-        if job.resume_path is not None and job.resume_path.resolve().parent == job.out_dir.resolve():
-            if rolled_back := set_aside_later_checkpoints(job.out_dir, full_state["step"]):
+        try:
+            remove_unfinished_writes(job.out_dir)
+            if resumes_own_run(job) and (rolled_back := set_aside_later_checkpoints(job.out_dir, full_state["step"])):
                 log.info("set aside what this run rolls back, as .rolled-back-*: %s", ", ".join(rolled_back))
+        except OSError as err:
+            problem = f"out_dir={job.out_dir}: {err}"
+    if (problem := fabric.broadcast(problem, src=0)) is not None:  # every rank stops, none waits for rank 0
+        raise TrainingError(problem)
     meta = {"method": method, "config": job.config, "inputs": inputs, "architecture": job.architecture}
     if job.train_data_id is not None:
         meta["train_data"] = job.train_data_id
@@ -682,8 +692,13 @@ def finish(run: Run, recipe: Recipe) -> Path:
         with_base=bool(lora) and is_random_init(run.job.model),  # a seeded init is on no disk: export it too
     )
     run.fabric.print(f"exported {final}")
-    if run.fabric.is_global_zero:
-        remove_rolled_back(run.out_dir)
+    if run.fabric.is_global_zero and (kept := remove_rolled_back(run.out_dir)):
+        log.warning(
+            "out_dir=%s keeps what an earlier roll-back set aside and this run did not write again: %s; delete them "
+            "when they are no longer wanted",
+            run.out_dir,
+            ", ".join(kept),
+        )
     run.logger.finish()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Leave together: a rank exiting with its process group alive can abort the others' teardown.

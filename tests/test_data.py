@@ -324,6 +324,15 @@ def test_csv_tsv_and_gzipped_files_are_read_here_and_name_the_file_and_line(
     with caplog.at_level(logging.WARNING, logger="fabric_align"):
         assert [r.value["prompt"] for r in read_rows(str(packed), "train")] == ["p"]
     assert "no split reads under datasets' naming rules (the splits: train 1 file(s)): train.jsonl.bak;" in caplog.text
+    # A kind only datasets reads (bz2) leaves the folder to it, as before; a CSV value may be longer than 128 KiB.
+    import bz2
+
+    other_packing = tmp_path / "bz2"
+    other_packing.mkdir()
+    (other_packing / "train.jsonl.bz2").write_bytes(bz2.compress(lines[0].encode()))
+    assert [r.value["prompt"] for r in read_rows(str(other_packing), "train")] == ["p"]
+    (tsv / "train.tsv").write_text(f"prompt\tcompletion\tlabel\np\t{'x' * 200_000}\ttrue\n")
+    assert len(read_rows(str(tsv), "train")[0].value["completion"]) == 200_000
     # No data files at all: said so, not read as a text data set.
     notes = tmp_path / "notes"
     notes.mkdir()

@@ -121,3 +121,17 @@ def test_resume_from_an_explicit_path_and_the_final_step(
     step = out / "step-000004"
     with pytest.raises(ConfigError, match=f"meta.json: a file; pass the checkpoint's directory, resume={step}$"):
         run_cli(kto.setup, [*short, f"--out_dir={out}", f"--resume={step / 'meta.json'}"])
+
+
+def test_a_checkpoint_resumed_into_another_out_dir_starts_a_new_log(tmp_path: Path) -> None:
+    """Another out_dir may hold the logs of a run that died before its first checkpoint: the resumed run moves them
+    aside and logs anew, so their validation neither stands for its own nor is continued (README: a new CSV)."""
+    out, other = tmp_path / "out", tmp_path / "other"
+    short = [a for a in ARGS if not a.startswith("--train.max_steps")] + ["--train.max_steps=4"]
+    run_cli(kto.setup, [*short, f"--out_dir={out}"])
+    (other / "logs").mkdir(parents=True)
+    (other / "logs" / "metrics.csv").write_text("step,val/loss,val/step\n4,nan,4\n")
+    run_cli(kto.setup, [*short, f"--out_dir={other}", f"--resume={out / 'step-000004'}"])
+    assert (other / "logs-earlier-1" / "metrics.csv").read_text() == "step,val/loss,val/step\n4,nan,4\n"
+    assert column(read_metrics(other), "val/loss") == column(read_metrics(out), "val/loss")[-1:]
+    assert (other / "final" / "model.safetensors").is_file()

@@ -287,8 +287,8 @@ BAD = {
     "two forms of the conversation in one row": (
         with_row(11, {"messages": [{"role": "user", "content": "q"}], "prompt": "q", "completion": "a"}),
         11,
-        "prompt",
-        "the row gives both 'messages' and 'prompt': keep one form",
+        "completion",
+        "the row gives both 'messages' and 'completion': keep one form",
     ),
     "a conversational completion that is not the answer": (
         with_row(12, {"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "user", "content": "a"}]}),
@@ -369,6 +369,17 @@ def test_sft_forms_agree(tmp_path: Path) -> None:
 def test_bad_spin_flags(flags: list[str], message: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         run_cli(spin.setup, [*SHORT, *flags, f"--out_dir={tmp_path / 'out'}"])
+
+
+def test_rows_that_carry_a_prompt_column_beside_their_messages_are_read() -> None:
+    """ultrachat_200k and no_robots rows hold prompt, prompt_id and messages: the messages are the conversation."""
+    from fabric_align.data import Row
+
+    user, assistant = {"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}
+    row = Row("ultrachat.jsonl", "line 1", {"prompt": "Hi?", "prompt_id": "x", "messages": [user, assistant]})
+    parsed = spin.parse_row(row)
+    assert (parsed.prompt, parsed.answer) == ([user], "Hello.")
+    assert not spin.marks_undesirable(0) and spin.marks_undesirable(" Rejected ") and spin.marks_undesirable(False)
 
 
 def test_min_lr_is_held_against_the_peaks_spin_lr_sets_not_train_lr() -> None:
