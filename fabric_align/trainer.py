@@ -78,7 +78,7 @@ def check_out_dir(out_dir: Path, resume: Any) -> None:
         taken = ["final"] if (out_dir / "final").exists() else []
         hint = "a finished run, with no checkpoint to continue from: choose another out_dir"
     if taken:
-        raise ConfigError(f"out_dir={out_dir} already holds {', '.join(taken[:3])}: {hint}")
+        raise ConfigError(f"out_dir={out_dir} already holds {some_of(taken)}: {hint}")
 
 
 def check_resume_state(
@@ -144,6 +144,11 @@ def check_resume_order(
             )
 
 
+def some_of(names: Sequence[str], shown: int = 3) -> str:
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
 def check_resume(out_dir: Path, resume_path: Path, step: int, strategy: str) -> None:
     """A checkpoint can be resumed into ``out_dir`` under this strategy: it is out_dir's own (resuming an older one
     of its own rolls the run back, which the log says), or out_dir holds no run; and it is sharded (FSDP2) exactly
@@ -152,7 +157,7 @@ def check_resume(out_dir: Path, resume_path: Path, step: int, strategy: str) -> 
     if not own and (taken := run_outputs(out_dir)):
         raise ConfigError(
             f"resume={resume_path} is another directory's checkpoint, and out_dir={out_dir} already holds "
-            f"{', '.join(taken[:3])}, which continuing there would overwrite: choose a new out_dir"
+            f"{some_of(taken)}, which continuing there would overwrite: choose a new out_dir"
         )
     newer = [path.name for n, path in checkpoint_dirs(out_dir) if n > step] if own else []
     if newer:

@@ -312,3 +312,12 @@ def test_the_reference_cache_key_sees_weights_replaced_under_the_old_time(tmp_pa
     os.utime(weights, ns=(times.st_atime_ns, times.st_mtime_ns))
     assert model_fingerprint(args, 0) == before[0]
     assert model_fingerprint(args, 0, exact=True) != before[1]
+
+
+def test_a_cut_list_of_names_says_how_many_it_leaves_out() -> None:
+    from fabric_align.trainer import some_of
+
+    assert (
+        some_of(["final", "step-000002", "step-000004", "step-000006"]) == "final, step-000002, step-000004 and 1 more"
+    )
+    assert some_of(["final"]) == "final"
