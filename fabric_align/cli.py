@@ -44,11 +44,21 @@ def exit_with_error(message: str) -> None:
     for bar in list(getattr(tqdm, "_instances", ())):  # end an open progress bar's line: the error gets its own
         bar.close()
     rank = process_rank()
-    print(f"error: {f'[rank {rank}] ' if rank else ''}{message}", file=sys.stderr, flush=True)
+    write_line(f"error: {f'[rank {rank}] ' if rank else ''}{message}")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         with contextlib.suppress(Exception):  # best effort: every rank raised the same error
             torch.distributed.destroy_process_group()
     raise SystemExit(1) from None
+
+
+def write_line(line: str) -> None:
+    """One line on stderr in one write: the ranks of a run share the stream, and print's separate writes of the text
+    and its newline let two ranks' errors run into one line."""
+    sys.stderr.flush()
+    try:
+        os.write(sys.stderr.fileno(), f"{line}\n".encode())
+    except (AttributeError, OSError, ValueError):  # a stream with no file descriptor (a test's capture)
+        print(line, file=sys.stderr, flush=True)
 
 
 def run_cli(setup: Callable[..., Any], args: list[str] | None = None) -> None:
