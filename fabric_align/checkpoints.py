@@ -32,7 +32,7 @@ from lightning.fabric import Fabric
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
-from fabric_align.errors import ConfigError, TrainingError
+from fabric_align.errors import ConfigError, TrainingError, first_line
 
 log = logging.getLogger("fabric_align")
 
@@ -109,10 +109,6 @@ def load_plain(path: Path) -> Any:
     # A damaged file whose manifest was rewritten to match it; torch reports a truncated zip as OSError(EINVAL).
     except (RuntimeError, EOFError, ValueError, OSError) as err:
         raise TrainingError(f"{path}: unreadable ({first_line(err)})") from None
-
-
-def first_line(err: BaseException) -> str:
-    return " ".join((str(err).strip().splitlines() or [type(err).__name__])[0].split())[:200]
 
 
 def refusal(err: Exception) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from fabric_align.errors import DataError
+from fabric_align.errors import DataError, first_line
 
 log = logging.getLogger("fabric_align")
 
@@ -158,7 +158,7 @@ def dataset_error(err: BaseException) -> str:
     cause = err.__cause__ or err.__context__
     while "error occurred while generating the dataset" in str(err) and cause is not None:
         err, cause = cause, cause.__cause__ or cause.__context__
-    return " ".join((str(err).strip().splitlines() or [type(err).__name__])[0].split())[:300]
+    return first_line(err, limit=300)
 
 
 # What a row can come from: the text kinds may be gzipped (train.jsonl.gz). Not .txt: a folder's notes.txt or

@@ -11,3 +11,9 @@ class DataError(ValueError):
 
 class TrainingError(RuntimeError):
     """The run cannot go on correctly (non-finite steps, a damaged checkpoint, a failed kernel self-check)."""
+
+
+def first_line(err: BaseException, limit: int | None = 200) -> str:
+    """An exception's first line, whitespace collapsed (its type's name when it has no text), for one-line errors."""
+    line = " ".join((str(err).strip().splitlines() or [type(err).__name__])[0].split())
+    return line[:limit] if limit is not None else line

@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from fabric_align.args import LoggerArgs
-from fabric_align.errors import ConfigError
+from fabric_align.errors import ConfigError, first_line
 
 log = logging.getLogger("fabric_align")
 
@@ -159,10 +159,9 @@ class MetricLogger:
                     mode=wandb_mode(),
                 )
             except Exception as err:  # wandb's own kinds (a refused key or entity, an unreachable server): one line
-                why = (str(err).strip().splitlines() or [type(err).__name__])[0]
                 raise ConfigError(
-                    f"logger.backend={args.backend}: W&B could not start the run ({why}); WANDB_MODE=offline or "
-                    "logger.backend=csv run without the server"
+                    f"logger.backend={args.backend}: W&B could not start the run ({first_line(err, limit=None)}); "
+                    "WANDB_MODE=offline or logger.backend=csv run without the server"
                 ) from None
             # Under a sweep agent W&B picks the run id itself: remember the real one for resuming.
             id_file.write_text(self.wandb_run.id)
