@@ -144,6 +144,12 @@ def check_resume_order(
             )
 
 
+def is_own_checkpoint(resume_path: Path, out_dir: Path) -> bool:
+    """Whether a checkpoint is out_dir's own: resuming it continues that run (its log, its W&B run, its later
+    checkpoints)."""
+    return resume_path.resolve().parent == out_dir.resolve()
+
+
 def some_of(names: Sequence[str], shown: int = 3) -> str:
     more = len(names) - shown
     return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
@@ -153,7 +159,7 @@ def check_resume(out_dir: Path, resume_path: Path, step: int, strategy: str) -> 
     """A checkpoint can be resumed into ``out_dir`` under this strategy: it is out_dir's own (resuming an older one
     of its own rolls the run back, which the log says), or out_dir holds no run; and it is sharded (FSDP2) exactly
     when the strategy shards."""
-    own = resume_path.resolve().parent == out_dir.resolve()
+    own = is_own_checkpoint(resume_path, out_dir)
     if not own and (taken := run_outputs(out_dir)):
         raise ConfigError(
             f"resume={resume_path} is another directory's checkpoint, and out_dir={out_dir} already holds "
@@ -485,40 +491,49 @@ def build_policy(fabric: Fabric, job: Job) -> tuple[PolicyLogprobs, torch.optim.
     return policy, optimizer
 
 
+def on_rank_zero(fabric: Fabric, work: Callable[[], Any]) -> Any:
+    """``work()`` on rank 0 alone, for what one process does for all (out_dir's files, the log); its result there,
+    None elsewhere. What it raises stops every rank: rank 0 raises it as it was, the others its message, instead of
+    waiting for rank 0 in their next collective (under NCCL, until the timeout)."""
+    result, failure = None, None
+    if fabric.is_global_zero:
+        try:
+            result = work()
+        except Exception as err:
+            failure = err
+    message = fabric.broadcast(None if failure is None else str(failure), src=0)
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise TrainingError(message)
+    return result
+
+
 def open_out_dir(fabric: Fabric, job: Job) -> MetricLogger:
     """Claim out_dir for this run (one run writes there at a time) and start the run's metric logger in it. Both come
     before the model loads: what W&B refuses only when a run starts (a key, an entity, the network) then costs no
-    model load or reference pass. Rank 0 does both, and every rank stops on what it refused: the others would
-    otherwise wait for rank 0 in their next collective (under NCCL, until the timeout)."""
-    logger, refusal = None, None
-    try:
-        if fabric.is_global_zero:
-            job.out_dir.mkdir(parents=True, exist_ok=True)
-            if (holder := claim_out_dir(job.out_dir)) is not None:
-                raise ConfigError(
-                    f"out_dir={job.out_dir} is in use by another run ({holder}), still writing there: wait for it to "
-                    "end or stop it (all of its processes), or choose another out_dir"
-                )
-        logger = MetricLogger(
-            job.logger,
-            job.out_dir,
-            is_global_zero=fabric.is_global_zero,
-            config=job.config,
-            fresh=not resumes_own_run(job),  # resumed into another out_dir: a new log, whatever that one holds
+    model load or reference pass."""
+
+    def claim_and_start() -> MetricLogger:
+        job.out_dir.mkdir(parents=True, exist_ok=True)
+        if (holder := claim_out_dir(job.out_dir)) is not None:
+            raise ConfigError(
+                f"out_dir={job.out_dir} is in use by another run ({holder}), still writing there: wait for it to end "
+                "or stop it (all of its processes), or choose another out_dir"
+            )
+        # Resumed into another out_dir: a new log, whatever that one holds.
+        return MetricLogger(
+            job.logger, job.out_dir, is_global_zero=True, config=job.config, fresh=not resumes_own_run(job)
         )
-    except Exception as err:  # reported as raised, on rank 0; the other ranks must not wait for it
-        refusal = err
-    message = fabric.broadcast(None if refusal is None else str(refusal), src=0)
-    if refusal is not None:
-        raise refusal
-    if message is not None or logger is None:
-        raise ConfigError(message or "the metric logger did not start")
+
+    logger = on_rank_zero(fabric, claim_and_start)
+    if logger is None:  # the other ranks' logger: it logs nothing
+        logger = MetricLogger(job.logger, job.out_dir, is_global_zero=False, config=job.config, fresh=False)
     return logger
 
 
 def resumes_own_run(job: Job) -> bool:
-    """Whether the run continues the one in its out_dir (its log, its W&B run, its later checkpoints)."""
-    return job.resume_path is not None and job.resume_path.resolve().parent == job.out_dir.resolve()
+    return job.resume_path is not None and is_own_checkpoint(job.resume_path, job.out_dir)
 
 
 def open_run(
@@ -551,16 +566,13 @@ def open_run(
         if fabric.is_global_zero:
             warn_changed_settings(saved.get("config", {}), job.config)
             warn_changed_inputs(saved.get("inputs"), inputs)
-    problem = None
-    if fabric.is_global_zero:
-        try:
-            remove_unfinished_writes(job.out_dir)
-            if resumes_own_run(job) and (rolled_back := set_aside_later_checkpoints(job.out_dir, full_state["step"])):
-                log.info("set aside what this run rolls back, as .rolled-back-*: %s", ", ".join(rolled_back))
-        except OSError as err:
-            problem = f"out_dir={job.out_dir}: {err}"
-    if (problem := fabric.broadcast(problem, src=0)) is not None:  # every rank stops, none waits for rank 0
-        raise TrainingError(problem)
+
+    def tidy_out_dir() -> None:
+        remove_unfinished_writes(job.out_dir)
+        if resumes_own_run(job) and (rolled_back := set_aside_later_checkpoints(job.out_dir, full_state["step"])):
+            log.info("set aside what this run rolls back, as .rolled-back-*: %s", ", ".join(rolled_back))
+
+    on_rank_zero(fabric, tidy_out_dir)
     meta = {"method": method, "config": job.config, "inputs": inputs, "architecture": job.architecture}
     if job.train_data_id is not None:
         meta["train_data"] = job.train_data_id
