@@ -355,16 +355,11 @@ class IterationStore:
             problem = "its answers belong to other SFT data than this run's (data.train_path or val_path changed)"
         return problem
 
-    def check_required(self, t: int, data_id: str, start: int, data: list[str]) -> None:
-        """Iteration t's stored data is what a checkpoint inside it trained on, and cannot be made again (its opponent
-        is gone)."""
+    def check_required(self, t: int, data_id: str, data: list[str], why: str) -> None:
+        """Iteration t's stored data is needed as the checkpoint left it, and cannot be made again (``why``)."""
         problem = self.problem_with(t, data_id, data)
         if problem is not None:
-            raise TrainingError(
-                f"{self.directory(t)}: {problem}; the checkpoint being resumed is inside iteration {t}, whose opponent "
-                f"is gone, so it cannot be made again: resume from a checkpoint at or before step {start} (the "
-                "iteration's start)"
-            )
+            raise TrainingError(f"{self.directory(t)}: {problem}; {why}")
 
     def previous_answers(self, t: int) -> list[list[int]]:
         """Iteration t - 1's generated training answers, for mix_previous."""
@@ -784,14 +779,17 @@ def check_resumed_iteration(job: Job, spin: SPINArgs, train_data: SFTData, val_d
                 "version's checkpoint); resume from a checkpoint at an iteration's start"
             )
         if phase.start < step < phase.end:
-            store.check_required(t, trained_on[t], phase.start, data)
+            why = (
+                f"the checkpoint being resumed is inside iteration {t}, whose opponent is gone, so it cannot be made "
+                f"again: resume from a checkpoint at or before step {phase.start} (the iteration's start)"
+            )
+            store.check_required(t, trained_on[t], data, why)
         elif step == phase.end and spin.mix_previous and t + 1 < len(phases):
-            problem = store.problem_with(t, trained_on[t], data)
-            if problem is not None:
-                raise TrainingError(
-                    f"{store.directory(t)}: {problem}; with spin.mix_previous iteration {t + 1} rescores iteration "
-                    f"{t}'s answers, which cannot be made again: resume in the checkpoint's own out_dir"
-                )
+            why = (
+                f"with spin.mix_previous iteration {t + 1} rescores iteration {t}'s answers, which cannot be made "
+                "again: resume in the checkpoint's own out_dir"
+            )
+            store.check_required(t, trained_on[t], data, why)
 
 
 def main(fabric: Any, job: Job, spin: SPINArgs, train_data: SFTData, val_data: SFTData | None) -> None:
